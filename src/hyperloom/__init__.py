@@ -1,0 +1,67 @@
+"""hyperloom: turn any PyTorch model into a hypernetwork model, with Magnitude
+Invariant Parametrizations (MIP) by default.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> import hyperloom as hl
+    >>> net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+    >>> hnet = hl.hypernetize(net, predict=[nn.Linear], inputs={"lam": (0.0, 1.0)})
+    >>> hnet(torch.randn(8, 4), lam=0.5).shape
+    torch.Size([8, 3])
+"""
+
+from ._version import __version__
+from .diagnostics import theta_norms
+from .encoding import (
+    ENCODINGS,
+    CosSin,
+    Encoding,
+    Identity,
+    L2Normalize,
+    Raw,
+    Standardize,
+    ZOneMinusZ,
+    get_encoding,
+)
+from .errors import HyperloomError
+from .heads import DenseHead, LowRankHead
+from .hypernetwork import FORMULATIONS, HyperNetwork, init_theta0
+from .inputs import Input, InputSet
+from .model import HyperModel, hypernetize
+from .params import ParamStore
+from .select import select_parameters
+from .trunk import ACTIVATIONS, NORMS, Trunk, WeightNormLinear
+from .types import Conditioning, ParamDict
+
+__all__ = [
+    "ACTIVATIONS",
+    "ENCODINGS",
+    "FORMULATIONS",
+    "NORMS",
+    "Conditioning",
+    "CosSin",
+    "DenseHead",
+    "Encoding",
+    "HyperModel",
+    "HyperNetwork",
+    "HyperloomError",
+    "Identity",
+    "Input",
+    "InputSet",
+    "L2Normalize",
+    "LowRankHead",
+    "ParamDict",
+    "ParamStore",
+    "Raw",
+    "Standardize",
+    "Trunk",
+    "WeightNormLinear",
+    "ZOneMinusZ",
+    "__version__",
+    "get_encoding",
+    "hypernetize",
+    "init_theta0",
+    "select_parameters",
+    "theta_norms",
+]

@@ -1,0 +1,179 @@
+"""Output heads: from trunk features to one tensor per predicted parameter.
+
+* :class:`DenseHead` - one linear layer whose output rows are split into the
+  predicted tensors ("split init": every tensor's block of rows is initialised
+  with its own ``fan_out`` scaling, so a huge tensor does not shrink the
+  small ones).
+* :class:`LowRankHead` - predicts each weight matrix (``m x n``, convolution
+  kernels flattened to ``out x rest``) as ``B @ A`` with ``B: m x r``,
+  ``A: r x n``, so the head costs ``r (m + n)`` outputs instead of ``m n``.
+  Vectors (biases, norms) and matrices with ``r >= min(m, n)`` stay dense.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .errors import HyperloomError
+
+HEADS = ("dense", "lowrank")
+
+
+def _numel(shape: Sequence[int]) -> int:
+    return int(math.prod(shape))
+
+
+class _SplitHead(nn.Module):
+    """Shared machinery: one linear layer, its output split into named blocks."""
+
+    def __init__(self, in_features: int, blocks: list[tuple[str, int]], *, init: str, gain: float) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.block_sizes = [n for _, n in blocks]
+        self.linear = nn.Linear(in_features, sum(self.block_sizes))
+        if init == "mip":
+            with torch.no_grad():
+                start = 0
+                for _, n in blocks:
+                    # Kaiming normal with this block's own fan_out.
+                    self.linear.weight[start : start + n].normal_(0.0, gain / math.sqrt(n))
+                    start += n
+                self.linear.bias.zero_()
+        self._block_names = [name for name, _ in blocks]
+
+    def _zero_blocks(self, names: set[str]) -> None:
+        with torch.no_grad():
+            start = 0
+            for name, n in zip(self._block_names, self.block_sizes):
+                if name in names:
+                    self.linear.weight[start : start + n].zero_()
+                    self.linear.bias[start : start + n].zero_()
+                start += n
+
+    def _split(self, h: torch.Tensor) -> list[torch.Tensor]:
+        return list(torch.split(self.linear(h), self.block_sizes, dim=1))
+
+
+class DenseHead(_SplitHead):
+    """Dense output layer with per-tensor split initialisation.
+
+    Args:
+        in_features: Trunk output size ``H``.
+        shapes: Mapping ``name -> shape`` of the predicted tensors.
+        init: ``mip`` (split Kaiming fan_out, zero bias) or ``torch``.
+        gain: Kaiming gain for the split init.
+        zero_init: Zero the whole layer so that every prediction is 0 at start.
+
+    Shapes:
+        ``(N, H)`` -> ``{name: (N, *shape)}``.
+
+    Example:
+        >>> head = DenseHead(8, {"w": (3, 2), "b": (3,)})
+        >>> {k: tuple(v.shape) for k, v in head(torch.rand(4, 8)).items()}
+        {'w': (4, 3, 2), 'b': (4, 3)}
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        shapes: Mapping[str, Sequence[int]],
+        *,
+        init: str = "mip",
+        gain: float = math.sqrt(2.0),
+        zero_init: bool = False,
+    ) -> None:
+        self.shapes = {k: tuple(int(d) for d in v) for k, v in shapes.items()}
+        super().__init__(in_features, [(k, _numel(s)) for k, s in self.shapes.items()], init=init, gain=gain)
+        if zero_init:
+            self._zero_blocks(set(self.shapes))
+
+    @property
+    def num_outputs(self) -> int:
+        """Number of output units of the head."""
+        return sum(self.block_sizes)
+
+    def forward(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
+        n = h.shape[0]
+        return {
+            name: block.reshape(n, *shape)
+            for (name, shape), block in zip(self.shapes.items(), self._split(h))
+        }
+
+
+class LowRankHead(_SplitHead):
+    """Low-rank output head: ``Delta W = B @ A`` per weight matrix.
+
+    Args:
+        in_features: Trunk output size ``H``.
+        shapes: Mapping ``name -> shape`` of the predicted tensors.
+        rank: The rank ``r`` of every factorised matrix.
+        init: ``mip`` (split Kaiming fan_out per factor block) or ``torch``.
+        gain: Kaiming gain for the split init.
+        zero_init: Zero the ``B`` factors (and dense blocks) so every
+            prediction is 0 at start while ``A`` still receives gradients.
+
+    Shapes:
+        ``(N, H)`` -> ``{name: (N, *shape)}``.
+
+    Example:
+        >>> head = LowRankHead(8, {"w": (30, 20), "b": (30,)}, rank=2)
+        >>> head.num_outputs  # 2 * (30 + 20) + 30 instead of 630
+        130
+
+    Raises:
+        HyperloomError: If ``rank < 1``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        shapes: Mapping[str, Sequence[int]],
+        *,
+        rank: int,
+        init: str = "mip",
+        gain: float = math.sqrt(2.0),
+        zero_init: bool = False,
+    ) -> None:
+        if not isinstance(rank, int) or rank < 1:
+            raise HyperloomError(f"Low-rank head needs an integer rank >= 1, got {rank!r}")
+        self.shapes = {k: tuple(int(d) for d in v) for k, v in shapes.items()}
+        self.rank = rank
+        self.factored: dict[str, tuple[int, int]] = {}
+        blocks: list[tuple[str, int]] = []
+        for name, shape in self.shapes.items():
+            if len(shape) >= 2:
+                m, n = shape[0], _numel(shape[1:])
+                if rank < min(m, n):
+                    self.factored[name] = (m, n)
+                    blocks += [(name + "#B", m * rank), (name + "#A", rank * n)]
+                    continue
+            blocks.append((name, _numel(shape)))
+        super().__init__(in_features, blocks, init=init, gain=gain)
+        if zero_init:
+            self._zero_blocks({b for b, _ in blocks if not b.endswith("#A")})
+
+    @property
+    def num_outputs(self) -> int:
+        """Number of output units of the head."""
+        return sum(self.block_sizes)
+
+    def forward(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
+        n = h.shape[0]
+        blocks = iter(self._split(h))
+        out: dict[str, torch.Tensor] = {}
+        for name, shape in self.shapes.items():
+            if name in self.factored:
+                m, k = self.factored[name]
+                b = next(blocks).reshape(n, m, self.rank)
+                a = next(blocks).reshape(n, self.rank, k)
+                out[name] = torch.bmm(b, a).reshape(n, *shape)
+            else:
+                out[name] = next(blocks).reshape(n, *shape)
+        return out
+
+
+__all__ = ["HEADS", "DenseHead", "LowRankHead"]

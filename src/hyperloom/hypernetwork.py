@@ -1,0 +1,255 @@
+"""The standalone hypernetwork: named conditioning in, named tensors out.
+
+``HyperNetwork`` is usable without :func:`hyperloom.hypernetize` by anyone
+who wires their own model; ``hypernetize`` builds one for you.
+
+    conditioning -> InputSet (range -> [0, 1]) -> encoding -> trunk -> head -> Delta
+    theta = theta0 + Delta   (additive output, MIP)   or   theta = Delta   (default)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .encoding import Encoding, get_encoding
+from .errors import HyperloomError
+from .heads import HEADS, DenseHead, LowRankHead
+from .inputs import InputLike, InputSet
+from .params import ParamStore
+from .trunk import Trunk, activation_gain
+from .types import ParamDict
+
+#: Formulation name -> (encoding, additive).
+FORMULATIONS: dict[str, tuple[str, bool]] = {"mip": ("cossin", True), "default": ("raw", False)}
+
+
+def _is_compiling() -> bool:
+    return bool(torch.compiler.is_compiling())
+
+
+def init_theta0(name: str, shape: Sequence[int], *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """MIP's initialisation of a base value ``theta0`` from its shape alone.
+
+    Tensors with two or more dimensions (weights) get Kaiming normal with
+    ``fan_in`` (ReLU gain); vectors and scalars (biases, norm shifts) get zero.
+    ``hypernetize`` instead takes ``theta0`` from the wrapped model's own
+    (possibly pretrained) weights by default.
+
+    Example:
+        >>> init_theta0("fc.bias", (3,))
+        tensor([0., 0., 0.])
+    """
+    t = torch.zeros(tuple(shape), dtype=dtype)
+    if len(shape) >= 2:
+        nn.init.kaiming_normal_(t, mode="fan_in", nonlinearity="relu")
+    return t
+
+
+class HyperNetwork(nn.Module):
+    """Generate named tensors from named conditioning inputs.
+
+    Args:
+        inputs: Mapping ``name -> Input | (low, high) | (low, high, "log")``.
+        targets: Mapping ``name -> shape`` or ``name -> tensor``. A tensor also
+            gives ``theta0``'s initial value; a bare shape uses
+            :func:`init_theta0`.
+        hidden: Trunk widths (``()`` for a linear hypernetwork).
+        activation: Trunk activation: ``relu``, ``leaky_relu``, ``tanh``,
+            ``gelu``, ``elu``, ``silu``.
+        norm: Trunk normalisation: ``none``, ``batchnorm``, ``layernorm``,
+            ``weightnorm``. ``batchnorm`` needs per-sample conditioning with
+            at least 2 samples while training.
+        formulation: ``"mip"`` (cos|sin encoding + additive output) or
+            ``"default"`` (raw input, ``theta = h(gamma)``); the two halves can
+            be overridden separately with ``encoding`` and ``additive``.
+        encoding: Encoding name or instance (see :mod:`hyperloom.encoding`);
+            ``None`` takes the formulation's.
+        additive: ``theta = theta0 + Delta`` when true; ``None`` takes the
+            formulation's.
+        init: ``"mip"`` (Kaiming fan_out trunk, split-init head) or
+            ``"torch"`` (PyTorch's default ``nn.Linear`` init).
+        zero_init: Zero the head so that ``Delta = 0`` at the start.
+        head: ``"dense"`` or ``"lowrank"`` (``Delta W = B A``).
+        rank: Rank of the ``"lowrank"`` head.
+        dtype: Dtype of all parameters (default: that of tensor targets, else
+            the default dtype).
+        device: Device of all parameters (default: that of tensor targets).
+
+    Shapes:
+        Shared conditioning (numbers, 0-d tensors) gives ``{name: shape}``;
+        per-sample conditioning ``(B,)`` gives ``{name: (B, *shape)}``.
+
+    Example:
+        >>> import hyperloom as hl
+        >>> h = hl.HyperNetwork({"lam": (0.0, 1.0)}, {"w": (4, 3), "b": (4,)}, hidden=(8,))
+        >>> {k: tuple(v.shape) for k, v in h({"lam": 0.5}).items()}
+        {'w': (4, 3), 'b': (4,)}
+        >>> {k: tuple(v.shape) for k, v in h({"lam": torch.rand(6)}).items()}
+        {'w': (6, 4, 3), 'b': (6, 4)}
+
+    Raises:
+        HyperloomError: On an unknown option, an empty target set, or
+            targets of mixed dtypes or devices.
+    """
+
+    def __init__(
+        self,
+        inputs: Mapping[str, InputLike] | InputSet,
+        targets: Mapping[str, Sequence[int] | torch.Tensor],
+        *,
+        hidden: Sequence[int] = (16, 64, 128),
+        activation: str = "leaky_relu",
+        norm: str = "none",
+        formulation: str = "mip",
+        encoding: str | Encoding | None = None,
+        additive: bool | None = None,
+        init: str = "mip",
+        zero_init: bool = False,
+        head: str = "dense",
+        rank: int | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if formulation not in FORMULATIONS:
+            raise HyperloomError(f"Unknown formulation {formulation!r}; valid options are {sorted(FORMULATIONS)}")
+        if not isinstance(targets, Mapping) or len(targets) == 0:
+            raise HyperloomError("targets must be a non-empty mapping name -> shape or tensor")
+        if head not in HEADS:
+            raise HyperloomError(f"Unknown head {head!r}; valid options are {list(HEADS)}")
+        if head == "lowrank" and rank is None:
+            raise HyperloomError("head='lowrank' needs rank=<int>")
+        enc_default, add_default = FORMULATIONS[formulation]
+        self.formulation = formulation
+        self.additive = add_default if additive is None else bool(additive)
+        self.input_set = InputSet(inputs)
+        self.encoding = get_encoding(enc_default if encoding is None else encoding)
+
+        values, shapes = self._targets(targets)
+        ref = next(iter(values.values()), None)
+        dtype = dtype or (ref.dtype if ref is not None else torch.get_default_dtype())
+        device = torch.device(device) if device is not None else (ref.device if ref is not None else None)
+
+        gain = activation_gain(activation)
+        self.trunk = Trunk(
+            self.encoding.out_features(self.input_set.total_dim), hidden, activation=activation, norm=norm, init=init
+        )
+        self.head: nn.Module
+        if head == "lowrank" and rank is not None:
+            self.head = LowRankHead(
+                self.trunk.out_features, shapes, rank=rank, init=init, gain=gain, zero_init=zero_init
+            )
+        else:
+            self.head = DenseHead(self.trunk.out_features, shapes, init=init, gain=gain, zero_init=zero_init)
+        self.shapes: dict[str, tuple[int, ...]] = dict(shapes)
+        self.theta0: ParamStore | None = None
+        if self.additive:
+            base = {k: values[k] if k in values else init_theta0(k, s, dtype=dtype) for k, s in shapes.items()}
+            self.theta0 = ParamStore(base)
+        self.to(dtype=dtype, device=device)
+
+    @staticmethod
+    def _targets(
+        targets: Mapping[str, Sequence[int] | torch.Tensor],
+    ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, ...]]]:
+        values: dict[str, torch.Tensor] = {}
+        shapes: dict[str, tuple[int, ...]] = {}
+        for name, t in targets.items():
+            if isinstance(t, torch.Tensor):
+                if not t.dtype.is_floating_point:
+                    raise HyperloomError(f"Target {name!r} must be a floating tensor, got dtype {t.dtype}")
+                values[name] = t
+                shapes[name] = tuple(t.shape)
+            else:
+                try:
+                    shapes[name] = tuple(int(d) for d in t)
+                except TypeError:
+                    raise HyperloomError(f"Target {name!r}: expected a shape or a tensor, got {t!r}") from None
+                if any(d < 0 for d in shapes[name]):
+                    raise HyperloomError(f"Target {name!r}: negative size in shape {shapes[name]}")
+        kinds = {(v.dtype, v.device) for v in values.values()}
+        if len(kinds) > 1:
+            detail = ", ".join(f"{k}: {v.dtype} on {v.device}" for k, v in values.items())
+            raise HyperloomError(f"All targets must share one dtype and device, got {detail}")
+        return values, shapes
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the hypernetwork's parameters."""
+        return next(self.trunk.parameters(), self.head.linear.weight).dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the hypernetwork's parameters."""
+        return self.head.linear.weight.device
+
+    @property
+    def num_outputs(self) -> int:
+        """Size of the head's output layer."""
+        return int(self.head.num_outputs)
+
+    # -- the functional core ------------------------------------------------------------
+    def features(self, raw: torch.Tensor) -> torch.Tensor:
+        """Encode raw ``(N, K)`` conditioning values into trunk inputs ``(N, D)`` (branch-free)."""
+        return self.encoding(raw, self.input_set.normalize(raw))
+
+    def delta_from_raw(self, raw: torch.Tensor) -> ParamDict:
+        """``Delta`` for raw ``(N, K)`` values: ``{name: (N, *shape)}`` (branch-free)."""
+        if self.trunk.norm_kind == "batchnorm" and self.training and raw.shape[0] < 2 and not _is_compiling():
+            raise HyperloomError(
+                "norm='batchnorm' in the hypernetwork needs per-sample conditioning with at least 2 samples "
+                f"while training, got {raw.shape[0]} (use per-sample values, eval mode, or another norm)"
+            )
+        return self.head(self.trunk(self.features(raw)))
+
+    def theta_from_raw(self, raw: torch.Tensor) -> ParamDict:
+        """``theta`` for raw ``(N, K)`` values: ``{name: (N, *shape)}`` (branch-free)."""
+        delta = self.delta_from_raw(raw)
+        if self.theta0 is None:
+            return delta
+        return {k: self.theta0[k] + d for k, d in delta.items()}
+
+    # -- the user-facing shell ----------------------------------------------------------
+    def prepare(self, conditioning: Mapping[str, Any], *, batch: int | None = None) -> tuple[torch.Tensor, bool]:
+        """Validate conditioning and return ``(raw (N, K), per_sample)``; see :meth:`InputSet.prepare`."""
+        return self.input_set.prepare(
+            conditioning, batch=batch, dtype=self.dtype, device=self.device, check=not _is_compiling()
+        )
+
+    def delta(self, conditioning: Mapping[str, Any]) -> ParamDict:
+        """The hypernetwork's raw output ``Delta`` (``theta - theta0`` when additive).
+
+        Raises:
+            HyperloomError: On invalid conditioning (see :meth:`InputSet.prepare`).
+        """
+        raw, per_sample = self.prepare(conditioning)
+        out = self.delta_from_raw(raw)
+        return out if per_sample else {k: v[0] for k, v in out.items()}
+
+    def forward(self, conditioning: Mapping[str, Any]) -> ParamDict:
+        """Generate ``theta`` for the given conditioning.
+
+        Args:
+            conditioning: Mapping from input name to value.
+
+        Returns:
+            ``{name: shape}`` for shared conditioning, ``{name: (B, *shape)}``
+            for per-sample conditioning.
+
+        Raises:
+            HyperloomError: On invalid conditioning (see :meth:`InputSet.prepare`).
+        """
+        raw, per_sample = self.prepare(conditioning)
+        out = self.theta_from_raw(raw)
+        return out if per_sample else {k: v[0] for k, v in out.items()}
+
+    def extra_repr(self) -> str:
+        enc = self.encoding.name
+        return f"inputs={list(self.input_set.names)}, encoding={enc}, additive={self.additive}, outputs={self.num_outputs}"
+
+
+__all__ = ["FORMULATIONS", "HyperNetwork", "init_theta0"]
