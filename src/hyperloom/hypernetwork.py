@@ -166,8 +166,10 @@ class HyperNetwork(nn.Module):
                 shapes[name] = tuple(t.shape)
             else:
                 try:
+                    if isinstance(t, str):
+                        raise TypeError
                     shapes[name] = tuple(int(d) for d in t)
-                except TypeError:
+                except (TypeError, ValueError):
                     raise HyperloomError(f"Target {name!r}: expected a shape or a tensor, got {t!r}") from None
                 if any(d < 0 for d in shapes[name]):
                     raise HyperloomError(f"Target {name!r}: negative size in shape {shapes[name]}")

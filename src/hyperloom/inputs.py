@@ -275,6 +275,7 @@ class InputSet:
             ) from None
 
     def _check_values(self, raw: torch.Tensor) -> None:
+        raw = raw.detach()
         start = 0
         for name, spec in self.specs.items():
             block = raw[:, start : start + spec.dim]

@@ -38,7 +38,7 @@ from .select import Selector, select_parameters
 from .types import ParamDict
 
 PerSampleMode = Literal["auto", "vmap", "loop"]
-OutDims = Union[int, tuple[int, ...]]
+OutDims = Union[int, tuple[Any, ...]]
 
 #: Module types with no ``vmap`` batching rule: per-sample mode loops over samples.
 NO_VMAP_MODULES: tuple[type[nn.Module], ...] = (nn.RNNBase,)
@@ -74,12 +74,27 @@ def _buffer_to_param(root: nn.Module, name: str, value: torch.Tensor, requires_g
 
 
 def _map_out(out: Any, dims: OutDims, fn: Callable[[torch.Tensor, int], torch.Tensor]) -> Any:
-    """Apply ``fn(tensor, dim)`` to every tensor of a model output."""
+    """Apply ``fn(tensor, dim)`` to every tensor of a model output; ``dims`` is a prefix tree of ints."""
     if isinstance(dims, int):
         return tree_map(lambda o: fn(o, dims) if isinstance(o, torch.Tensor) else o, out)
     if not isinstance(out, (tuple, list)) or len(out) != len(dims):
         raise HyperloomError(f"out_dims={dims} does not match the model's output structure ({type(out).__name__})")
     return type(out)(_map_out(o, d, fn) for o, d in zip(out, dims))
+
+
+def _cat_out(outs: list[Any], dims: OutDims) -> Any:
+    """Concatenate per-sample outputs along ``dims`` (a prefix tree of ints, as for ``vmap``)."""
+    first = outs[0]
+    if isinstance(first, torch.Tensor):
+        if not isinstance(dims, int):
+            raise HyperloomError(f"out_dims={dims} does not match the model's output (a tensor)")
+        return torch.cat(outs, dim=dims)
+    if isinstance(first, (tuple, list)):
+        if not isinstance(dims, int) and len(dims) != len(first):
+            raise HyperloomError(f"out_dims={dims} does not match the model's output ({len(first)} elements)")
+        sub = [dims] * len(first) if isinstance(dims, int) else list(dims)
+        return type(first)(_cat_out([o[j] for o in outs], sub[j]) for j in range(len(first)))
+    raise HyperloomError(f"Cannot concatenate per-sample outputs of type {type(first).__name__}")
 
 
 class HyperModel(nn.Module):
@@ -330,7 +345,7 @@ class HyperModel(nn.Module):
                 tensors.update({k: v[i] for k, v in state.items()})
                 a_i = tuple(a.narrow(bd, i, 1) if isinstance(a, torch.Tensor) else a for a in args)
                 outs.append(functional_call(self.primary, tensors, a_i, kwargs))
-            out = self._cat(outs)
+            out = _cat_out(outs, self.out_dims)
         else:
             primary = self.primary
 
@@ -343,25 +358,6 @@ class HyperModel(nn.Module):
             out = vmap(one, in_dims=in_dims, out_dims=self.out_dims, randomness="different")(theta, state, *args)
         self._write_back(state)
         return out
-
-    def _cat(self, outs: list[Any]) -> Any:
-        first = outs[0]
-        if isinstance(self.out_dims, int):
-            d = self.out_dims
-            if isinstance(first, torch.Tensor):
-                return torch.cat(outs, dim=d)
-            if isinstance(first, (tuple, list)):
-                return type(first)(self._cat_at([o[j] for o in outs], d) for j in range(len(first)))
-            raise HyperloomError(f"Cannot concatenate per-sample outputs of type {type(first).__name__}")
-        return type(first)(self._cat_at([o[j] for o in outs], d) for j, d in enumerate(self.out_dims))
-
-    @staticmethod
-    def _cat_at(items: list[Any], d: int) -> Any:
-        if isinstance(items[0], torch.Tensor):
-            return torch.cat(items, dim=d)
-        if isinstance(items[0], (tuple, list)):
-            return type(items[0])(HyperModel._cat_at([o[j] for o in items], d) for j in range(len(items[0])))
-        raise HyperloomError(f"Cannot concatenate per-sample outputs of type {type(items[0]).__name__}")
 
     def extra_repr(self) -> str:
         return f"predicted={len(self.predicted)} tensors, per_sample={self.per_sample_mode!r}"

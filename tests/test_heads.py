@@ -1,0 +1,57 @@
+import math
+import re
+
+import pytest
+import torch
+
+from hyperloom import DenseHead, HyperloomError, LowRankHead
+
+
+def test_dense_head_shapes_and_split_init():
+    torch.manual_seed(0)
+    head = DenseHead(64, {"big": (200, 100), "small": (10,)}, gain=1.0)
+    out = head(torch.rand(3, 64))
+    assert out["big"].shape == (3, 200, 100) and out["small"].shape == (3, 10)
+    w = head.linear.weight
+    # each block has its own fan_out scaling: the small tensor is not shrunk by the big one
+    assert math.isclose(float(w[:20000].detach().std()), 1 / math.sqrt(20000), rel_tol=0.05)
+    assert math.isclose(float(w[20000:].detach().std()), 1 / math.sqrt(10), rel_tol=0.3)
+    assert torch.count_nonzero(head.linear.bias) == 0
+
+
+def test_dense_head_blocks_are_the_right_rows():
+    head = DenseHead(2, {"a": (2, 2), "b": (3,)})
+    with torch.no_grad():
+        head.linear.weight.zero_()
+        head.linear.bias.copy_(torch.arange(7.0))
+    out = head(torch.zeros(1, 2))
+    assert torch.equal(out["a"][0], torch.tensor([[0.0, 1.0], [2.0, 3.0]]))
+    assert torch.equal(out["b"][0], torch.tensor([4.0, 5.0, 6.0]))
+
+
+def test_zero_init_gives_zero_output():
+    head = DenseHead(8, {"w": (4, 3)}, zero_init=True)
+    assert torch.count_nonzero(head(torch.rand(2, 8))["w"]) == 0
+
+
+def test_lowrank_matches_explicit_product_and_counts_outputs():
+    head = LowRankHead(8, {"w": (30, 4, 5), "b": (30,), "tiny": (2, 2)}, rank=3)
+    assert head.num_outputs == 3 * (30 + 20) + 30 + 4  # 'tiny' stays dense (rank >= min(m, n))
+    h = torch.rand(2, 8)
+    out = head(h)
+    flat = head.linear(h)
+    bm = flat[:, : 30 * 3].reshape(2, 30, 3)
+    am = flat[:, 90:150].reshape(2, 3, 20)
+    assert torch.allclose(out["w"], (bm @ am).reshape(2, 30, 4, 5))
+    assert out["b"].shape == (2, 30) and out["tiny"].shape == (2, 2, 2)
+
+
+def test_lowrank_zero_init_zeroes_b_only():
+    head = LowRankHead(8, {"w": (30, 20)}, rank=2, zero_init=True)
+    assert torch.count_nonzero(head(torch.rand(2, 8))["w"]) == 0
+    assert torch.count_nonzero(head.linear.weight[60:]) > 0  # the A block still learns
+
+
+def test_lowrank_bad_rank():
+    with pytest.raises(HyperloomError, match=re.escape("Low-rank head needs an integer rank >= 1, got 0")):
+        LowRankHead(8, {"w": (3, 3)}, rank=0)

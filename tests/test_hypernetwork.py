@@ -1,0 +1,105 @@
+import re
+
+import pytest
+import torch
+
+import hyperloom as hl
+from hyperloom import HyperloomError, HyperNetwork
+
+
+def test_standalone_shared_and_per_sample():
+    h = HyperNetwork({"lam": (0.0, 1.0)}, {"w": (4, 3), "b": (4,)}, hidden=(8,))
+    shared = h({"lam": 0.5})
+    assert {k: tuple(v.shape) for k, v in shared.items()} == {"w": (4, 3), "b": (4,)}
+    per = h({"lam": torch.tensor([0.5, 0.1])})
+    assert per["w"].shape == (2, 4, 3)
+    assert torch.allclose(per["w"][0], shared["w"])
+
+
+def test_mip_is_additive_with_visible_theta0():
+    init = {"w": torch.randn(4, 3)}
+    h = HyperNetwork({"lam": (0.0, 1.0)}, init, hidden=(8,))
+    assert h.additive and h.encoding.name == "cossin"
+    assert torch.equal(h.theta0["w"], init["w"])
+    out = h({"lam": 0.3})
+    assert torch.allclose(out["w"], h.theta0["w"] + h.delta({"lam": 0.3})["w"])
+    assert "theta0.w" in h.state_dict()
+
+
+def test_default_formulation_has_no_theta0_and_raw_input():
+    h = HyperNetwork({"lam": (0.0, 1.0)}, {"w": (4, 3)}, formulation="default")
+    assert h.theta0 is None and not h.additive and h.encoding.name == "raw"
+    assert torch.equal(h({"lam": 0.3})["w"], h.delta({"lam": 0.3})["w"])
+
+
+@pytest.mark.parametrize(("encoding", "additive"), [("cossin", False), ("raw", True), ("identity", True)])
+def test_each_half_switchable(encoding, additive):
+    h = HyperNetwork({"lam": (0.0, 1.0)}, {"w": (2, 2)}, encoding=encoding, additive=additive)
+    assert h.encoding.name == encoding and h.additive is additive
+    assert (h.theta0 is not None) is additive
+
+
+def test_zero_init_starts_at_theta0():
+    init = {"w": torch.randn(4, 3)}
+    h = HyperNetwork({"lam": (0.0, 1.0)}, init, zero_init=True)
+    assert torch.equal(h({"lam": torch.rand(5)})["w"], init["w"].expand(5, 4, 3))
+
+
+def test_theta0_from_shapes_uses_mip_init():
+    h = HyperNetwork({"lam": (0.0, 1.0)}, {"fc.weight": (300, 200), "fc.bias": (300,)})
+    assert torch.count_nonzero(h.theta0["fc.bias"]) == 0
+    std = float(h.theta0["fc.weight"].detach().std())
+    assert abs(std - (2 / 200) ** 0.5) / (2 / 200) ** 0.5 < 0.05  # Kaiming fan_in
+
+
+def test_theta0_is_freezable():
+    h = HyperNetwork({"lam": (0.0, 1.0)}, {"w": (4, 3)})
+    h.theta0.freeze()
+    h({"lam": 0.5})["w"].sum().backward()
+    assert h.theta0["w"].grad is None
+    assert h.head.linear.weight.grad is not None
+
+
+def test_batchnorm_trunk_needs_per_sample_batch():
+    h = HyperNetwork({"lam": (0.0, 1.0)}, {"w": (2,)}, norm="batchnorm")
+    assert h({"lam": torch.rand(4)})["w"].shape == (4, 2)
+    with pytest.raises(HyperloomError, match=re.escape("norm='batchnorm' in the hypernetwork needs per-sample")):
+        h({"lam": 0.5})
+    h.eval()
+    assert h({"lam": 0.5})["w"].shape == (2,)
+
+
+def test_lowrank_head_option():
+    h = HyperNetwork({"lam": (0.0, 1.0)}, {"w": (40, 30)}, head="lowrank", rank=2)
+    assert h.num_outputs == 2 * 70
+    assert h({"lam": 0.1})["w"].shape == (40, 30)
+
+
+def test_dtype_follows_targets():
+    h = HyperNetwork({"lam": (0.0, 1.0)}, {"w": torch.zeros(2, 2, dtype=torch.float64)})
+    assert h.dtype == torch.float64 and h({"lam": 0.5})["w"].dtype == torch.float64
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "msg"),
+    [
+        ({"formulation": "hyper"}, "Unknown formulation 'hyper'; valid options are ['default', 'mip']"),
+        ({"head": "sparse"}, "Unknown head 'sparse'; valid options are ['dense', 'lowrank']"),
+        ({"head": "lowrank"}, "head='lowrank' needs rank=<int>"),
+        ({"targets": {}}, "targets must be a non-empty mapping"),
+        ({"targets": {"w": "big"}}, "Target 'w': expected a shape or a tensor, got 'big'"),
+        ({"targets": {"w": torch.zeros(2, dtype=torch.int64)}}, "Target 'w' must be a floating tensor"),
+        (
+            {"targets": {"a": torch.zeros(2), "b": torch.zeros(2, dtype=torch.float64)}},
+            "All targets must share one dtype and device, got a: torch.float32 on cpu, b: torch.float64 on cpu",
+        ),
+    ],
+)
+def test_bad_options(kwargs, msg):
+    args = {"targets": {"w": (2,)}} | kwargs
+    with pytest.raises(HyperloomError, match=re.escape(msg)):
+        HyperNetwork({"lam": (0.0, 1.0)}, args.pop("targets"), **args)
+
+
+def test_public():
+    assert hl.HyperNetwork is HyperNetwork

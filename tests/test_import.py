@@ -1,0 +1,35 @@
+import importlib
+
+import hyperloom as hl
+
+
+def test_every_public_name_imports():
+    assert hl.__all__, "the public surface must not be empty"
+    for name in hl.__all__:
+        assert hasattr(hl, name), name
+    assert len(set(hl.__all__)) == len(hl.__all__)
+
+
+def test_version_has_one_source():
+    version = importlib.import_module("hyperloom._version").__version__
+    assert hl.__version__ == version
+    assert version.count(".") == 2
+
+
+def test_py_typed_is_shipped():
+    from importlib.resources import files
+
+    assert files("hyperloom").joinpath("py.typed").is_file()
+
+
+def test_core_imports_nothing_heavy():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, hyperloom; "
+        "print(sorted(m for m in ('matplotlib', 'tqdm', 'mlxtend', 'sklearn', 'pandas', 'experiments') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
