@@ -276,6 +276,8 @@ class InputSet:
 
     def _check_values(self, raw: torch.Tensor) -> None:
         raw = raw.detach()
+        if raw.numel() == 0:
+            return
         start = 0
         for name, spec in self.specs.items():
             block = raw[:, start : start + spec.dim]

@@ -156,7 +156,7 @@ class HyperModel(nn.Module):
                 f"Hypernetwork target(s) {unknown} are not parameters of {type(model).__name__}; "
                 f"its parameters are {list(params)[:12]}"
             )
-        self._check_signature(model, hypernet)
+        self._model_kwargs = self._check_signature(model, hypernet)
         self._check_generation(hypernet, params)
         try:
             primary = copy.deepcopy(model)
@@ -173,17 +173,24 @@ class HyperModel(nn.Module):
         self.out_dims: OutDims = self.batch_dim if out_dims is None else out_dims
 
     @staticmethod
-    def _check_signature(model: nn.Module, hypernet: HyperNetwork) -> None:
+    def _check_signature(model: nn.Module, hypernet: HyperNetwork) -> frozenset[str] | None:
+        """Refuse input names that clash with ``model.forward``; return its keyword names (None: any)."""
         try:
             sig = inspect.signature(model.forward)
         except (TypeError, ValueError):  # builtins without a signature
-            return
+            return None
         clash = [n for n in hypernet.input_set.names if n in sig.parameters]
         if clash:
             raise HyperloomError(
                 f"Input name(s) {clash} clash with argument(s) of {type(model).__name__}.forward{sig}; "
                 "rename the conditioning input(s)"
             )
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
+            return None
+        return frozenset(
+            n for n, p in sig.parameters.items()
+            if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        )
 
     @staticmethod
     def _check_generation(hypernet: HyperNetwork, params: Mapping[str, torch.Tensor]) -> None:
@@ -222,6 +229,13 @@ class HyperModel(nn.Module):
         names = self.hypernet.input_set.specs
         cond = {k: v for k, v in kwargs.items() if k in names}
         rest = {k: v for k, v in kwargs.items() if k not in names}
+        if self._model_kwargs is not None:
+            unknown = [k for k in rest if k not in self._model_kwargs]
+            if unknown:
+                raise HyperloomError(
+                    f"Unknown keyword argument(s) {unknown}: neither declared inputs {list(names)} "
+                    f"nor arguments of {type(self.primary).__name__}.forward {sorted(self._model_kwargs)}"
+                )
         return cond, rest
 
     def generate(self, **conditioning: Any) -> ParamDict:
