@@ -17,10 +17,16 @@ class ConvNet(nn.Module):
     def __init__(self):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(1, 16, 5), nn.LeakyReLU(),
-            nn.Conv2d(16, 32, 3), nn.LeakyReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3), nn.LeakyReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(64, 64, 3), nn.LeakyReLU(),
+            nn.Conv2d(1, 16, 5),
+            nn.LeakyReLU(),
+            nn.Conv2d(16, 32, 3),
+            nn.LeakyReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3),
+            nn.LeakyReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(64, 64, 3),
+            nn.LeakyReLU(),
         )
         self.fc = nn.Linear(64, 10)
 
@@ -142,10 +148,7 @@ def test_per_sample_gradients_match_loop():
     lam = torch.rand(6)
     loss = nn.functional.cross_entropy(hnet(x, lam=lam), y, reduction="sum")
     g_batched = torch.autograd.grad(loss, list(hnet.parameters()))
-    loss_loop = sum(
-        nn.functional.cross_entropy(hnet(x[i : i + 1], lam=float(lam[i])), y[i : i + 1], reduction="sum")
-        for i in range(6)
-    )
+    loss_loop = sum(nn.functional.cross_entropy(hnet(x[i : i + 1], lam=float(lam[i])), y[i : i + 1], reduction="sum") for i in range(6))
     g_loop = torch.autograd.grad(loss_loop, list(hnet.parameters()))
     for a, b in zip(g_batched, g_loop):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
@@ -379,7 +382,8 @@ def test_wrapping_errors_leave_module_untouched(kwargs, msg):
 
 def test_mixed_dtype_parameters_refused():
     net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2).double())
-    with pytest.raises(HyperloomError, match=re.escape("Predicted parameters must share one dtype and device, got 0.weight: torch.float32")):
+    msg = "Predicted parameters must share one dtype and device, got 0.weight: torch.float32"
+    with pytest.raises(HyperloomError, match=re.escape(msg)):
         hl.hypernetize(net, inputs={"lam": (0.0, 1.0)})
 
 
@@ -404,7 +408,10 @@ def test_handwired_hypernetwork_shape_mismatch():
 @pytest.mark.parametrize(
     ("cond", "msg"),
     [
-        ({"lam": 0.5, "mu": 0.1}, "Unknown keyword argument(s) ['mu']: neither declared inputs ['lam'] nor arguments of ConvNet.forward ['x']"),
+        (
+            {"lam": 0.5, "mu": 0.1},
+            "Unknown keyword argument(s) ['mu']: neither declared inputs ['lam'] nor arguments of ConvNet.forward ['x']",
+        ),
         ({}, "Missing conditioning input(s) ['lam']"),
         ({"lam": torch.rand(3)}, "Conditioning input 'lam' has 3 per-sample values but the batch has 4 samples"),
         ({"lam": 1.5}, "Conditioning input 'lam' out of its declared range [0.0, 1.0]: got values in [1.5, 1.5]"),

@@ -1,5 +1,6 @@
-"""hyperloom: turn any PyTorch model into a hypernetwork model, with Magnitude
-Invariant Parametrizations (MIP) by default.
+"""hyperloom: turn any PyTorch model into a hypernetwork model, MIP by default.
+
+Magnitude Invariant Parametrizations (MIP) are the default formulation.
 
 Example:
     >>> import torch

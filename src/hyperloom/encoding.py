@@ -108,9 +108,7 @@ class L2Normalize(Encoding):
 
     def out_features(self, k: int) -> int:
         if k < 2:
-            raise HyperloomError(
-                f"Encoding 'l2' needs at least 2 input coordinates (it maps every scalar to +-1), got {k}"
-            )
+            raise HyperloomError(f"Encoding 'l2' needs at least 2 input coordinates (it maps every scalar to +-1), got {k}")
         return k
 
     def forward(self, raw: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -129,9 +127,7 @@ class Standardize(Encoding):
         return (u - 0.5) * math.sqrt(12.0)
 
 
-ENCODINGS: dict[str, type[Encoding]] = {
-    cls.name: cls for cls in (CosSin, Identity, Raw, ZOneMinusZ, L2Normalize, Standardize)
-}
+ENCODINGS: dict[str, type[Encoding]] = {cls.name: cls for cls in (CosSin, Identity, Raw, ZOneMinusZ, L2Normalize, Standardize)}
 
 
 def get_encoding(encoding: str | Encoding) -> Encoding:

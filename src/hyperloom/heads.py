@@ -27,8 +27,8 @@ def _numel(shape: Sequence[int]) -> int:
     return int(math.prod(shape))
 
 
-class _SplitHead(nn.Module):
-    """Shared machinery: one linear layer, its output split into named blocks."""
+class SplitHead(nn.Module):
+    """Base of the heads: one linear layer whose output is split into named blocks."""
 
     def __init__(self, in_features: int, blocks: list[tuple[str, int]], *, init: str, gain: float) -> None:
         super().__init__()
@@ -45,6 +45,15 @@ class _SplitHead(nn.Module):
                 self.linear.bias.zero_()
         self._block_names = [name for name, _ in blocks]
 
+    @property
+    def num_outputs(self) -> int:
+        """Number of output units of the head."""
+        return sum(self.block_sizes)
+
+    def forward(self, h: torch.Tensor) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
+        """Map trunk features ``(N, H)`` to ``{name: (N, *shape)}``."""
+        raise NotImplementedError
+
     def _zero_blocks(self, names: set[str]) -> None:
         with torch.no_grad():
             start = 0
@@ -58,7 +67,7 @@ class _SplitHead(nn.Module):
         return list(torch.split(self.linear(h), self.block_sizes, dim=1))
 
 
-class DenseHead(_SplitHead):
+class DenseHead(SplitHead):
     """Dense output layer with per-tensor split initialisation.
 
     Args:
@@ -91,20 +100,12 @@ class DenseHead(_SplitHead):
         if zero_init:
             self._zero_blocks(set(self.shapes))
 
-    @property
-    def num_outputs(self) -> int:
-        """Number of output units of the head."""
-        return sum(self.block_sizes)
-
     def forward(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
         n = h.shape[0]
-        return {
-            name: block.reshape(n, *shape)
-            for (name, shape), block in zip(self.shapes.items(), self._split(h))
-        }
+        return {name: block.reshape(n, *shape) for (name, shape), block in zip(self.shapes.items(), self._split(h))}
 
 
-class LowRankHead(_SplitHead):
+class LowRankHead(SplitHead):
     """Low-rank output head: ``Delta W = B @ A`` per weight matrix.
 
     Args:
@@ -156,11 +157,6 @@ class LowRankHead(_SplitHead):
         if zero_init:
             self._zero_blocks({b for b, _ in blocks if not b.endswith("#A")})
 
-    @property
-    def num_outputs(self) -> int:
-        """Number of output units of the head."""
-        return sum(self.block_sizes)
-
     def forward(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
         n = h.shape[0]
         blocks = iter(self._split(h))
@@ -176,4 +172,4 @@ class LowRankHead(_SplitHead):
         return out
 
 
-__all__ = ["HEADS", "DenseHead", "LowRankHead"]
+__all__ = ["HEADS", "DenseHead", "LowRankHead", "SplitHead"]

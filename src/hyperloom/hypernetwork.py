@@ -17,7 +17,7 @@ from torch import nn
 
 from .encoding import Encoding, get_encoding
 from .errors import HyperloomError
-from .heads import HEADS, DenseHead, LowRankHead
+from .heads import HEADS, DenseHead, LowRankHead, SplitHead
 from .inputs import InputLike, InputSet
 from .params import ParamStore
 from .trunk import Trunk, activation_gain
@@ -135,14 +135,10 @@ class HyperNetwork(nn.Module):
         device = torch.device(device) if device is not None else (ref.device if ref is not None else None)
 
         gain = activation_gain(activation)
-        self.trunk = Trunk(
-            self.encoding.out_features(self.input_set.total_dim), hidden, activation=activation, norm=norm, init=init
-        )
-        self.head: nn.Module
+        self.trunk = Trunk(self.encoding.out_features(self.input_set.total_dim), hidden, activation=activation, norm=norm, init=init)
+        self.head: SplitHead
         if head == "lowrank" and rank is not None:
-            self.head = LowRankHead(
-                self.trunk.out_features, shapes, rank=rank, init=init, gain=gain, zero_init=zero_init
-            )
+            self.head = LowRankHead(self.trunk.out_features, shapes, rank=rank, init=init, gain=gain, zero_init=zero_init)
         else:
             self.head = DenseHead(self.trunk.out_features, shapes, init=init, gain=gain, zero_init=zero_init)
         self.shapes: dict[str, tuple[int, ...]] = dict(shapes)
@@ -182,7 +178,7 @@ class HyperNetwork(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         """Dtype of the hypernetwork's parameters."""
-        return next(self.trunk.parameters(), self.head.linear.weight).dtype
+        return self.head.linear.weight.dtype
 
     @property
     def device(self) -> torch.device:
@@ -192,7 +188,7 @@ class HyperNetwork(nn.Module):
     @property
     def num_outputs(self) -> int:
         """Size of the head's output layer."""
-        return int(self.head.num_outputs)
+        return self.head.num_outputs
 
     # -- the functional core ------------------------------------------------------------
     def features(self, raw: torch.Tensor) -> torch.Tensor:
@@ -218,9 +214,7 @@ class HyperNetwork(nn.Module):
     # -- the user-facing shell ----------------------------------------------------------
     def prepare(self, conditioning: Mapping[str, Any], *, batch: int | None = None) -> tuple[torch.Tensor, bool]:
         """Validate conditioning and return ``(raw (N, K), per_sample)``; see :meth:`InputSet.prepare`."""
-        return self.input_set.prepare(
-            conditioning, batch=batch, dtype=self.dtype, device=self.device, check=not _is_compiling()
-        )
+        return self.input_set.prepare(conditioning, batch=batch, dtype=self.dtype, device=self.device, check=not _is_compiling())
 
     def delta(self, conditioning: Mapping[str, Any]) -> ParamDict:
         """The hypernetwork's raw output ``Delta`` (``theta - theta0`` when additive).

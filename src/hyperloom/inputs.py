@@ -107,9 +107,7 @@ def _as_input(name: str, spec: Any) -> Input:
         if len(spec) == 3:
             return Input(spec[0], spec[1], scale=spec[2])
         return Input(spec[0], spec[1])
-    raise HyperloomError(
-        f"inputs[{name!r}]: expected hl.Input(low, high, ...), (low, high) or (low, high, 'log'), got {spec!r}"
-    )
+    raise HyperloomError(f"inputs[{name!r}]: expected hl.Input(low, high, ...), (low, high) or (low, high, 'log'), got {spec!r}")
 
 
 class InputSet:
@@ -135,14 +133,12 @@ class InputSet:
             or a malformed declaration.
     """
 
-    def __init__(self, inputs: Mapping[str, InputLike]) -> None:
+    def __init__(self, inputs: Mapping[str, InputLike] | InputSet) -> None:
         if isinstance(inputs, InputSet):
             self.specs: dict[str, Input] = dict(inputs.specs)
             return
         if not isinstance(inputs, Mapping) or len(inputs) == 0:
-            raise HyperloomError(
-                f"inputs must be a non-empty mapping such as {{'lam': (0.0, 1.0)}}, got {inputs!r}"
-            )
+            raise HyperloomError(f"inputs must be a non-empty mapping such as {{'lam': (0.0, 1.0)}}, got {inputs!r}")
         specs: dict[str, Input] = {}
         for name, spec in inputs.items():
             if not isinstance(name, str) or not name.isidentifier():
@@ -232,21 +228,16 @@ class InputSet:
                 n = v.shape[0]
                 if per_sample_n is not None and n != per_sample_n:
                     raise HyperloomError(
-                        f"Conditioning input {name!r} has {n} per-sample values but {per_sample_from!r} has "
-                        f"{per_sample_n}"
+                        f"Conditioning input {name!r} has {n} per-sample values but {per_sample_from!r} has {per_sample_n}"
                     )
                 if batch is not None and n != batch:
-                    raise HyperloomError(
-                        f"Conditioning input {name!r} has {n} per-sample values but the batch has {batch} samples"
-                    )
+                    raise HyperloomError(f"Conditioning input {name!r} has {n} per-sample values but the batch has {batch} samples")
                 per_sample_n, per_sample_from = n, name
                 cols.append(v.reshape(n, spec.dim))
                 continue
             b = "B" if batch is None else str(batch)
             expected = "a scalar or shape (B,)" if spec.dim == 1 else f"shape ({spec.dim},) or (B, {spec.dim})"
-            raise HyperloomError(
-                f"Conditioning input {name!r}: expected {expected} with B = {b}, got shape {tuple(v.shape)}"
-            )
+            raise HyperloomError(f"Conditioning input {name!r}: expected {expected} with B = {b}, got shape {tuple(v.shape)}")
         if per_sample_n is not None:
             cols = [c.expand(per_sample_n, -1) if c.shape[0] == 1 and per_sample_n != 1 else c for c in cols]
         raw = torch.cat(cols, dim=1)
@@ -258,9 +249,7 @@ class InputSet:
     def _to_tensor(name: str, value: Any, *, dtype: torch.dtype, device: torch.device | None) -> torch.Tensor:
         if isinstance(value, torch.Tensor):
             if device is not None and value.device != device:
-                raise HyperloomError(
-                    f"Conditioning input {name!r} is on {value.device} but the hypernetwork is on {device}"
-                )
+                raise HyperloomError(f"Conditioning input {name!r} is on {value.device} but the hypernetwork is on {device}")
             if value.dtype.is_complex or not (value.dtype.is_floating_point or value.dtype in _INT_DTYPES):
                 raise HyperloomError(f"Conditioning input {name!r} must be real numbers, got dtype {value.dtype}")
             return value.to(dtype)
@@ -270,8 +259,7 @@ class InputSet:
             return torch.as_tensor(value, dtype=dtype, device=device)
         except (TypeError, ValueError, RuntimeError) as e:
             raise HyperloomError(
-                f"Conditioning input {name!r} must be a number, a sequence of numbers or a tensor, "
-                f"got {type(value).__name__}: {e}"
+                f"Conditioning input {name!r} must be a number, a sequence of numbers or a tensor, got {type(value).__name__}: {e}"
             ) from None
 
     def _check_values(self, raw: torch.Tensor) -> None:

@@ -153,14 +153,13 @@ class HyperModel(nn.Module):
         unknown = [k for k in hypernet.shapes if k not in params]
         if unknown:
             raise HyperloomError(
-                f"Hypernetwork target(s) {unknown} are not parameters of {type(model).__name__}; "
-                f"its parameters are {list(params)[:12]}"
+                f"Hypernetwork target(s) {unknown} are not parameters of {type(model).__name__}; its parameters are {list(params)[:12]}"
             )
         self._model_kwargs = self._check_signature(model, hypernet)
         self._check_generation(hypernet, params)
         try:
             primary = copy.deepcopy(model)
-        except Exception as e:  # noqa: BLE001 - user modules can fail to copy in many ways
+        except Exception as e:
             raise HyperloomError(f"Could not copy {type(model).__name__} (deepcopy failed: {e})") from e
         self.predicted: tuple[str, ...] = tuple(hypernet.shapes)
         self._requires_grad = {n: _param_to_buffer(primary, n) for n in self.predicted}
@@ -182,14 +181,12 @@ class HyperModel(nn.Module):
         clash = [n for n in hypernet.input_set.names if n in sig.parameters]
         if clash:
             raise HyperloomError(
-                f"Input name(s) {clash} clash with argument(s) of {type(model).__name__}.forward{sig}; "
-                "rename the conditioning input(s)"
+                f"Input name(s) {clash} clash with argument(s) of {type(model).__name__}.forward{sig}; rename the conditioning input(s)"
             )
         if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
             return None
         return frozenset(
-            n for n, p in sig.parameters.items()
-            if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+            n for n, p in sig.parameters.items() if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
         )
 
     @staticmethod
@@ -278,9 +275,7 @@ class HyperModel(nn.Module):
         """
         raw, per_sample = self.hypernet.prepare(conditioning)
         if per_sample:
-            raise HyperloomError(
-                "materialize() needs one value per input (shared conditioning), got per-sample values"
-            )
+            raise HyperloomError("materialize() needs one value per input (shared conditioning), got per-sample values")
         with torch.no_grad():
             theta = {k: v[0] for k, v in self.hypernet.theta_from_raw(raw).items()}
         plain = copy.deepcopy(self.primary)
@@ -293,9 +288,7 @@ class HyperModel(nn.Module):
         for a in args:
             if isinstance(a, torch.Tensor):
                 if a.dim() <= self.batch_dim:
-                    raise HyperloomError(
-                        f"Input of shape {tuple(a.shape)} has no batch dimension {self.batch_dim}"
-                    )
+                    raise HyperloomError(f"Input of shape {tuple(a.shape)} has no batch dimension {self.batch_dim}")
                 return int(a.shape[self.batch_dim])
         return None
 
@@ -459,8 +452,7 @@ def hypernetize(
         ref = params[names[0]]
         with torch.no_grad():
             targets = {
-                n: params[n].detach().clone() if theta0 == "model" else init_theta0(n, params[n].shape, dtype=ref.dtype)
-                for n in names
+                n: params[n].detach().clone() if theta0 == "model" else init_theta0(n, params[n].shape, dtype=ref.dtype) for n in names
             }
         hypernet = HyperNetwork(
             inputs,

@@ -1,4 +1,4 @@
-"""Choosing which parameters of a model the hypernetwork predicts.
+r"""Choosing which parameters of a model the hypernetwork predicts.
 
 A selector is one of:
 
@@ -7,7 +7,7 @@ A selector is one of:
 * a string: an exact parameter name (``"conv1.weight"``), an exact module
   name (``"enc.0"``, all its parameters), or a glob (``"enc.*.conv.*"``,
   matched against parameter and module names with :mod:`fnmatch`);
-* a compiled regular expression (``re.compile(r"dec\\.\\d+\\.weight")``),
+* a compiled regular expression (``re.compile(r"dec\.\d+\.weight")``),
   full-matched against parameter and module names.
 """
 
@@ -76,9 +76,7 @@ def _match(model: nn.Module, sel: object, param_names: list[str]) -> list[str]:
     )
 
 
-def select_parameters(
-    model: nn.Module, predict: Selector | Sequence[Selector] | None = None
-) -> list[str]:
+def select_parameters(model: nn.Module, predict: Selector | Sequence[Selector] | None = None) -> list[str]:
     """Names of the parameters of ``model`` matched by ``predict``.
 
     Args:
@@ -123,9 +121,7 @@ def select_parameters(
                 )
             for n in dict.fromkeys(names):
                 if n in owner:
-                    raise HyperloomError(
-                        f"Parameter {n!r} is selected twice: by {_describe(owner[n])} and by {_describe(sel)}"
-                    )
+                    raise HyperloomError(f"Parameter {n!r} is selected twice: by {_describe(owner[n])} and by {_describe(sel)}")
                 owner[n] = sel
         selected = [n for n in all_names if n in owner]
 

@@ -80,8 +80,9 @@ class WeightNormLinear(nn.Module):
 
 
 class Trunk(nn.Module):
-    """MLP ``features -> hidden[0] -> ... -> hidden[-1]``; each layer is
-    linear, then optional normalisation, then the activation.
+    """MLP ``features -> hidden[0] -> ... -> hidden[-1]``.
+
+    Each layer is linear, then optional normalisation, then the activation.
 
     Args:
         in_features: Size of the encoded input.
@@ -126,12 +127,19 @@ class Trunk(nn.Module):
         layers: list[nn.Module] = []
         prev = in_features
         for width in widths:
-            linear: nn.Module = WeightNormLinear(prev, width) if norm == "weightnorm" else nn.Linear(prev, width)
+            linear: WeightNormLinear | nn.Linear
+            w: torch.Tensor
+            b: torch.Tensor
+            if norm == "weightnorm":
+                linear = WeightNormLinear(prev, width)
+                w, b = linear.v, linear.bias
+            else:
+                linear = nn.Linear(prev, width)
+                w, b = linear.weight, linear.bias
             if init == "mip":
-                w = linear.v if isinstance(linear, WeightNormLinear) else linear.weight
                 with torch.no_grad():
                     w.normal_(0.0, gain / math.sqrt(width))  # Kaiming normal, mode fan_out
-                    linear.bias.zero_()
+                    b.zero_()
                 if isinstance(linear, WeightNormLinear):
                     linear.reset_g()
             layers.append(linear)

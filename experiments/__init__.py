@@ -1,0 +1,1 @@
+"""The experiment suite (python -m experiments)."""

@@ -1,0 +1,198 @@
+"""The experiment CLI: ``python -m experiments {reproduce,ablate,proportionality,report}``.
+
+Every finished run is appended to ``<out>/results.jsonl`` at once; re-running
+the same command skips finished runs (so an interrupted run resumes), then
+rewrites the plots and ``report.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .common import FORMULATIONS, ResultStore, config_key
+from .report import write_report
+
+TASKS = ("classify",)
+
+
+def _task(name: str) -> Any:
+    return importlib.import_module(f".{name}", __package__)
+
+
+def _configs(task: str, size: str) -> dict[str, Any]:
+    mod = _task(task)
+    return {**mod.DEFAULTS, **mod.SIZES[size]}
+
+
+def _load_data(task: str, args: argparse.Namespace) -> Any:
+    mod = _task(task)
+    return mod.load_data(args)
+
+
+def _run_grid(
+    store: ResultStore,
+    task: str,
+    data: Any,
+    runs: list[tuple[str, str, Any, dict[str, Any], str]],
+    seeds: int,
+) -> None:
+    mod = _task(task)
+    todo = []
+    for study, axis, level, cfg, variant in runs:
+        for seed in range(seeds):
+            row = {"task": task, "study": study, "axis": axis, "level": level, "variant": variant, "seed": seed, "config": cfg}
+            key = config_key(row)
+            if not store.done(key):
+                todo.append((key, row))
+    total = len(todo)
+    if total == 0:
+        print(f"[{task}] all runs already finished in {store.path}")
+    for i, (key, row) in enumerate(todo):
+        label = f"[{task} {i + 1}/{total}] {row['study']} {row['axis']}={row['level']} {row['variant']} seed={row['seed']}"
+        t0 = time.perf_counter()
+        res = mod.run(row["variant"], row["seed"], data, row["config"], desc=label)
+        m = res["metrics"]
+        shown = {k: round(v, 4) for k, v in m.items() if isinstance(v, float)}
+        print(f"{label}: {json.dumps(shown)} ({time.perf_counter() - t0:.1f}s)", flush=True)
+        store.add({**row, "key": key, **res})
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    size = "full" if args.full else "quick"
+    out = Path(args.out)
+    store = ResultStore(out / "results.jsonl")
+    tasks = TASKS if args.task == "all" else (args.task,)
+    t0 = time.perf_counter()
+    for task in tasks:
+        cfg = _configs(task, size)
+        if args.steps:
+            cfg["steps"] = args.steps
+        data = _load_data(task, args)
+        runs = [("main", "-", "-", cfg, v) for v in FORMULATIONS]
+        _run_grid(store, task, data, runs, args.seeds)
+    path = write_report(store.rows, out, header=_header(size, args, time.perf_counter() - t0))
+    print(f"\nReport: {path.resolve()}")
+    return 0
+
+
+ABLATIONS: dict[str, list[Any]] = {
+    "activation": ["relu", "leaky_relu", "tanh", "gelu", "elu"],
+    "norm": ["none", "batchnorm", "layernorm", "weightnorm"],
+    "k": [1, 2, 4, 8],
+    "hidden": [[16, 64, 128], [64, 64], [32, 128, 256, 256]],
+    "optimizer": ["adam@3e-4", "adam@1e-3", "adam@3e-3", "sgd@1e-3", "sgd@1e-2", "sgd@3e-2", "rmsprop@3e-4", "rmsprop@1e-3"],
+    "encoding": ["identity", "zoneminusz", "l2", "standardize"],
+    "depth": [0, 2, 4],
+}
+
+
+def _apply(cfg: dict[str, Any], axis: str, level: Any) -> dict[str, Any]:
+    """The base config with one axis set to ``level``."""
+    cfg = dict(cfg)
+    if axis == "optimizer":
+        opt, lr = str(level).split("@")
+        cfg["optimizer"], cfg["lr"] = opt, float(lr)
+    else:
+        cfg[axis] = level
+    if axis == "norm" and level == "batchnorm":
+        cfg["per_sample_gamma"] = True  # BatchNorm inside the hypernetwork needs a batch of gammas
+    return cfg
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    size = "full" if args.full else "quick"
+    out = Path(args.out)
+    store = ResultStore(out / "results.jsonl")
+    base = _configs("classify", size)
+    if args.steps:
+        base["steps"] = args.steps
+    axes = args.axes.split(",") if args.axes else list(ABLATIONS)
+    data = _load_data("classify", args)
+    runs = []
+    for axis in axes:
+        if axis not in ABLATIONS:
+            print(f"unknown axis {axis!r}; choose from {list(ABLATIONS)}", file=sys.stderr)
+            return 2
+        for level in ABLATIONS[axis]:
+            cfg = _apply(base, axis, level)
+            # on the encoding axis both variants use that encoding: "default" without theta0, "mip" with it
+            for v in ("default", "mip"):
+                runs.append(("ablation", axis, "x".join(map(str, level)) if isinstance(level, list) else level, cfg, v))
+    t0 = time.perf_counter()
+    _run_grid(store, "classify", data, runs, args.seeds)
+    path = write_report(store.rows, out, header=_header(size, args, time.perf_counter() - t0))
+    print(f"\nReport: {path.resolve()}")
+    return 0
+
+
+def cmd_proportionality(args: argparse.Namespace) -> int:
+    """Print |theta| at initialisation vs gamma: default (proportional) and MIP (near constant)."""
+    import hyperloom as hl
+
+    from .classify import ConvNet
+
+    gammas = [0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0]
+    print("|theta| of the generated ConvNet weights at initialisation (HyperLight README ConvNet, hidden [16, 64, 128])")
+    print(f"{'formulation':<24}" + "".join(f"{g:>9}" for g in gammas) + f"{'max/min':>10}")
+    for seed in range(args.seeds):
+        for form, act in (("default", "relu"), ("default", "leaky_relu"), ("mip", "leaky_relu")):
+            torch.manual_seed(seed)
+            h = hl.hypernetize(ConvNet(), inputs={"g": (0.0, 4.0)}, formulation=form, activation=act)
+            norms = hl.theta_norms(h, "g", gammas)
+            ratio = max(norms) / min(norms) if min(norms) > 0 else float("inf")
+            print(f"{form + ' ' + act + f' s{seed}':<24}" + "".join(f"{n:>9.4f}" for n in norms) + f"{ratio:>10.3f}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    store = ResultStore(out / "results.jsonl")
+    print(write_report(store.rows, out).resolve())
+    return 0
+
+
+def _header(size: str, args: argparse.Namespace, wall: float) -> str:
+    return (
+        f"Size: **{size}**, seeds: {args.seeds}, torch {torch.__version__}, {torch.get_num_threads()} threads. "
+        f"Wall time of the last invocation: {wall:.0f} s. Regenerate with "
+        f"`python -m experiments {args.cmd} {'--full' if size == 'full' else '--quick'} --seeds {args.seeds} --out {args.out}`."
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m experiments", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def common(sp: argparse.ArgumentParser, default_out: str) -> None:
+        g = sp.add_mutually_exclusive_group()
+        g.add_argument("--quick", action="store_true", help="CPU-minutes budget (default)")
+        g.add_argument("--full", action="store_true", help="longer runs")
+        sp.add_argument("--seeds", type=int, default=3)
+        sp.add_argument("--steps", type=int, default=0, help="override the number of training steps")
+        sp.add_argument("--out", default=default_out)
+        sp.add_argument("--data", default="auto", help="classification data: auto, fashion, mnist")
+
+    r = sub.add_parser("reproduce", help="the three tasks of the paper, 2x2 formulations")
+    r.add_argument("--task", default="all", choices=[*TASKS, "all"])
+    common(r, "runs/reproduce")
+    a = sub.add_parser("ablate", help="ablations on task 1")
+    a.add_argument("--axes", default="", help=f"comma-separated subset of {list(ABLATIONS)}")
+    common(a, "runs/ablate")
+    pr = sub.add_parser("proportionality", help="|theta| vs gamma at initialisation")
+    pr.add_argument("--seeds", type=int, default=1)
+    rp = sub.add_parser("report", help="rewrite plots and report.md from results.jsonl")
+    rp.add_argument("--out", default="runs/reproduce")
+    args = p.parse_args(argv)
+    return {"reproduce": cmd_reproduce, "ablate": cmd_ablate, "proportionality": cmd_proportionality, "report": cmd_report}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

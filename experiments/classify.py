@@ -1,0 +1,163 @@
+"""Task 1: Bayesian-style hypernetwork classifier (the paper's first task), on real images.
+
+The hypernetwork predicts every weight of HyperLight's README ConvNet from a
+noise vector gamma ~ U(0, 1)^k, sampled once per minibatch. Metrics: training
+loss, test accuracy and its spread across gamma, gradient norms over training
+and across gamma bins.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import hyperloom as hl
+
+from .common import FORMULATIONS, grad_norm, make_optimizer, progress, set_seed
+from .data import ImageData, load_classification
+
+
+class ConvNet(nn.Module):
+    """HyperLight's README ConvNet (MIP.md): 1->16 k5, 16->32 k3, pool, 32->64 k3, pool, 64->64 k3, GAP, 64->10."""
+
+    def __init__(self, num_classes: int = 10, width: int = 1, depth: int = 0) -> None:
+        super().__init__()
+        c1, c2, c3 = 16 * width, 32 * width, 64 * width
+        layers: list[nn.Module] = [
+            nn.Conv2d(1, c1, 5),
+            nn.LeakyReLU(),
+            nn.Conv2d(c1, c2, 3),
+            nn.LeakyReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(c2, c3, 3),
+            nn.LeakyReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(c3, c3, 3),
+            nn.LeakyReLU(),
+        ]
+        for _ in range(depth):  # extra 3x3 layers (padding keeps the size) for the depth ablation
+            layers += [nn.Conv2d(c3, c3, 3, padding=1), nn.LeakyReLU()]
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(c3, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x).mean((2, 3)))
+
+
+DEFAULTS: dict[str, Any] = {
+    "k": 2,
+    "steps": 300,
+    "batch": 64,
+    "optimizer": "adam",
+    "lr": 1e-3,
+    "hidden": [16, 64, 128],
+    "activation": "leaky_relu",
+    "norm": "none",
+    "encoding": None,  # None: the variant's
+    "depth": 0,
+    "n_eval_gamma": 8,
+    "n_test": 2000,
+    "per_sample_gamma": False,  # one gamma per minibatch (the paper) or one per sample
+}
+
+SIZES: dict[str, dict[str, Any]] = {
+    "quick": {"steps": 200, "n_test": 1000, "n_eval_gamma": 6},
+    "full": {"steps": 2000, "n_test": 10000, "n_eval_gamma": 16},
+}
+
+
+def load_data(args: Any) -> ImageData:
+    return load_classification(getattr(args, "data", "auto"))
+
+
+def build(variant: str, cfg: dict[str, Any], num_classes: int) -> hl.HyperModel:
+    form = dict(FORMULATIONS[variant])
+    if cfg.get("encoding"):
+        form["encoding"] = cfg["encoding"]
+    return hl.hypernetize(
+        ConvNet(num_classes, depth=cfg["depth"]),
+        inputs={"z": hl.Input(0.0, 1.0, dim=cfg["k"])},
+        hidden=tuple(cfg["hidden"]),
+        activation=cfg["activation"],
+        norm=cfg["norm"],
+        **form,
+    )
+
+
+@torch.no_grad()
+def evaluate(model: hl.HyperModel, data: ImageData, cfg: dict[str, Any], gen: torch.Generator) -> dict[str, Any]:
+    model.eval()
+    x, y = data.x_test[: cfg["n_test"]], data.y_test[: cfg["n_test"]]
+    accs, losses = [], []
+    for _ in range(cfg["n_eval_gamma"]):
+        z = torch.rand(cfg["k"], generator=gen)
+        logits = torch.cat([model(x[i : i + 500], z=z) for i in range(0, len(x), 500)])
+        losses.append(float(F.cross_entropy(logits, y)))
+        accs.append(float((logits.argmax(1) == y).float().mean()))
+    model.train()
+    t = torch.tensor(accs)
+    return {
+        "test_acc": float(t.mean()),
+        "test_acc_std_gamma": float(t.std()) if len(accs) > 1 else 0.0,
+        "test_acc_min_gamma": float(t.min()),
+        "test_loss": float(torch.tensor(losses).mean()),
+    }
+
+
+def grad_norm_by_gamma(model: hl.HyperModel, x: torch.Tensor, y: torch.Tensor, k: int, bins: int = 5) -> list[float]:
+    """Gradient norm of the loss w.r.t. the hypernetwork parameters, with gamma = t * 1 for t at bin centres."""
+    out = []
+    params = [p for p in model.parameters() if p.requires_grad]
+    for i in range(bins):
+        t = (i + 0.5) / bins
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x, z=torch.full((k,), t)), y).backward()
+        out.append(grad_norm(params))
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def run(variant: str, seed: int, data: ImageData, cfg: dict[str, Any], *, desc: str = "") -> dict[str, Any]:
+    """Train one model; return metrics, curves and timings (one result row)."""
+    cfg = {**DEFAULTS, **cfg}
+    set_seed(seed)
+    model = build(variant, cfg, data.num_classes)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(cfg["optimizer"], params, cfg["lr"])
+    gen = torch.Generator().manual_seed(seed)
+    n = len(data.y_train)
+    losses: list[float] = []
+    gnorms: list[float] = []
+    diverged_at = None
+    t0 = time.perf_counter()
+    for step in progress(range(cfg["steps"]), total=cfg["steps"], desc=desc):
+        idx = torch.randint(0, n, (cfg["batch"],), generator=gen)
+        zshape = (cfg["batch"], cfg["k"]) if cfg["per_sample_gamma"] else (cfg["k"],)
+        z = torch.rand(zshape, generator=gen)  # gamma per minibatch (the paper) or per sample
+        loss = F.cross_entropy(model(data.x_train[idx], z=z), data.y_train[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        lv = float(loss.detach())
+        losses.append(lv)
+        gnorms.append(grad_norm(params))
+        if not math.isfinite(lv):
+            diverged_at = step
+            break
+        opt.step()
+    wall = time.perf_counter() - t0
+    metrics: dict[str, Any] = {"diverged_at": diverged_at, "wall_s": wall}
+    if diverged_at is None:
+        metrics.update(evaluate(model, data, cfg, torch.Generator().manual_seed(10_000 + seed)))
+        probe = torch.Generator().manual_seed(20_000 + seed)
+        pidx = torch.randint(0, len(data.y_test), (256,), generator=probe)
+        metrics["grad_norm_by_gamma"] = grad_norm_by_gamma(model, data.x_test[pidx], data.y_test[pidx], cfg["k"])
+    else:
+        metrics.update({"test_acc": math.nan, "test_acc_std_gamma": math.nan, "test_loss": math.nan})
+    tail = losses[-max(1, len(losses) // 10) :]
+    metrics["final_train_loss"] = sum(tail) / len(tail)
+    return {"metrics": metrics, "curve": losses, "grad_norms": gnorms, "data": data.name}

@@ -1,0 +1,126 @@
+"""Shared experiment plumbing: formulations, seeding, training-curve statistics, result files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+T = TypeVar("T")
+
+#: The paper's 2x2: (encoding, additive output).
+FORMULATIONS: dict[str, dict[str, Any]] = {
+    "default": {"encoding": "raw", "additive": False},
+    "encoding-only": {"encoding": "cossin", "additive": False},
+    "additive-only": {"encoding": "raw", "additive": True},
+    "mip": {"encoding": "cossin", "additive": True},
+}
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def progress(it: Iterable[T], *, total: int | None = None, desc: str = "", leave: bool = False) -> Iterator[T]:
+    """A tqdm progress bar on a terminal (or with HYPERLOOM_PROGRESS=1), plain iteration otherwise."""
+    show = os.environ.get("HYPERLOOM_PROGRESS") == "1" or sys.stderr.isatty()
+    if show:
+        try:
+            from tqdm.auto import tqdm
+
+            yield from tqdm(it, total=total, desc=desc, leave=leave, dynamic_ncols=True)
+            return
+        except ImportError:
+            pass
+    yield from it
+
+
+def make_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr)
+    raise ValueError(f"Unknown optimizer {name!r}; choose adam, sgd, rmsprop")
+
+
+def grad_norm(params: Iterable[torch.nn.Parameter]) -> float:
+    total = 0.0
+    for p in params:
+        if p.grad is not None:
+            total += float(p.grad.detach().pow(2).sum())
+    return math.sqrt(total)
+
+
+def smooth(curve: list[float], window: int = 25) -> list[float]:
+    """Trailing moving average (non-finite values propagate as inf)."""
+    out, acc, buf = [], 0.0, []
+    for v in curve:
+        v = v if math.isfinite(v) else math.inf
+        buf.append(v)
+        acc += v
+        if len(buf) > window:
+            acc -= buf.pop(0)
+        out.append(acc / len(buf) if math.isfinite(acc) else math.inf)
+    return out
+
+
+def steps_to_reach(curve: list[float], target: float, window: int = 25) -> int | None:
+    """First step (1-based) at which the smoothed curve is <= target; None if never."""
+    for i, v in enumerate(smooth(curve, window)):
+        if v <= target:
+            return i + 1
+    return None
+
+
+def config_key(row: dict[str, Any]) -> str:
+    """A stable key of a run's identity (task, variant, seed, config) for resuming."""
+    ident = {k: row[k] for k in ("task", "variant", "seed", "config")}
+    return hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class ResultStore:
+    """Append-only JSONL of finished runs: one row per run; rows are flushed and fsynced as written."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.rows: list[dict[str, Any]] = []
+        if path.exists():
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    try:
+                        self.rows.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        pass  # a torn last line from a crash: that run is simply re-run
+        self._done = {r["key"] for r in self.rows if "key" in r}
+
+    def done(self, key: str) -> bool:
+        return key in self._done
+
+    def add(self, row: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.rows.append(row)
+        self._done.add(row["key"])
+
+
+def median_iqr(values: list[float]) -> tuple[float, float, float]:
+    a = np.asarray([v for v in values if v is not None], dtype=float)
+    if a.size == 0:
+        return (math.nan, math.nan, math.nan)
+    return float(np.median(a)), float(np.percentile(a, 25)), float(np.percentile(a, 75))

