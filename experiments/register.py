@@ -1,0 +1,198 @@
+"""Task 2: HyperMorph — unsupervised 2D registration of brain MRI slices, conditioned on lambda.
+
+A small U-Net predicts a displacement field from (moving, fixed); a spatial
+transformer warps the moving image; the loss is (1 - lambda) * MSE(warped,
+fixed) + lambda * |grad u|^2, with lambda ~ U(0, 1) sampled per step as the
+hypernetwork input (all layers but the final flow layer are predicted). Pairs: MNI152 slices up to 3 slices (6 mm) apart, each
+deformed by its own random smooth warp. Metrics on held-out slices: Dice of
+the warped tissue labels and the percentage of folding pixels (Jacobian <= 0),
+both as a function of lambda.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import hyperloom as hl
+
+from .brain import BrainSlices, dice_per_class, load_mni152_slices, one_hot, random_smooth_warp, warp
+from .common import FORMULATIONS, grad_norm, make_optimizer, progress, set_seed
+
+
+def _block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.LeakyReLU(0.2))
+
+
+class RegUNet(nn.Module):
+    """A VoxelMorph-style 2D U-Net: (moving, fixed) -> displacement (2 channels, normalised units)."""
+
+    def __init__(self, ch: tuple[int, ...] = (16, 32, 32)) -> None:
+        super().__init__()
+        self.down = nn.ModuleList()
+        cin = 2
+        for c in ch:
+            self.down.append(_block(cin, c))
+            cin = c
+        self.bottom = _block(cin, cin)
+        self.up = nn.ModuleList()
+        for c in reversed(ch):
+            self.up.append(_block(cin + c, c))
+            cin = c
+        self.flow = nn.Conv2d(cin, 2, 3, padding=1)
+        with torch.no_grad():  # VoxelMorph: a near-zero initial flow
+            self.flow.weight.normal_(0.0, 1e-5)
+            self.flow.bias.zero_()
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([moving, fixed], 1)
+        skips = []
+        for blk in self.down:
+            x = blk(x)
+            skips.append(x)
+            x = F.max_pool2d(x, 2)
+        x = self.bottom(x)
+        for blk in self.up:
+            skip = skips.pop()
+            x = F.interpolate(x, size=skip.shape[-2:], mode="nearest")
+            x = blk(torch.cat([x, skip], 1))
+        return self.flow(x)
+
+
+def smoothness(disp: torch.Tensor) -> torch.Tensor:
+    """Mean squared finite-difference gradient of the displacement, in pixel units."""
+    s = disp.shape[-1]
+    u = disp * (s - 1) / 2  # normalised -> pixels
+    dx = u[..., 1:, :] - u[..., :-1, :]
+    dy = u[..., :, 1:] - u[..., :, :-1]
+    return dx.pow(2).mean() + dy.pow(2).mean()
+
+
+def folding_fraction(disp: torch.Tensor) -> torch.Tensor:
+    """Fraction of pixels whose deformation x + u(x) has Jacobian determinant <= 0, per sample."""
+    s = disp.shape[-1]
+    u = disp * (s - 1) / 2
+    ux, uy = u[:, 0], u[:, 1]  # x = width direction (last dim), y = height direction
+    dux_dx = ux[:, 1:-1, 2:] / 2 - ux[:, 1:-1, :-2] / 2
+    dux_dy = ux[:, 2:, 1:-1] / 2 - ux[:, :-2, 1:-1] / 2
+    duy_dx = uy[:, 1:-1, 2:] / 2 - uy[:, 1:-1, :-2] / 2
+    duy_dy = uy[:, 2:, 1:-1] / 2 - uy[:, :-2, 1:-1] / 2
+    jac = (1 + dux_dx) * (1 + duy_dy) - dux_dy * duy_dx
+    return (jac <= 0).float().mean((1, 2))
+
+
+def make_pairs(
+    data: BrainSlices, n: int, gen: torch.Generator, *, test: bool, warp_strength: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``n`` (moving, fixed, moving labels, fixed labels) from slices at most 3 apart, each warped."""
+    x, y = (data.x_test, data.y_test) if test else (data.x_train, data.y_train)
+    i = torch.randint(0, len(x), (n,), generator=gen)
+    j = (i + torch.randint(-3, 4, (n,), generator=gen)).clamp(0, len(x) - 1)
+    s = x.shape[-1]
+    dm = random_smooth_warp(n, s, warp_strength, gen)
+    df = random_smooth_warp(n, s, warp_strength, gen)
+    mov, fix = warp(x[i], dm), warp(x[j], df)
+    ym = warp(one_hot(y[i]), dm).argmax(1)
+    yf = warp(one_hot(y[j]), df).argmax(1)
+    return mov, fix, ym, yf
+
+
+DEFAULTS: dict[str, Any] = {
+    "steps": 300,
+    "batch": 16,
+    "optimizer": "adam",
+    "lr": 1e-3,
+    "hidden": [16, 64, 128],
+    "activation": "leaky_relu",
+    "size": 64,
+    "warp_strength": 0.04,
+    "n_eval": 48,
+    "lambdas": [0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0],
+    "encoding": None,
+}
+
+SIZES: dict[str, dict[str, Any]] = {
+    "quick": {"steps": 150, "n_eval": 32},
+    "full": {"steps": 1500, "n_eval": 128},
+}
+
+
+def load_data(args: Any) -> BrainSlices:
+    return load_mni152_slices(DEFAULTS["size"])
+
+
+def build(variant: str, cfg: dict[str, Any]) -> hl.HyperModel:
+    form = dict(FORMULATIONS[variant])
+    if cfg.get("encoding"):
+        form["encoding"] = cfg["encoding"]
+    # Every conv layer but the final flow layer is predicted: the flow layer keeps VoxelMorph's near-zero
+    # init in all variants, so each starts from (almost) no displacement. Predicting it too starts MIP
+    # with displacements that push the image out of the field of view, where grid_sample has no gradient.
+    return hl.hypernetize(
+        RegUNet(),
+        inputs={"lam": (0.0, 1.0)},
+        predict=["down", "bottom", "up"],
+        hidden=tuple(cfg["hidden"]),
+        activation=cfg["activation"],
+        **form,
+    )
+
+
+@torch.no_grad()
+def evaluate(model: hl.HyperModel, data: BrainSlices, cfg: dict[str, Any], seed: int) -> dict[str, Any]:
+    gen = torch.Generator().manual_seed(30_000 + seed)
+    mov, fix, ym, yf = make_pairs(data, cfg["n_eval"], gen, test=True, warp_strength=cfg["warp_strength"])
+    dice, fold = [], []
+    for lam in cfg["lambdas"]:
+        disp = model(mov, fix, lam=lam)
+        warped_labels = warp(one_hot(ym), disp).argmax(1)
+        dice.append(float(dice_per_class(warped_labels, yf).mean()))
+        fold.append(100 * float(folding_fraction(disp).mean()))
+    return {
+        "dice": sum(dice) / len(dice),
+        "dice_best": max(dice),
+        "folding_pct": sum(fold) / len(fold),
+        "dice_by_lambda": dice,
+        "dice_by_lambda_x": cfg["lambdas"],
+        "folding_by_lambda": fold,
+        "folding_by_lambda_x": cfg["lambdas"],
+        "dice_unregistered": float(dice_per_class(ym, yf).mean()),
+    }
+
+
+def run(variant: str, seed: int, data: BrainSlices, cfg: dict[str, Any], *, desc: str = "") -> dict[str, Any]:
+    cfg = {**DEFAULTS, **cfg}
+    set_seed(seed)
+    model = build(variant, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(cfg["optimizer"], params, cfg["lr"])
+    gen = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    gnorms: list[float] = []
+    diverged_at = None
+    t0 = time.perf_counter()
+    for step in progress(range(cfg["steps"]), total=cfg["steps"], desc=desc):
+        mov, fix, _, _ = make_pairs(data, cfg["batch"], gen, test=False, warp_strength=cfg["warp_strength"])
+        lam = torch.rand((), generator=gen)
+        disp = model(mov, fix, lam=lam)
+        loss = (1 - lam) * F.mse_loss(warp(mov, disp), fix) + lam * smoothness(disp)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        lv = float(loss.detach())
+        losses.append(lv)
+        gnorms.append(grad_norm(params))
+        if not math.isfinite(lv):
+            diverged_at = step
+            break
+        opt.step()
+    metrics: dict[str, Any] = {"diverged_at": diverged_at, "wall_s": time.perf_counter() - t0}
+    if diverged_at is None:
+        metrics.update(evaluate(model, data, cfg, seed))
+    tail = losses[-max(1, len(losses) // 10) :]
+    metrics["final_train_loss"] = sum(tail) / len(tail)
+    return {"metrics": metrics, "curve": losses, "grad_norms": gnorms, "data": data.source}
