@@ -20,7 +20,7 @@ import torch
 from .common import FORMULATIONS, ResultStore, config_key
 from .report import write_report
 
-TASKS = ("classify",)
+TASKS = ("classify", "register", "segment")
 
 
 def _task(name: str) -> Any:

@@ -55,3 +55,13 @@ def test_lowrank_zero_init_zeroes_b_only():
 def test_lowrank_bad_rank():
     with pytest.raises(HyperloomError, match=re.escape("Low-rank head needs an integer rank >= 1, got 0")):
         LowRankHead(8, {"w": (3, 3)}, rank=0)
+
+
+def test_split_init_starts_biases_at_zero():
+    head = DenseHead(16, {"fc.weight": (4, 3), "fc.bias": (4,), "attn.in_proj_bias": (6,)})
+    out = head(torch.rand(5, 16))
+    assert torch.count_nonzero(out["fc.bias"]) == 0 and torch.count_nonzero(out["attn.in_proj_bias"]) == 0
+    assert torch.count_nonzero(out["fc.weight"]) > 0
+    # the bias rows still learn
+    out["fc.bias"].sum().backward()
+    assert torch.count_nonzero(head.linear.weight.grad[12:16]) > 0

@@ -3,7 +3,7 @@
 * :class:`DenseHead` - one linear layer whose output rows are split into the
   predicted tensors ("split init": every tensor's block of rows is initialised
   with its own ``fan_out`` scaling, so a huge tensor does not shrink the
-  small ones).
+  small ones; blocks of biases start at zero, as in the reference code).
 * :class:`LowRankHead` - predicts each weight matrix (``m x n``, convolution
   kernels flattened to ``out x rest``) as ``B @ A`` with ``B: m x r``,
   ``A: r x n``, so the head costs ``r (m + n)`` outputs instead of ``m n``.
@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -21,6 +22,18 @@ from torch import nn
 from .errors import HyperloomError
 
 HEADS = ("dense", "lowrank")
+
+_BIAS_NAME = re.compile(r"(^|[._])bias[^.]*$")
+
+
+def is_bias_name(name: str) -> bool:
+    """Whether a parameter name denotes a bias (``fc.bias``, ``in_proj_bias``, ``bias_ih_l0``).
+
+    Example:
+        >>> is_bias_name("attn.in_proj_bias"), is_bias_name("gru.bias_hh_l0"), is_bias_name("fc.weight")
+        (True, True, False)
+    """
+    return _BIAS_NAME.search(name) is not None
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -38,9 +51,12 @@ class SplitHead(nn.Module):
         if init == "mip":
             with torch.no_grad():
                 start = 0
-                for _, n in blocks:
-                    # Kaiming normal with this block's own fan_out.
-                    self.linear.weight[start : start + n].normal_(0.0, gain / math.sqrt(n))
+                for name, n in blocks:
+                    rows = self.linear.weight[start : start + n]
+                    if is_bias_name(name.split("#")[0]):
+                        rows.zero_()  # biases start at theta0 (zero by default), as in HyperLight
+                    else:
+                        rows.normal_(0.0, gain / math.sqrt(n))  # Kaiming normal with the block's own fan_out
                     start += n
                 self.linear.bias.zero_()
         self._block_names = [name for name, _ in blocks]
@@ -172,4 +188,4 @@ class LowRankHead(SplitHead):
         return out
 
 
-__all__ = ["HEADS", "DenseHead", "LowRankHead", "SplitHead"]
+__all__ = ["HEADS", "DenseHead", "LowRankHead", "SplitHead", "is_bias_name"]

@@ -1,0 +1,56 @@
+import math
+
+import pytest
+import torch
+
+from experiments import register, segment
+from experiments.brain import dice_per_class, load_mni152_slices, random_smooth_warp, warp
+from experiments.register import folding_fraction, smoothness
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_mni152_slices(64)
+
+
+def test_slices_are_real_and_split(data):
+    assert data.x_train.shape[1:] == (1, 64, 64) and len(data.x_test) > 0
+    assert set(data.y_train.unique().tolist()) == {0, 1, 2, 3}
+    # held-out slices are not copies of training slices
+    d = torch.cdist(data.x_test.flatten(1), data.x_train.flatten(1))
+    assert float(d.min()) > 0
+
+
+def test_warp_identity_and_dice(data):
+    x = data.x_train[:2]
+    assert torch.allclose(warp(x, torch.zeros(2, 2, 64, 64)), x, atol=1e-5)
+    y = data.y_train[:2]
+    assert torch.allclose(dice_per_class(y, y), torch.ones(3))
+
+
+def test_folding_and_smoothness_reference_values():
+    zero = torch.zeros(1, 2, 16, 16)
+    assert float(folding_fraction(zero)) == 0.0 and float(smoothness(zero)) == 0.0
+    # a reflection x -> -x folds everywhere: u_x = -2x (normalised units)
+    xs = torch.linspace(-1, 1, 16)
+    refl = torch.zeros(1, 2, 16, 16)
+    refl[0, 0] = -2 * xs.expand(16, 16)
+    assert float(folding_fraction(refl)) == 1.0
+    g = torch.Generator().manual_seed(0)
+    assert float(folding_fraction(random_smooth_warp(4, 64, 0.01, g)).max()) == 0.0
+
+
+@pytest.mark.parametrize("task", [register, segment])
+@pytest.mark.parametrize("variant", ["default", "mip"])
+def test_task_smoke(data, task, variant):
+    res = task.run(variant, 0, data, {"steps": 3, "n_eval": 4} if task is register else {"steps": 3})
+    m = res["metrics"]
+    assert len(res["curve"]) == 3 and all(math.isfinite(v) for v in res["curve"])
+    assert 0.0 <= m["dice"] <= 1.0
+
+
+def test_scale_unet_changes_resolution():
+    net = segment.ScaleUNet()
+    x = torch.rand(1, 1, 64, 64)
+    assert net(x, scale=1.0).shape == net(x, scale=0.5).shape == (1, 4, 64, 64)
+    assert not torch.allclose(net(x, scale=1.0), net(x, scale=0.5))
