@@ -103,3 +103,18 @@ def test_bad_options(kwargs, msg):
 
 def test_public():
     assert hl.HyperNetwork is HyperNetwork
+
+
+def test_vectorised_range_mapping_equals_inputset_normalize():
+    inputs = {"a": (-2.0, 3.0), "lr": (1e-4, 1e-1, "log"), "z": hl.Input(0.0, 1.0, dim=3)}
+    h = HyperNetwork(inputs, {"w": (2,)}, encoding="identity")
+    raw = torch.cat([torch.rand(7, 1) * 6 - 2.5, 10 ** (torch.rand(7, 1) * 4 - 4.5), torch.rand(7, 3)], dim=1)
+    torch.testing.assert_close(h.features(raw), h.input_set.normalize(raw))
+
+
+def test_shared_fast_path_equals_batched_path():
+    h = HyperNetwork({"lam": (0.0, 1.0)}, {"w": (4, 3), "b": (4,)}, hidden=(8,), head="lowrank", rank=2)
+    raw, _ = h.prepare({"lam": 0.3})
+    batched = h.theta_from_raw(raw)
+    for k, v in h.theta_shared(raw).items():
+        torch.testing.assert_close(v, batched[k][0])

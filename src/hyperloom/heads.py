@@ -80,7 +80,7 @@ class SplitHead(nn.Module):
                 start += n
 
     def _split(self, h: torch.Tensor) -> list[torch.Tensor]:
-        return list(torch.split(self.linear(h), self.block_sizes, dim=1))
+        return list(torch.split(self.linear(h), self.block_sizes, dim=-1))
 
 
 class DenseHead(SplitHead):
@@ -94,7 +94,7 @@ class DenseHead(SplitHead):
         zero_init: Zero the whole layer so that every prediction is 0 at start.
 
     Shapes:
-        ``(N, H)`` -> ``{name: (N, *shape)}``.
+        ``(*, H)`` -> ``{name: (*, *shape)}`` (``*``: any leading dimensions, or none).
 
     Example:
         >>> head = DenseHead(8, {"w": (3, 2), "b": (3,)})
@@ -117,8 +117,8 @@ class DenseHead(SplitHead):
             self._zero_blocks(set(self.shapes))
 
     def forward(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
-        n = h.shape[0]
-        return {name: block.reshape(n, *shape) for (name, shape), block in zip(self.shapes.items(), self._split(h))}
+        lead = h.shape[:-1]
+        return {name: block.view(*lead, *shape) for (name, shape), block in zip(self.shapes.items(), self._split(h))}
 
 
 class LowRankHead(SplitHead):
@@ -134,7 +134,7 @@ class LowRankHead(SplitHead):
             prediction is 0 at start while ``A`` still receives gradients.
 
     Shapes:
-        ``(N, H)`` -> ``{name: (N, *shape)}``.
+        ``(*, H)`` -> ``{name: (*, *shape)}``.
 
     Example:
         >>> head = LowRankHead(8, {"w": (30, 20), "b": (30,)}, rank=2)
@@ -174,17 +174,17 @@ class LowRankHead(SplitHead):
             self._zero_blocks({b for b, _ in blocks if not b.endswith("#A")})
 
     def forward(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
-        n = h.shape[0]
+        lead = h.shape[:-1]
         blocks = iter(self._split(h))
         out: dict[str, torch.Tensor] = {}
         for name, shape in self.shapes.items():
             if name in self.factored:
                 m, k = self.factored[name]
-                b = next(blocks).reshape(n, m, self.rank)
-                a = next(blocks).reshape(n, self.rank, k)
-                out[name] = torch.bmm(b, a).reshape(n, *shape)
+                b = next(blocks).view(*lead, m, self.rank)
+                a = next(blocks).view(*lead, self.rank, k)
+                out[name] = torch.matmul(b, a).view(*lead, *shape)
             else:
-                out[name] = next(blocks).reshape(n, *shape)
+                out[name] = next(blocks).view(*lead, *shape)
         return out
 
 

@@ -9,6 +9,7 @@ who wires their own model; ``hypernetize`` builds one for you.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -96,6 +97,11 @@ class HyperNetwork(nn.Module):
             targets of mixed dtypes or devices.
     """
 
+    _in_lo: torch.Tensor
+    _in_inv_span: torch.Tensor
+    _in_floor: torch.Tensor
+    _in_is_log: torch.Tensor
+
     def __init__(
         self,
         inputs: Mapping[str, InputLike] | InputSet,
@@ -146,7 +152,24 @@ class HyperNetwork(nn.Module):
         if self.additive:
             base = {k: values[k] if k in values else init_theta0(k, s, dtype=dtype) for k, s in shapes.items()}
             self.theta0 = ParamStore(base)
+        self._register_input_map()
         self.to(dtype=dtype, device=device)
+
+    def _register_input_map(self) -> None:
+        """Per-coordinate constants so that the range mapping is a few vectorised ops (non-persistent buffers)."""
+        lo, inv, floor, is_log = [], [], [], []
+        for spec in self.input_set.specs.values():
+            log = spec.scale == "log"
+            a, b = (math.log(spec.low), math.log(spec.high)) if log else (spec.low, spec.high)
+            lo += [a] * spec.dim
+            inv += [1.0 / (b - a)] * spec.dim
+            floor += [spec.low if log else 1e-30] * spec.dim
+            is_log += [log] * spec.dim
+        self._has_log = any(is_log)
+        self.register_buffer("_in_lo", torch.tensor(lo), persistent=False)
+        self.register_buffer("_in_inv_span", torch.tensor(inv), persistent=False)
+        self.register_buffer("_in_floor", torch.tensor(floor), persistent=False)
+        self.register_buffer("_in_is_log", torch.tensor(is_log), persistent=False)
 
     @staticmethod
     def _targets(
@@ -193,7 +216,9 @@ class HyperNetwork(nn.Module):
     # -- the functional core ------------------------------------------------------------
     def features(self, raw: torch.Tensor) -> torch.Tensor:
         """Encode raw ``(N, K)`` conditioning values into trunk inputs ``(N, D)`` (branch-free)."""
-        return self.encoding(raw, self.input_set.normalize(raw))
+        t = torch.where(self._in_is_log, raw.clamp_min(self._in_floor).log(), raw) if self._has_log else raw
+        u = ((t - self._in_lo) * self._in_inv_span).clamp(0.0, 1.0)  # = InputSet.normalize(raw), vectorised
+        return self.encoding(raw, u)
 
     def delta_from_raw(self, raw: torch.Tensor) -> ParamDict:
         """``Delta`` for raw ``(N, K)`` values: ``{name: (N, *shape)}`` (branch-free)."""
@@ -209,7 +234,20 @@ class HyperNetwork(nn.Module):
         delta = self.delta_from_raw(raw)
         if self.theta0 is None:
             return delta
-        return {k: self.theta0[k] + d for k, d in delta.items()}
+        return {k: t0 + delta[k] for k, t0 in self.theta0.items()}
+
+    def theta_shared(self, raw: torch.Tensor) -> ParamDict:
+        """``theta`` for one raw ``(1, K)`` row, without a batch dimension: ``{name: shape}``.
+
+        The same values as ``theta_from_raw(raw)`` indexed at 0, with fewer autograd nodes
+        (no per-tensor indexing): the fast path of shared conditioning.
+        """
+        if self.trunk.norm_kind == "batchnorm" and self.training:
+            return {k: v[0] for k, v in self.theta_from_raw(raw).items()}
+        delta = self.head(self.trunk(self.features(raw))[0])
+        if self.theta0 is None:
+            return delta
+        return {k: t0 + delta[k] for k, t0 in self.theta0.items()}
 
     # -- the user-facing shell ----------------------------------------------------------
     def prepare(self, conditioning: Mapping[str, Any], *, batch: int | None = None) -> tuple[torch.Tensor, bool]:
@@ -240,8 +278,7 @@ class HyperNetwork(nn.Module):
             HyperloomError: On invalid conditioning (see :meth:`InputSet.prepare`).
         """
         raw, per_sample = self.prepare(conditioning)
-        out = self.theta_from_raw(raw)
-        return out if per_sample else {k: v[0] for k, v in out.items()}
+        return self.theta_from_raw(raw) if per_sample else self.theta_shared(raw)
 
     def extra_repr(self) -> str:
         enc = self.encoding.name

@@ -277,7 +277,7 @@ class HyperModel(nn.Module):
         if per_sample:
             raise HyperloomError("materialize() needs one value per input (shared conditioning), got per-sample values")
         with torch.no_grad():
-            theta = {k: v[0] for k, v in self.hypernet.theta_from_raw(raw).items()}
+            theta = self.hypernet.theta_shared(raw)
         plain = copy.deepcopy(self.primary)
         for name, value in theta.items():
             _buffer_to_param(plain, name, value, self._requires_grad[name])
@@ -314,12 +314,11 @@ class HyperModel(nn.Module):
         if not _is_compiling():
             self._check_devices(args)
         raw, per_sample = self.hypernet.prepare(cond, batch=self._batch_size(args))
-        theta = self.hypernet.theta_from_raw(raw)
         if not per_sample:
-            return functional_call(self.primary, {k: v[0] for k, v in theta.items()}, tuple(args), rest)
+            return functional_call(self.primary, self.hypernet.theta_shared(raw), tuple(args), rest, tie_weights=False)
         if raw.shape[0] == 0:
             raise HyperloomError("Per-sample conditioning with an empty batch (0 samples)")
-        return self._forward_per_sample(theta, args, rest)
+        return self._forward_per_sample(self.hypernet.theta_from_raw(raw), args, rest)
 
     def _bn_state(self, n: int) -> dict[str, torch.Tensor]:
         """Per-sample copies of the running statistics of BatchNorm layers in training mode."""
@@ -351,14 +350,14 @@ class HyperModel(nn.Module):
                 tensors = {k: v[i] for k, v in theta.items()}
                 tensors.update({k: v[i] for k, v in state.items()})
                 a_i = tuple(a.narrow(bd, i, 1) if isinstance(a, torch.Tensor) else a for a in args)
-                outs.append(functional_call(self.primary, tensors, a_i, kwargs))
+                outs.append(functional_call(self.primary, tensors, a_i, kwargs, tie_weights=False))
             out = _cat_out(outs, self.out_dims)
         else:
             primary = self.primary
 
             def one(params: ParamDict, bufs: ParamDict, *a: Any) -> Any:
                 a1 = tuple(x.unsqueeze(bd) if isinstance(x, torch.Tensor) else x for x in a)
-                o = functional_call(primary, {**params, **bufs}, a1, kwargs)
+                o = functional_call(primary, {**params, **bufs}, a1, kwargs, tie_weights=False)
                 return _map_out(o, self.out_dims, lambda t, d: t.squeeze(d))
 
             in_dims = (0, 0, *[bd if isinstance(a, torch.Tensor) else None for a in args])
