@@ -91,6 +91,8 @@ ABLATIONS: dict[str, list[Any]] = {
     "optimizer": ["adam@3e-4", "adam@1e-3", "adam@3e-3", "sgd@1e-3", "sgd@1e-2", "sgd@3e-2", "rmsprop@3e-4", "rmsprop@1e-3"],
     "encoding": ["identity", "zoneminusz", "l2", "standardize"],
     "depth": [0, 2, 4],
+    "zero_init": [True],
+    "head": ["lowrank@4", "lowrank@16"],
 }
 
 

@@ -63,10 +63,12 @@ DEFAULTS: dict[str, Any] = {
     "n_eval_gamma": 8,
     "n_test": 2000,
     "per_sample_gamma": False,  # one gamma per minibatch (the paper) or one per sample
+    "zero_init": False,
+    "head": "dense",  # or "lowrank@<rank>"
 }
 
 SIZES: dict[str, dict[str, Any]] = {
-    "quick": {"steps": 200, "n_test": 1000, "n_eval_gamma": 6},
+    "quick": {"steps": 300, "n_test": 1000, "n_eval_gamma": 6},
     "full": {"steps": 2000, "n_test": 10000, "n_eval_gamma": 16},
 }
 
@@ -79,12 +81,16 @@ def build(variant: str, cfg: dict[str, Any], num_classes: int) -> hl.HyperModel:
     form = dict(FORMULATIONS[variant])
     if cfg.get("encoding"):
         form["encoding"] = cfg["encoding"]
+    head, _, rank = str(cfg.get("head", "dense")).partition("@")
     return hl.hypernetize(
         ConvNet(num_classes, depth=cfg["depth"]),
         inputs={"z": hl.Input(0.0, 1.0, dim=cfg["k"])},
         hidden=tuple(cfg["hidden"]),
         activation=cfg["activation"],
         norm=cfg["norm"],
+        zero_init=bool(cfg.get("zero_init", False)),
+        head=head,
+        rank=int(rank) if rank else None,
         **form,
     )
 

@@ -13,6 +13,15 @@ Example:
 """
 
 from ._version import __version__
+from .checkpoint import (
+    CheckpointError,
+    load_model,
+    load_safetensors,
+    load_training,
+    save_model,
+    save_safetensors,
+    save_training,
+)
 from .diagnostics import theta_norms
 from .encoding import (
     ENCODINGS,
@@ -32,11 +41,21 @@ from .inputs import Input, InputSet
 from .model import HyperModel, hypernetize
 from .params import ParamStore
 from .select import select_parameters
+from .training import NonFiniteLossError, Trainer
 from .trunk import ACTIVATIONS, NORMS, Trunk, WeightNormLinear
 from .types import Conditioning, ParamDict
 
 __all__ = [
     "ACTIVATIONS",
+    "CheckpointError",
+    "NonFiniteLossError",
+    "Trainer",
+    "load_model",
+    "load_safetensors",
+    "load_training",
+    "save_model",
+    "save_safetensors",
+    "save_training",
     "ENCODINGS",
     "FORMULATIONS",
     "NORMS",
