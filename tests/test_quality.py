@@ -21,13 +21,18 @@ def _tool(name):
 
 
 def test_ruff_clean():
-    r = subprocess.run([_tool("ruff"), "check", "src", "tests", "experiments", "benchmarks"], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(
+        [_tool("ruff"), "check", "src", "tests", "experiments", "benchmarks", "examples"], cwd=ROOT, capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_ruff_format_clean():
     r = subprocess.run(
-        [_tool("ruff"), "format", "--check", "src", "tests", "experiments", "benchmarks"], cwd=ROOT, capture_output=True, text=True
+        [_tool("ruff"), "format", "--check", "src", "tests", "experiments", "benchmarks", "examples"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
     assert r.returncode == 0, r.stdout + r.stderr
 
