@@ -65,3 +65,20 @@ def test_split_init_starts_biases_at_zero():
     # the bias rows still learn
     out["fc.bias"].sum().backward()
     assert torch.count_nonzero(head.linear.weight.grad[12:16]) > 0
+
+
+def test_memory_is_checked_before_allocating(monkeypatch):
+    import hyperloom.heads as heads
+
+    monkeypatch.setattr(heads, "available_memory", lambda device: 2**20)  # pretend 1 MiB is free
+    msg = "The hypernetwork's output layer would need 4.9 MiB (129 x 10,000 values) but only 1.0 MiB is available on cpu"
+    with pytest.raises(HyperloomError, match=re.escape(msg)):
+        DenseHead(128, {"w": (100, 100)})
+    assert LowRankHead(128, {"w": (100, 100)}, rank=2).num_outputs == 400  # the way out fits
+
+
+def test_available_memory_is_reported_on_cpu():
+    from hyperloom.heads import available_memory
+
+    free = available_memory(torch.device("cpu"))
+    assert free is None or free > 0

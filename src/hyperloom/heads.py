@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Mapping, Sequence
 
@@ -40,14 +41,63 @@ def _numel(shape: Sequence[int]) -> int:
     return int(math.prod(shape))
 
 
+def available_memory(device: torch.device | None) -> int | None:
+    """Bytes that can still be allocated on ``device`` (free CUDA memory, or physical RAM on CPU); None if unknown."""
+    if device is not None and device.type == "cuda":  # pragma: no cover - no GPU in CI
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device is None or device.type == "cpu":
+        try:
+            return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+        except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+            return None
+    return None
+
+
+def _fmt_bytes(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def check_head_memory(
+    in_features: int, outputs: int, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+) -> None:
+    """Refuse, before allocating, an output layer that cannot fit in memory.
+
+    Training needs about four copies of the layer (weights, gradients, two Adam moments); the check
+    refuses a layer whose weights alone exceed the memory available now.
+
+    Raises:
+        HyperloomError: With the size needed and the ways out (a low-rank head, fewer predicted parameters).
+    """
+    dev = torch.device(device) if device is not None else None
+    itemsize = torch.empty((), dtype=dtype or torch.get_default_dtype()).element_size()
+    need = (in_features + 1) * outputs * itemsize
+    have = available_memory(dev)
+    if have is not None and need > have:
+        raise HyperloomError(
+            f"The hypernetwork's output layer would need {_fmt_bytes(need)} ({in_features + 1} x {outputs:,} "
+            f"values) but only {_fmt_bytes(have)} is available on {dev or 'cpu'}; predict fewer parameters "
+            "or use head='lowrank' with a small rank"
+        )
+
+
 class SplitHead(nn.Module):
     """Base of the heads: one linear layer whose output is split into named blocks."""
 
-    def __init__(self, in_features: int, blocks: list[tuple[str, int]], *, init: str, gain: float) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        blocks: list[tuple[str, int]],
+        *,
+        init: str,
+        gain: float,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
         super().__init__()
         self.in_features = in_features
         self.block_sizes = [n for _, n in blocks]
-        self.linear = nn.Linear(in_features, sum(self.block_sizes))
+        check_head_memory(in_features, sum(self.block_sizes), dtype=dtype, device=device)
+        self.linear = nn.Linear(in_features, sum(self.block_sizes), dtype=dtype, device=device)
         if init == "mip":
             with torch.no_grad():
                 start = 0
@@ -110,9 +160,12 @@ class DenseHead(SplitHead):
         init: str = "mip",
         gain: float = math.sqrt(2.0),
         zero_init: bool = False,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
     ) -> None:
         self.shapes = {k: tuple(int(d) for d in v) for k, v in shapes.items()}
-        super().__init__(in_features, [(k, _numel(s)) for k, s in self.shapes.items()], init=init, gain=gain)
+        blocks = [(k, _numel(s)) for k, s in self.shapes.items()]
+        super().__init__(in_features, blocks, init=init, gain=gain, dtype=dtype, device=device)
         if zero_init:
             self._zero_blocks(set(self.shapes))
 
@@ -154,6 +207,8 @@ class LowRankHead(SplitHead):
         init: str = "mip",
         gain: float = math.sqrt(2.0),
         zero_init: bool = False,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
     ) -> None:
         if not isinstance(rank, int) or rank < 1:
             raise HyperloomError(f"Low-rank head needs an integer rank >= 1, got {rank!r}")
@@ -169,7 +224,7 @@ class LowRankHead(SplitHead):
                     blocks += [(name + "#B", m * rank), (name + "#A", rank * n)]
                     continue
             blocks.append((name, _numel(shape)))
-        super().__init__(in_features, blocks, init=init, gain=gain)
+        super().__init__(in_features, blocks, init=init, gain=gain, dtype=dtype, device=device)
         if zero_init:
             self._zero_blocks({b for b, _ in blocks if not b.endswith("#A")})
 
@@ -188,4 +243,4 @@ class LowRankHead(SplitHead):
         return out
 
 
-__all__ = ["HEADS", "DenseHead", "LowRankHead", "SplitHead", "is_bias_name"]
+__all__ = ["HEADS", "DenseHead", "LowRankHead", "SplitHead", "available_memory", "check_head_memory", "is_bias_name"]

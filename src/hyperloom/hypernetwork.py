@@ -144,9 +144,18 @@ class HyperNetwork(nn.Module):
         self.trunk = Trunk(self.encoding.out_features(self.input_set.total_dim), hidden, activation=activation, norm=norm, init=init)
         self.head: SplitHead
         if head == "lowrank" and rank is not None:
-            self.head = LowRankHead(self.trunk.out_features, shapes, rank=rank, init=init, gain=gain, zero_init=zero_init)
+            self.head = LowRankHead(
+                self.trunk.out_features,
+                shapes,
+                rank=rank,
+                init=init,
+                gain=gain,
+                zero_init=zero_init,
+                dtype=dtype,
+                device=device,
+            )
         else:
-            self.head = DenseHead(self.trunk.out_features, shapes, init=init, gain=gain, zero_init=zero_init)
+            self.head = DenseHead(self.trunk.out_features, shapes, init=init, gain=gain, zero_init=zero_init, dtype=dtype, device=device)
         self.shapes: dict[str, tuple[int, ...]] = dict(shapes)
         self.theta0: ParamStore | None = None
         if self.additive:
