@@ -79,10 +79,19 @@ def smooth(curve: list[float], window: int = 25) -> list[float]:
     return out
 
 
-def steps_to_reach(curve: list[float], target: float, window: int = 25) -> int | None:
-    """First step (1-based) at which the smoothed curve is <= target; None if never."""
+def curve_window(n: int) -> int:
+    """Moving-average window for a curve of ``n`` steps: 10% of the run, at least 25 steps."""
+    return max(25, n // 10)
+
+
+def steps_to_reach(curve: list[float], target: float, window: int | None = None) -> int | None:
+    """First step (1-based) at which the moving average of the loss is <= target; None if never.
+
+    Only full windows count, so the noisy first steps (a single low-loss minibatch) cannot "reach" it.
+    """
+    window = window or curve_window(len(curve))
     for i, v in enumerate(smooth(curve, window)):
-        if v <= target:
+        if i + 1 >= window and v <= target:
             return i + 1
     return None
 

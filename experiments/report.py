@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .common import median_iqr, smooth, steps_to_reach
+from .common import curve_window, median_iqr, smooth, steps_to_reach
 
 TASK_METRICS: dict[str, list[tuple[str, str, bool]]] = {
     # (metric key, column title, higher is better)
@@ -46,11 +46,11 @@ def group(rows: list[dict[str, Any]], task: str, study: str = "main") -> dict[st
     return out
 
 
-def speedups(groups: dict[str, list[dict[str, Any]]], ref: str = "default") -> dict[str, tuple[float, float, float]]:
+def speedups(groups: dict[str, list[dict[str, Any]]], ref: str = "default") -> dict[str, tuple[float, ...]]:
     """Per variant: total steps / steps to reach the reference's median final (smoothed) loss."""
     if ref not in groups:
         return {}
-    finals = [smooth(r["curve"])[-1] for r in groups[ref]]
+    finals = [smooth(r["curve"], curve_window(len(r["curve"])))[-1] for r in groups[ref]]
     target = float(np.median(finals))
     out = {}
     for v, rs in groups.items():
@@ -58,8 +58,9 @@ def speedups(groups: dict[str, list[dict[str, Any]]], ref: str = "default") -> d
         for r in rs:
             s = steps_to_reach(r["curve"], target)
             vals.append(len(r["curve"]) / s if s else math.nan)
-        vals = [x for x in vals if not math.isnan(x)]
-        out[v] = median_iqr(vals) if vals else (math.nan, math.nan, math.nan)
+        reached = [x for x in vals if not math.isnan(x)]
+        stats = median_iqr(reached) if reached else (math.nan, math.nan, math.nan)
+        out[v] = (*stats, len(reached), len(vals))
     return out
 
 
@@ -74,8 +75,9 @@ def main_table(rows: list[dict[str, Any]], task: str) -> str:
     for v in [v for v in VARIANT_ORDER if v in groups]:
         rs = groups[v]
         cells = [_fmt(*median_iqr([r["metrics"].get(k, math.nan) for r in rs])) for k, _, _ in metrics]
-        s = sp.get(v, (math.nan,) * 3)
-        spd = "n/a" if math.isnan(s[0]) else f"{s[0]:.2f}x [{s[1]:.2f}, {s[2]:.2f}]"
+        s = sp.get(v, (math.nan, math.nan, math.nan, 0, len(rs)))
+        spd = "never" if math.isnan(s[0]) else f"{s[0]:.2f}x [{s[1]:.2f}, {s[2]:.2f}]"
+        spd += f" ({s[3]}/{s[4]} reached)"
         div = sum(r["metrics"].get("diverged_at") is not None for r in rs)
         lines.append(f"| {v} | {len(rs)} | " + " | ".join(cells) + f" | {spd} | {div}/{len(rs)} |")
     return "\n".join(lines)
@@ -98,7 +100,7 @@ def ablation_table(rows: list[dict[str, Any]]) -> str:
             med, _, _ = median_iqr([r["metrics"].get(k, math.nan) for r in g.get(v, [])])
             return "n/a" if math.isnan(med) else f"{med:.3f}"
 
-        sp = speedups(g).get("mip", (math.nan,) * 3)
+        sp = speedups(g).get("mip", (math.nan,) * 5)
         div = "/".join(str(sum(r["metrics"].get("diverged_at") is not None for r in g.get(v, []))) for v in ("default", "mip"))
         spd = "n/a" if math.isnan(sp[0]) else f"{sp[0]:.2f}x"
         lines.append(
@@ -119,7 +121,7 @@ def plot_curves(rows: list[dict[str, Any]], task: str, path: Path, key: str = "c
         return False
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for v in [v for v in VARIANT_ORDER if v in groups]:
-        curves = [smooth(r[key]) for r in groups[v]]
+        curves = [smooth(r[key], curve_window(len(r[key]))) for r in groups[v]]
         n = min(len(c) for c in curves)
         a = np.array([c[:n] for c in curves], dtype=float)
         a[~np.isfinite(a)] = np.nan
@@ -212,7 +214,16 @@ def write_report(rows: list[dict[str, Any]], out: Path, *, header: str = "") -> 
         table = main_table(rows, task)
         if not table:
             continue
-        parts += [f"## Task: {task}", "", "Median [25th, 75th percentile] over seeds.", "", table, ""]
+        parts += [
+            f"## Task: {task}",
+            "",
+            "Median [25th, 75th percentile] over seeds. Speed-up: total steps / first step at which a variant's "
+            "moving-average training loss (window 10% of the run) reaches the default formulation's median final "
+            "moving-average loss (median over the seeds that reach it; how many did is in brackets).",
+            "",
+            table,
+            "",
+        ]
         if plot_curves(rows, task, out / f"{task}_curves.png"):
             parts += [f"![{task} training curves]({task}_curves.png)", ""]
         if plot_curves(rows, task, out / f"{task}_gradnorm.png", key="grad_norms", ylabel="grad norm"):
