@@ -9,7 +9,6 @@ and across gamma bins.
 from __future__ import annotations
 
 import math
-import time
 from typing import Any
 
 import torch
@@ -18,7 +17,7 @@ from torch import nn
 
 import hyperloom as hl
 
-from .common import FORMULATIONS, grad_norm, make_optimizer, progress, set_seed
+from .common import FORMULATIONS, grad_norm, make_optimizer, set_seed, train_loop
 from .data import ImageData, load_classification
 
 
@@ -137,33 +136,20 @@ def run(variant: str, seed: int, data: ImageData, cfg: dict[str, Any], *, desc: 
     opt = make_optimizer(cfg["optimizer"], params, cfg["lr"])
     gen = torch.Generator().manual_seed(seed)
     n = len(data.y_train)
-    losses: list[float] = []
-    gnorms: list[float] = []
-    diverged_at = None
-    t0 = time.perf_counter()
-    for step in progress(range(cfg["steps"]), total=cfg["steps"], desc=desc):
+
+    def step_loss(step: int) -> torch.Tensor:
         idx = torch.randint(0, n, (cfg["batch"],), generator=gen)
         zshape = (cfg["batch"], cfg["k"]) if cfg["per_sample_gamma"] else (cfg["k"],)
         z = torch.rand(zshape, generator=gen)  # gamma per minibatch (the paper) or per sample
-        loss = F.cross_entropy(model(data.x_train[idx], z=z), data.y_train[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        lv = float(loss.detach())
-        losses.append(lv)
-        gnorms.append(grad_norm(params))
-        if not math.isfinite(lv):
-            diverged_at = step
-            break
-        opt.step()
-    wall = time.perf_counter() - t0
-    metrics: dict[str, Any] = {"diverged_at": diverged_at, "wall_s": wall}
-    if diverged_at is None:
+        return F.cross_entropy(model(data.x_train[idx], z=z), data.y_train[idx])
+
+    res = train_loop(step_loss, params, opt, cfg["steps"], desc=desc)
+    metrics: dict[str, Any] = {k: res[k] for k in ("diverged_at", "wall_s", "final_train_loss")}
+    if res["diverged_at"] is None:
         metrics.update(evaluate(model, data, cfg, torch.Generator().manual_seed(10_000 + seed)))
         probe = torch.Generator().manual_seed(20_000 + seed)
         pidx = torch.randint(0, len(data.y_test), (256,), generator=probe)
         metrics["grad_norm_by_gamma"] = grad_norm_by_gamma(model, data.x_test[pidx], data.y_test[pidx], cfg["k"])
     else:
         metrics.update({"test_acc": math.nan, "test_acc_std_gamma": math.nan, "test_loss": math.nan})
-    tail = losses[-max(1, len(losses) // 10) :]
-    metrics["final_train_loss"] = sum(tail) / len(tail)
-    return {"metrics": metrics, "curve": losses, "grad_norms": gnorms, "data": data.name}
+    return {"metrics": metrics, "curve": res["curve"], "grad_norms": res["grad_norms"], "data": data.name}

@@ -8,7 +8,8 @@ import math
 import os
 import random
 import sys
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -56,6 +57,44 @@ def make_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float) -
     if name == "rmsprop":
         return torch.optim.RMSprop(params, lr=lr, foreach=True)
     raise ValueError(f"Unknown optimizer {name!r}; choose adam, sgd, rmsprop")
+
+
+def train_loop(
+    step_loss: Callable[[int], torch.Tensor],
+    params: list[torch.nn.Parameter],
+    opt: torch.optim.Optimizer,
+    steps: int,
+    *,
+    desc: str = "",
+) -> dict[str, Any]:
+    """Run ``steps`` optimiser steps of ``step_loss(step)``; stop at the first non-finite loss.
+
+    Returns the loss curve, the gradient norm per step, the step of divergence (or None), the wall time
+    and the final training loss (mean of the last 10% of steps).
+    """
+    losses: list[float] = []
+    gnorms: list[float] = []
+    diverged_at = None
+    t0 = time.perf_counter()
+    for step in progress(range(steps), total=steps, desc=desc):
+        loss = step_loss(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        value = float(loss.detach())
+        losses.append(value)
+        gnorms.append(grad_norm(params))
+        if not math.isfinite(value):
+            diverged_at = step
+            break
+        opt.step()
+    tail = losses[-max(1, len(losses) // 10) :]
+    return {
+        "curve": losses,
+        "grad_norms": gnorms,
+        "diverged_at": diverged_at,
+        "wall_s": time.perf_counter() - t0,
+        "final_train_loss": sum(tail) / len(tail),
+    }
 
 
 def grad_norm(params: Iterable[torch.nn.Parameter]) -> float:

@@ -110,12 +110,18 @@ def ablation_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(rows: list[dict[str, Any]], task: str, path: Path, key: str = "curve", ylabel: str = "train loss") -> bool:
+def _pyplot() -> Any:
+    """matplotlib's pyplot with the file-only Agg backend (imported lazily: only plots need it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_curves(rows: list[dict[str, Any]], task: str, path: Path, key: str = "curve", ylabel: str = "train loss") -> bool:
+    plt = _pyplot()
     groups = group(rows, task)
     if not groups:
         return False
@@ -141,11 +147,7 @@ def plot_curves(rows: list[dict[str, Any]], task: str, path: Path, key: str = "c
 
 
 def plot_metric_vs_gamma(rows: list[dict[str, Any]], task: str, path: Path, key: str, xlabel: str, ylabel: str) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     groups = group(rows, task)
     have = {v: [r for r in rs if r["metrics"].get(key)] for v, rs in groups.items()}
     have = {v: rs for v, rs in have.items() if rs}
@@ -169,11 +171,7 @@ def plot_metric_vs_gamma(rows: list[dict[str, Any]], task: str, path: Path, key:
 
 
 def plot_ablation(rows: list[dict[str, Any]], path: Path) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     abl = [r for r in rows if r.get("study") == "ablation"]
     if not abl:
         return False

@@ -11,8 +11,6 @@ held-out slices as a function of phi.
 
 from __future__ import annotations
 
-import math
-import time
 from typing import Any
 
 import torch
@@ -22,7 +20,7 @@ from torch import nn
 import hyperloom as hl
 
 from .brain import NUM_LABELS, BrainSlices, dice_per_class, load_mni152_slices, one_hot, random_smooth_warp, warp
-from .common import FORMULATIONS, grad_norm, make_optimizer, progress, set_seed
+from .common import FORMULATIONS, make_optimizer, set_seed, train_loop
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -137,27 +135,15 @@ def run(variant: str, seed: int, data: BrainSlices, cfg: dict[str, Any], *, desc
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(cfg["optimizer"], params, cfg["lr"])
     gen = torch.Generator().manual_seed(seed)
-    losses: list[float] = []
-    gnorms: list[float] = []
-    diverged_at = None
-    t0 = time.perf_counter()
-    for step in progress(range(cfg["steps"]), total=cfg["steps"], desc=desc):
+
+    def step_loss(step: int) -> torch.Tensor:
         idx = torch.randint(0, len(data.x_train), (cfg["batch"],), generator=gen)
         x, y = augment(data.x_train[idx], data.y_train[idx], gen, cfg["warp_strength"])
         phi = 0.5 * float(torch.rand((), generator=gen))
-        loss = soft_dice_loss(model(x, scale=1 - phi, phi=phi), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        lv = float(loss.detach())
-        losses.append(lv)
-        gnorms.append(grad_norm(params))
-        if not math.isfinite(lv):
-            diverged_at = step
-            break
-        opt.step()
-    metrics: dict[str, Any] = {"diverged_at": diverged_at, "wall_s": time.perf_counter() - t0}
-    if diverged_at is None:
+        return soft_dice_loss(model(x, scale=1 - phi, phi=phi), y)
+
+    res = train_loop(step_loss, params, opt, cfg["steps"], desc=desc)
+    metrics: dict[str, Any] = {k: res[k] for k in ("diverged_at", "wall_s", "final_train_loss")}
+    if res["diverged_at"] is None:
         metrics.update(evaluate(model, data, cfg, seed))
-    tail = losses[-max(1, len(losses) // 10) :]
-    metrics["final_train_loss"] = sum(tail) / len(tail)
-    return {"metrics": metrics, "curve": losses, "grad_norms": gnorms, "data": data.source}
+    return {"metrics": metrics, "curve": res["curve"], "grad_norms": res["grad_norms"], "data": data.source}
