@@ -58,11 +58,13 @@ def _run_grid(
     for i, (key, row) in enumerate(todo):
         label = f"[{task} {i + 1}/{total}] {row['study']} {row['axis']}={row['level']} {row['variant']} seed={row['seed']}"
         t0 = time.perf_counter()
-        res = mod.run(row["variant"], row["seed"], data, row["config"], desc=label)
+        ckpt = store.path.parent / "checkpoints" / f"{key}.safetensors"
+        res = mod.run(row["variant"], row["seed"], data, row["config"], desc=label, checkpoint=ckpt)
         m = res["metrics"]
         shown = {k: round(v, 4) for k, v in m.items() if isinstance(v, float)}
         print(f"{label}: {json.dumps(shown)} ({time.perf_counter() - t0:.1f}s)", flush=True)
         store.add({**row, "key": key, **res})
+        ckpt.unlink(missing_ok=True)  # finished: the row holds everything
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:

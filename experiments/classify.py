@@ -9,6 +9,7 @@ and across gamma bins.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -127,7 +128,7 @@ def grad_norm_by_gamma(model: hl.HyperModel, x: torch.Tensor, y: torch.Tensor, k
     return out
 
 
-def run(variant: str, seed: int, data: ImageData, cfg: dict[str, Any], *, desc: str = "") -> dict[str, Any]:
+def run(variant: str, seed: int, data: ImageData, cfg: dict[str, Any], *, desc: str = "", checkpoint: Path | None = None) -> dict[str, Any]:
     """Train one model; return metrics, curves and timings (one result row)."""
     cfg = {**DEFAULTS, **cfg}
     set_seed(seed)
@@ -143,7 +144,8 @@ def run(variant: str, seed: int, data: ImageData, cfg: dict[str, Any], *, desc: 
         z = torch.rand(zshape, generator=gen)  # gamma per minibatch (the paper) or per sample
         return F.cross_entropy(model(data.x_train[idx], z=z), data.y_train[idx])
 
-    res = train_loop(step_loss, params, opt, cfg["steps"], desc=desc)
+    every = cfg.get("checkpoint_every", 50)
+    res = train_loop(step_loss, model, opt, cfg["steps"], gen=gen, desc=desc, checkpoint=checkpoint, every=every)
     metrics: dict[str, Any] = {k: res[k] for k in ("diverged_at", "wall_s", "final_train_loss")}
     if res["diverged_at"] is None:
         metrics.update(evaluate(model, data, cfg, torch.Generator().manual_seed(10_000 + seed)))

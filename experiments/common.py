@@ -61,22 +61,38 @@ def make_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float) -
 
 def train_loop(
     step_loss: Callable[[int], torch.Tensor],
-    params: list[torch.nn.Parameter],
+    model: torch.nn.Module,
     opt: torch.optim.Optimizer,
     steps: int,
     *,
+    gen: torch.Generator,
     desc: str = "",
+    checkpoint: Path | None = None,
+    every: int = 50,
 ) -> dict[str, Any]:
     """Run ``steps`` optimiser steps of ``step_loss(step)``; stop at the first non-finite loss.
 
-    Returns the loss curve, the gradient norm per step, the step of divergence (or None), the wall time
-    and the final training loss (mean of the last 10% of steps).
+    With ``checkpoint``, the run (model, optimiser, curves so far, RNG states and the data generator
+    ``gen``) is saved every ``every`` steps, and a run restarted after a crash resumes from there and
+    ends exactly as an uninterrupted one. Returns the loss curve, the gradient norm per step, the step of
+    divergence (or None), the wall time and the final training loss (mean of the last 10% of steps).
     """
+    import hyperloom as hl
+
+    params = [p for p in model.parameters() if p.requires_grad]
     losses: list[float] = []
     gnorms: list[float] = []
     diverged_at = None
+    start = 0
+    if checkpoint is not None and checkpoint.exists():
+        info = hl.load_training(checkpoint, model=model, optimizer=opt, generators={"data": gen})
+        start, losses, gnorms = info["step"], info["config"]["curve"], info["config"]["grad_norms"]
     t0 = time.perf_counter()
-    for step in progress(range(steps), total=steps, desc=desc):
+    for step in progress(range(start, steps), total=steps - start, desc=desc):
+        if checkpoint is not None and step > start and step % every == 0:
+            hl.save_training(
+                checkpoint, model=model, optimizer=opt, step=step, generators={"data": gen}, config={"curve": losses, "grad_norms": gnorms}
+            )
         loss = step_loss(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()

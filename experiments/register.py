@@ -11,6 +11,7 @@ both as a function of lambda.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -164,7 +165,9 @@ def evaluate(model: hl.HyperModel, data: BrainSlices, cfg: dict[str, Any], seed:
     }
 
 
-def run(variant: str, seed: int, data: BrainSlices, cfg: dict[str, Any], *, desc: str = "") -> dict[str, Any]:
+def run(
+    variant: str, seed: int, data: BrainSlices, cfg: dict[str, Any], *, desc: str = "", checkpoint: Path | None = None
+) -> dict[str, Any]:
     cfg = {**DEFAULTS, **cfg}
     set_seed(seed)
     model = build(variant, cfg)
@@ -178,7 +181,8 @@ def run(variant: str, seed: int, data: BrainSlices, cfg: dict[str, Any], *, desc
         disp = model(mov, fix, lam=lam)
         return (1 - lam) * F.mse_loss(warp(mov, disp), fix) / cfg["image_sigma"] ** 2 + lam * smoothness(disp)
 
-    res = train_loop(step_loss, params, opt, cfg["steps"], desc=desc)
+    every = cfg.get("checkpoint_every", 50)
+    res = train_loop(step_loss, model, opt, cfg["steps"], gen=gen, desc=desc, checkpoint=checkpoint, every=every)
     metrics: dict[str, Any] = {k: res[k] for k in ("diverged_at", "wall_s", "final_train_loss")}
     if res["diverged_at"] is None:
         metrics.update(evaluate(model, data, cfg, seed))

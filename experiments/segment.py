@@ -11,6 +11,7 @@ held-out slices as a function of phi.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -128,7 +129,9 @@ def evaluate(model: hl.HyperModel, data: BrainSlices, cfg: dict[str, Any], seed:
     }
 
 
-def run(variant: str, seed: int, data: BrainSlices, cfg: dict[str, Any], *, desc: str = "") -> dict[str, Any]:
+def run(
+    variant: str, seed: int, data: BrainSlices, cfg: dict[str, Any], *, desc: str = "", checkpoint: Path | None = None
+) -> dict[str, Any]:
     cfg = {**DEFAULTS, **cfg}
     set_seed(seed)
     model = build(variant, cfg)
@@ -142,7 +145,8 @@ def run(variant: str, seed: int, data: BrainSlices, cfg: dict[str, Any], *, desc
         phi = 0.5 * float(torch.rand((), generator=gen))
         return soft_dice_loss(model(x, scale=1 - phi, phi=phi), y)
 
-    res = train_loop(step_loss, params, opt, cfg["steps"], desc=desc)
+    every = cfg.get("checkpoint_every", 50)
+    res = train_loop(step_loss, model, opt, cfg["steps"], gen=gen, desc=desc, checkpoint=checkpoint, every=every)
     metrics: dict[str, Any] = {k: res[k] for k in ("diverged_at", "wall_s", "final_train_loss")}
     if res["diverged_at"] is None:
         metrics.update(evaluate(model, data, cfg, seed))

@@ -300,11 +300,13 @@ def save_training(
     scheduler: Any | None = None,
     step: int,
     config: Mapping[str, Any] | None = None,
+    generators: Mapping[str, torch.Generator] | None = None,
 ) -> None:
     """Checkpoint a training run in one safetensors file, atomically.
 
     Holds the model's state, the optimiser's and scheduler's state, the step, the RNG states of torch,
-    numpy (when imported) and Python's ``random``, and a JSON-able config.
+    numpy (when imported) and Python's ``random``, the states of any named ``torch.Generator`` the run
+    draws from, and a JSON-able config.
 
     Raises:
         CheckpointError: On state that cannot be stored (a non-JSON value in the optimiser state, say).
@@ -317,6 +319,8 @@ def save_training(
         meta["scheduler"] = _split_state("scheduler", scheduler.state_dict(), tensors)
     rng_t, rng_m = _rng_state()
     tensors.update(rng_t)
+    for name, g in (generators or {}).items():
+        tensors[f"generator.{name}"] = g.get_state()
     meta["rng"] = rng_m
     save_safetensors(tensors, path, metadata={"hyperloom": json.dumps(meta)})
 
@@ -328,6 +332,7 @@ def load_training(
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any | None = None,
     restore_rng: bool = True,
+    generators: Mapping[str, torch.Generator] | None = None,
 ) -> dict[str, Any]:
     """Restore a run saved by :func:`save_training`; return ``{"step": ..., "config": ...}``.
 
@@ -351,6 +356,9 @@ def load_training(
     for k, v in state.items():
         if tuple(own[k].shape) != tuple(v.shape):
             raise CheckpointError(f"{path}: {k}: checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)}")
+    missing_gen = [n for n in (generators or {}) if f"generator.{n}" not in tensors]
+    if missing_gen:
+        raise CheckpointError(f"{path}: no state for generator(s) {missing_gen}")
     model.load_state_dict(state)
     if optimizer is not None and "optimizer" in meta:
         optimizer.load_state_dict(_join_state(meta["optimizer"], tensors))
@@ -358,6 +366,8 @@ def load_training(
         scheduler.load_state_dict(_join_state(meta["scheduler"], tensors))
     if restore_rng:
         _set_rng_state(tensors, meta["rng"])
+    for name, g in (generators or {}).items():
+        g.set_state(tensors[f"generator.{name}"])
     return {"step": int(meta["step"]), "config": meta["config"]}
 
 

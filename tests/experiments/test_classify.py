@@ -47,3 +47,33 @@ def test_cli_writes_results_report_and_resumes(tmp_path, capsys):
     assert main(args) == 0  # resume: nothing is re-run
     assert "all runs already finished" in capsys.readouterr().out
     assert len((out / "results.jsonl").read_text().splitlines()) == 4
+
+
+def test_cli_resumes_an_interrupted_run_exactly(tmp_path, monkeypatch, capsys):
+    import experiments.common as common
+
+    args = ["reproduce", "--task", "classify", "--seeds", "1", "--steps", "12"]
+    monkeypatch.setattr("experiments.classify.SIZES", {"quick": {"n_test": 100, "n_eval_gamma": 2, "checkpoint_every": 5}})
+    assert main([*args, "--out", str(tmp_path / "ref")]) == 0
+    real = common.progress
+    calls = {"n": 0}
+
+    def crashing(it, **kw):
+        calls["n"] += 1
+        for i, x in enumerate(real(it, **kw)):
+            if calls["n"] == 1 and i == 8:  # the first run dies at step 8, after the checkpoint at step 5
+                raise KeyboardInterrupt
+            yield x
+
+    monkeypatch.setattr(common, "progress", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        main([*args, "--out", str(tmp_path / "crash")])
+    assert len(list((tmp_path / "crash" / "checkpoints").iterdir())) == 1
+    assert main([*args, "--out", str(tmp_path / "crash")]) == 0
+    assert not list((tmp_path / "crash" / "checkpoints").iterdir())  # removed once the run is recorded
+    ref = {r["key"]: r for r in map(json.loads, (tmp_path / "ref" / "results.jsonl").read_text().splitlines())}
+    got = {r["key"]: r for r in map(json.loads, (tmp_path / "crash" / "results.jsonl").read_text().splitlines())}
+    assert ref.keys() == got.keys()
+    for k in ref:
+        assert ref[k]["curve"] == got[k]["curve"]
+        assert ref[k]["metrics"]["test_acc"] == got[k]["metrics"]["test_acc"]
