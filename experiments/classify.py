@@ -115,14 +115,20 @@ def evaluate(model: hl.HyperModel, data: ImageData, cfg: dict[str, Any], gen: to
     }
 
 
-def grad_norm_by_gamma(model: hl.HyperModel, x: torch.Tensor, y: torch.Tensor, k: int, bins: int = 5) -> list[float]:
-    """Gradient norm of the loss w.r.t. the hypernetwork parameters, with gamma = t * 1 for t at bin centres."""
+def grad_norm_by_gamma(
+    model: hl.HyperModel, x: torch.Tensor, y: torch.Tensor, k: int, bins: int = 5, per_sample: bool = False
+) -> list[float]:
+    """Gradient norm of the loss w.r.t. the hypernetwork parameters, with gamma = t * 1 for t at bin centres.
+
+    ``per_sample`` passes gamma as one row per sample (needed by a BatchNorm trunk while training).
+    """
     out = []
     params = [p for p in model.parameters() if p.requires_grad]
     for i in range(bins):
         t = (i + 0.5) / bins
         model.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x, z=torch.full((k,), t)), y).backward()
+        z = torch.full((len(x), k) if per_sample else (k,), t)
+        F.cross_entropy(model(x, z=z), y).backward()
         out.append(grad_norm(params))
     model.zero_grad(set_to_none=True)
     return out
@@ -151,7 +157,9 @@ def run(variant: str, seed: int, data: ImageData, cfg: dict[str, Any], *, desc: 
         metrics.update(evaluate(model, data, cfg, torch.Generator().manual_seed(10_000 + seed)))
         probe = torch.Generator().manual_seed(20_000 + seed)
         pidx = torch.randint(0, len(data.y_test), (256,), generator=probe)
-        metrics["grad_norm_by_gamma"] = grad_norm_by_gamma(model, data.x_test[pidx], data.y_test[pidx], cfg["k"])
+        metrics["grad_norm_by_gamma"] = grad_norm_by_gamma(
+            model, data.x_test[pidx], data.y_test[pidx], cfg["k"], per_sample=cfg["per_sample_gamma"]
+        )
     else:
         metrics.update({"test_acc": math.nan, "test_acc_std_gamma": math.nan, "test_loss": math.nan})
     return {"metrics": metrics, "curve": res["curve"], "grad_norms": res["grad_norms"], "data": data.name}
