@@ -37,6 +37,14 @@ def _load_data(task: str, args: argparse.Namespace) -> Any:
     return mod.load_data(args)
 
 
+def _alias(store: ResultStore, key: str, row: dict[str, Any]) -> None:
+    """Record a finished run once more under another label (e.g. the baseline of every ablation axis)."""
+    label = (row["study"], row["axis"], str(row["level"]))
+    same = [r for r in store.rows if r.get("key") == key]
+    if not any((r.get("study", "main"), r.get("axis", "-"), str(r.get("level", "-"))) == label for r in same):
+        store.add({**same[0], "study": row["study"], "axis": row["axis"], "level": row["level"], "alias": True})
+
+
 def _run_grid(
     store: ResultStore,
     task: str,
@@ -44,19 +52,24 @@ def _run_grid(
     runs: list[tuple[str, str, Any, dict[str, Any], str]],
     seeds: int,
 ) -> None:
+    """Train every (run, seed) not in the store yet; a run whose config, variant and seed are done is only relabelled."""
     mod = _task(task)
     todo = []
     for study, axis, level, cfg, variant in runs:
         for seed in range(seeds):
             row = {"task": task, "study": study, "axis": axis, "level": level, "variant": variant, "seed": seed, "config": cfg}
-            key = config_key(row)
-            if not store.done(key):
-                todo.append((key, row))
-    total = len(todo)
+            todo.append((config_key(row), row))
+    pending = {k for k, _ in todo if not store.done(k)}
+    total = len(pending)
     if total == 0:
         print(f"[{task}] all runs already finished in {store.path}")
-    for i, (key, row) in enumerate(todo):
-        label = f"[{task} {i + 1}/{total}] {row['study']} {row['axis']}={row['level']} {row['variant']} seed={row['seed']}"
+    i = 0
+    for key, row in todo:
+        if store.done(key):
+            _alias(store, key, row)
+            continue
+        i += 1
+        label = f"[{task} {i}/{total}] {row['study']} {row['axis']}={row['level']} {row['variant']} seed={row['seed']}"
         t0 = time.perf_counter()
         ckpt = store.path.parent / "checkpoints" / f"{key}.safetensors"
         res = mod.run(row["variant"], row["seed"], data, row["config"], desc=label, checkpoint=ckpt)

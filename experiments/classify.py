@@ -95,13 +95,20 @@ def build(variant: str, cfg: dict[str, Any], num_classes: int) -> hl.HyperModel:
     )
 
 
+def gamma_shape(k: int, batch: int | None = None) -> tuple[int, ...]:
+    """Shape of gamma: one value per minibatch (``(k,)``, or ``()`` when k = 1) or one per sample."""
+    if batch is not None:
+        return (batch, k)
+    return (k,) if k > 1 else ()
+
+
 @torch.no_grad()
 def evaluate(model: hl.HyperModel, data: ImageData, cfg: dict[str, Any], gen: torch.Generator) -> dict[str, Any]:
     model.eval()
     x, y = data.x_test[: cfg["n_test"]], data.y_test[: cfg["n_test"]]
     accs, losses = [], []
     for _ in range(cfg["n_eval_gamma"]):
-        z = torch.rand(cfg["k"], generator=gen)
+        z = torch.rand(gamma_shape(cfg["k"]), generator=gen)
         logits = torch.cat([model(x[i : i + 500], z=z) for i in range(0, len(x), 500)])
         losses.append(float(F.cross_entropy(logits, y)))
         accs.append(float((logits.argmax(1) == y).float().mean()))
@@ -127,7 +134,7 @@ def grad_norm_by_gamma(
     for i in range(bins):
         t = (i + 0.5) / bins
         model.zero_grad(set_to_none=True)
-        z = torch.full((len(x), k) if per_sample else (k,), t)
+        z = torch.full(gamma_shape(k, len(x) if per_sample else None), t)
         F.cross_entropy(model(x, z=z), y).backward()
         out.append(grad_norm(params))
     model.zero_grad(set_to_none=True)
@@ -146,7 +153,7 @@ def run(variant: str, seed: int, data: ImageData, cfg: dict[str, Any], *, desc: 
 
     def step_loss(step: int) -> torch.Tensor:
         idx = torch.randint(0, n, (cfg["batch"],), generator=gen)
-        zshape = (cfg["batch"], cfg["k"]) if cfg["per_sample_gamma"] else (cfg["k"],)
+        zshape = gamma_shape(cfg["k"], cfg["batch"] if cfg["per_sample_gamma"] else None)
         z = torch.rand(zshape, generator=gen)  # gamma per minibatch (the paper) or per sample
         return F.cross_entropy(model(data.x_train[idx], z=z), data.y_train[idx])
 

@@ -77,3 +77,15 @@ def test_cli_resumes_an_interrupted_run_exactly(tmp_path, monkeypatch, capsys):
     for k in ref:
         assert ref[k]["curve"] == got[k]["curve"]
         assert ref[k]["metrics"]["test_acc"] == got[k]["metrics"]["test_acc"]
+
+
+def test_ablation_relabels_shared_baseline_runs_instead_of_retraining(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("experiments.classify.SIZES", {"quick": {"n_test": 100, "n_eval_gamma": 2}})
+    out = tmp_path / "abl"
+    assert main(["ablate", "--axes", "k,depth", "--seeds", "1", "--steps", "2", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    trained = [r for r in rows if not r.get("alias")]
+    assert len(trained) == 12 and len(rows) == 14  # k=2 and depth=0 are the same two runs
+    labels = {(r["axis"], str(r["level"]), r["variant"]) for r in rows}
+    assert ("depth", "0", "mip") in labels and ("k", "2", "mip") in labels
+    assert "| depth | 0 |" in (out / "report.md").read_text()
