@@ -18,7 +18,7 @@ from torch import nn
 
 import hyperloom as hl
 
-from .common import FORMULATIONS, grad_norm, make_optimizer, set_seed, train_loop
+from .common import formulation, grad_norm, make_optimizer, set_seed, train_loop
 from .data import ImageData, load_classification
 
 
@@ -78,9 +78,7 @@ def load_data(args: Any) -> ImageData:
 
 
 def build(variant: str, cfg: dict[str, Any], num_classes: int) -> hl.HyperModel:
-    form = dict(FORMULATIONS[variant])
-    if cfg.get("encoding"):
-        form["encoding"] = cfg["encoding"]
+    form = formulation(variant, cfg)
     head, _, rank = str(cfg.get("head", "dense")).partition("@")
     return hl.hypernetize(
         ConvNet(num_classes, depth=cfg["depth"]),

@@ -27,6 +27,14 @@ FORMULATIONS: dict[str, dict[str, Any]] = {
 }
 
 
+def formulation(variant: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """``hypernetize`` keywords of a 2x2 variant, with the config's encoding override (ablations) applied."""
+    form = dict(FORMULATIONS[variant])
+    if cfg.get("encoding"):
+        form["encoding"] = cfg["encoding"]
+    return form
+
+
 def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

@@ -21,7 +21,7 @@ from torch import nn
 import hyperloom as hl
 
 from .brain import BrainSlices, dice_per_class, load_mni152_slices, one_hot, random_smooth_warp, warp
-from .common import FORMULATIONS, make_optimizer, set_seed, train_loop
+from .common import formulation, make_optimizer, set_seed, train_loop
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -127,9 +127,7 @@ def load_data(args: Any) -> BrainSlices:
 
 
 def build(variant: str, cfg: dict[str, Any]) -> hl.HyperModel:
-    form = dict(FORMULATIONS[variant])
-    if cfg.get("encoding"):
-        form["encoding"] = cfg["encoding"]
+    form = formulation(variant, cfg)
     # Every conv layer but the final flow layer is predicted: the flow layer keeps VoxelMorph's near-zero
     # init in all variants, so each starts from (almost) no displacement. Predicting it too starts MIP
     # with displacements that push the image out of the field of view, where grid_sample has no gradient.

@@ -21,7 +21,7 @@ from torch import nn
 import hyperloom as hl
 
 from .brain import NUM_LABELS, BrainSlices, dice_per_class, load_mni152_slices, one_hot, random_smooth_warp, warp
-from .common import FORMULATIONS, make_optimizer, set_seed, train_loop
+from .common import formulation, make_optimizer, set_seed, train_loop
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -101,9 +101,7 @@ def load_data(args: Any) -> BrainSlices:
 
 
 def build(variant: str, cfg: dict[str, Any]) -> hl.HyperModel:
-    form = dict(FORMULATIONS[variant])
-    if cfg.get("encoding"):
-        form["encoding"] = cfg["encoding"]
+    form = formulation(variant, cfg)
     return hl.hypernetize(
         ScaleUNet(),
         inputs={"phi": (0.0, 0.5)},
