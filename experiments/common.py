@@ -121,6 +121,18 @@ def train_loop(
     }
 
 
+def grad_norm_by_condition(model: torch.nn.Module, loss_at: Callable[[float], torch.Tensor], values: list[float]) -> list[float]:
+    """Gradient norm of ``loss_at(value)`` w.r.t. the trainable parameters, for each conditioning value."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = []
+    for v in values:
+        model.zero_grad(set_to_none=True)
+        loss_at(v).backward()
+        out.append(grad_norm(params))
+    model.zero_grad(set_to_none=True)
+    return out
+
+
 def grad_norm(params: Iterable[torch.nn.Parameter]) -> float:
     total = 0.0
     for p in params:

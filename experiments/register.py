@@ -21,7 +21,7 @@ from torch import nn
 import hyperloom as hl
 
 from .brain import BrainSlices, dice_per_class, load_mni152_slices, one_hot, random_smooth_warp, warp
-from .common import formulation, make_optimizer, set_seed, train_loop
+from .common import formulation, grad_norm_by_condition, make_optimizer, set_seed, train_loop
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -61,6 +61,12 @@ class RegUNet(nn.Module):
             x = F.interpolate(x, size=skip.shape[-2:], mode="nearest")
             x = blk(torch.cat([x, skip], 1))
         return self.flow(x)
+
+
+def reg_loss(model: hl.HyperModel, mov: torch.Tensor, fix: torch.Tensor, lam: Any, sigma: float) -> torch.Tensor:
+    """(1 - lambda) * MSE(warped, fixed) / sigma^2 + lambda * |grad u|^2."""
+    disp = model(mov, fix, lam=lam)
+    return (1 - lam) * F.mse_loss(warp(mov, disp), fix) / sigma**2 + lam * smoothness(disp)
 
 
 def smoothness(disp: torch.Tensor) -> torch.Tensor:
@@ -176,12 +182,16 @@ def run(
     def step_loss(step: int) -> torch.Tensor:
         mov, fix, _, _ = make_pairs(data, cfg["batch"], gen, test=False, warp_strength=cfg["warp_strength"])
         lam = torch.rand((), generator=gen)
-        disp = model(mov, fix, lam=lam)
-        return (1 - lam) * F.mse_loss(warp(mov, disp), fix) / cfg["image_sigma"] ** 2 + lam * smoothness(disp)
+        return reg_loss(model, mov, fix, lam, cfg["image_sigma"])
 
     every = cfg.get("checkpoint_every", 50)
     res = train_loop(step_loss, model, opt, cfg["steps"], gen=gen, desc=desc, checkpoint=checkpoint, every=every)
     metrics: dict[str, Any] = {k: res[k] for k in ("diverged_at", "wall_s", "final_train_loss")}
     if res["diverged_at"] is None:
         metrics.update(evaluate(model, data, cfg, seed))
+        pgen = torch.Generator().manual_seed(50_000 + seed)
+        mov, fix, _, _ = make_pairs(data, 16, pgen, test=True, warp_strength=cfg["warp_strength"])
+        bins = [0.1, 0.3, 0.5, 0.7, 0.9]
+        metrics["grad_norm_by_gamma"] = grad_norm_by_condition(model, lambda lam: reg_loss(model, mov, fix, lam, cfg["image_sigma"]), bins)
+        metrics["grad_norm_by_gamma_x"] = bins
     return {"metrics": metrics, "curve": res["curve"], "grad_norms": res["grad_norms"], "data": data.source}

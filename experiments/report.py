@@ -206,8 +206,12 @@ def plot_ablation(rows: list[dict[str, Any]], path: Path) -> bool:
 
 GAMMA_PLOTS = {
     "classify": [("grad_norm_by_gamma", "gamma = t * 1 (bin centre t)", "grad norm of hypernetwork")],
-    "register": [("dice_by_lambda", "lambda", "Dice"), ("folding_by_lambda", "lambda", "% folding voxels")],
-    "segment": [("dice_by_phi", "phi", "Dice")],
+    "register": [
+        ("dice_by_lambda", "lambda", "Dice"),
+        ("folding_by_lambda", "lambda", "% folding voxels"),
+        ("grad_norm_by_gamma", "lambda (bin centre)", "grad norm of hypernetwork"),
+    ],
+    "segment": [("dice_by_phi", "phi", "Dice"), ("grad_norm_by_gamma", "phi (bin centre)", "grad norm of hypernetwork")],
 }
 
 

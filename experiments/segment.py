@@ -21,7 +21,7 @@ from torch import nn
 import hyperloom as hl
 
 from .brain import NUM_LABELS, BrainSlices, dice_per_class, load_mni152_slices, one_hot, random_smooth_warp, warp
-from .common import formulation, make_optimizer, set_seed, train_loop
+from .common import formulation, grad_norm_by_condition, make_optimizer, set_seed, train_loop
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -148,4 +148,8 @@ def run(
     metrics: dict[str, Any] = {k: res[k] for k in ("diverged_at", "wall_s", "final_train_loss")}
     if res["diverged_at"] is None:
         metrics.update(evaluate(model, data, cfg, seed))
+        x, y = augment(data.x_test, data.y_test, torch.Generator().manual_seed(50_000 + seed), cfg["warp_strength"])
+        bins = [0.05, 0.15, 0.25, 0.35, 0.45]
+        metrics["grad_norm_by_gamma"] = grad_norm_by_condition(model, lambda phi: soft_dice_loss(model(x, scale=1 - phi, phi=phi), y), bins)
+        metrics["grad_norm_by_gamma_x"] = bins
     return {"metrics": metrics, "curve": res["curve"], "grad_norms": res["grad_norms"], "data": data.source}

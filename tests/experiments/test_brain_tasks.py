@@ -47,6 +47,7 @@ def test_task_smoke(data, task, variant):
     m = res["metrics"]
     assert len(res["curve"]) == 3 and all(math.isfinite(v) for v in res["curve"])
     assert 0.0 <= m["dice"] <= 1.0
+    assert len(m["grad_norm_by_gamma"]) == 5 and all(math.isfinite(g) for g in m["grad_norm_by_gamma"])
 
 
 def test_scale_unet_changes_resolution():
