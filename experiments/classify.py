@@ -9,6 +9,7 @@ and across gamma bins.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from torch import nn
 
 import hyperloom as hl
 
-from .common import formulation, grad_norm, make_optimizer, set_seed, train_loop
+from .common import formulation, grad_norm, set_seed, train_and_evaluate
 from .data import ImageData, load_classification
 
 
@@ -144,27 +145,27 @@ def run(variant: str, seed: int, data: ImageData, cfg: dict[str, Any], *, desc: 
     cfg = {**DEFAULTS, **cfg}
     set_seed(seed)
     model = build(variant, cfg, data.num_classes)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(cfg["optimizer"], params, cfg["lr"])
-    gen = torch.Generator().manual_seed(seed)
     n = len(data.y_train)
 
-    def step_loss(step: int) -> torch.Tensor:
-        idx = torch.randint(0, n, (cfg["batch"],), generator=gen)
-        zshape = gamma_shape(cfg["k"], cfg["batch"] if cfg["per_sample_gamma"] else None)
-        z = torch.rand(zshape, generator=gen)  # gamma per minibatch (the paper) or per sample
-        return F.cross_entropy(model(data.x_train[idx], z=z), data.y_train[idx])
+    def make_step_loss(gen: torch.Generator) -> Callable[[int], torch.Tensor]:
+        def step_loss(step: int) -> torch.Tensor:
+            idx = torch.randint(0, n, (cfg["batch"],), generator=gen)
+            zshape = gamma_shape(cfg["k"], cfg["batch"] if cfg["per_sample_gamma"] else None)
+            z = torch.rand(zshape, generator=gen)  # gamma per minibatch (the paper) or per sample
+            return F.cross_entropy(model(data.x_train[idx], z=z), data.y_train[idx])
 
-    every = cfg.get("checkpoint_every", 50)
-    res = train_loop(step_loss, model, opt, cfg["steps"], gen=gen, desc=desc, checkpoint=checkpoint, every=every)
-    metrics: dict[str, Any] = {k: res[k] for k in ("diverged_at", "wall_s", "final_train_loss")}
-    if res["diverged_at"] is None:
-        metrics.update(evaluate(model, data, cfg, torch.Generator().manual_seed(10_000 + seed)))
+        return step_loss
+
+    def evaluate_all() -> dict[str, Any]:
+        metrics = evaluate(model, data, cfg, torch.Generator().manual_seed(10_000 + seed))
         probe = torch.Generator().manual_seed(20_000 + seed)
         pidx = torch.randint(0, len(data.y_test), (256,), generator=probe)
         metrics["grad_norm_by_gamma"] = grad_norm_by_gamma(
             model, data.x_test[pidx], data.y_test[pidx], cfg["k"], per_sample=cfg["per_sample_gamma"]
         )
-    else:
-        metrics.update({"test_acc": math.nan, "test_acc_std_gamma": math.nan, "test_loss": math.nan})
-    return {"metrics": metrics, "curve": res["curve"], "grad_norms": res["grad_norms"], "data": data.name}
+        return metrics
+
+    out = train_and_evaluate(model, cfg, seed, make_step_loss, evaluate_all, desc=desc, checkpoint=checkpoint)
+    if out["metrics"]["diverged_at"] is not None:
+        out["metrics"].update({"test_acc": math.nan, "test_acc_std_gamma": math.nan, "test_loss": math.nan})
+    return {**out, "data": data.name}

@@ -121,6 +121,40 @@ def train_loop(
     }
 
 
+def train_and_evaluate(
+    model: torch.nn.Module,
+    cfg: dict[str, Any],
+    seed: int,
+    make_step_loss: Callable[[torch.Generator], Callable[[int], torch.Tensor]],
+    evaluate: Callable[[], dict[str, Any]],
+    *,
+    desc: str = "",
+    checkpoint: Path | None = None,
+) -> dict[str, Any]:
+    """The part every task shares: optimiser, seeded data generator, training loop, then evaluation.
+
+    ``make_step_loss(gen)`` returns the task's ``step -> loss`` drawing its data from ``gen``;
+    ``evaluate()`` runs only when training did not diverge. Returns one result row's payload.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(cfg["optimizer"], params, cfg["lr"])
+    gen = torch.Generator().manual_seed(seed)
+    res = train_loop(
+        make_step_loss(gen),
+        model,
+        opt,
+        cfg["steps"],
+        gen=gen,
+        desc=desc,
+        checkpoint=checkpoint,
+        every=cfg.get("checkpoint_every", 50),
+    )
+    metrics: dict[str, Any] = {k: res[k] for k in ("diverged_at", "wall_s", "final_train_loss")}
+    if res["diverged_at"] is None:
+        metrics.update(evaluate())
+    return {"metrics": metrics, "curve": res["curve"], "grad_norms": res["grad_norms"]}
+
+
 def grad_norm_by_condition(model: torch.nn.Module, loss_at: Callable[[float], torch.Tensor], values: list[float]) -> list[float]:
     """Gradient norm of ``loss_at(value)`` w.r.t. the trainable parameters, for each conditioning value."""
     params = [p for p in model.parameters() if p.requires_grad]

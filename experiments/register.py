@@ -11,6 +11,7 @@ both as a function of lambda.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from torch import nn
 import hyperloom as hl
 
 from .brain import BrainSlices, dice_per_class, load_mni152_slices, one_hot, random_smooth_warp, warp
-from .common import formulation, grad_norm_by_condition, make_optimizer, set_seed, train_loop
+from .common import formulation, grad_norm_by_condition, set_seed, train_and_evaluate
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -175,23 +176,23 @@ def run(
     cfg = {**DEFAULTS, **cfg}
     set_seed(seed)
     model = build(variant, cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(cfg["optimizer"], params, cfg["lr"])
-    gen = torch.Generator().manual_seed(seed)
 
-    def step_loss(step: int) -> torch.Tensor:
-        mov, fix, _, _ = make_pairs(data, cfg["batch"], gen, test=False, warp_strength=cfg["warp_strength"])
-        lam = torch.rand((), generator=gen)
-        return reg_loss(model, mov, fix, lam, cfg["image_sigma"])
+    def make_step_loss(gen: torch.Generator) -> Callable[[int], torch.Tensor]:
+        def step_loss(step: int) -> torch.Tensor:
+            mov, fix, _, _ = make_pairs(data, cfg["batch"], gen, test=False, warp_strength=cfg["warp_strength"])
+            lam = torch.rand((), generator=gen)
+            return reg_loss(model, mov, fix, lam, cfg["image_sigma"])
 
-    every = cfg.get("checkpoint_every", 50)
-    res = train_loop(step_loss, model, opt, cfg["steps"], gen=gen, desc=desc, checkpoint=checkpoint, every=every)
-    metrics: dict[str, Any] = {k: res[k] for k in ("diverged_at", "wall_s", "final_train_loss")}
-    if res["diverged_at"] is None:
-        metrics.update(evaluate(model, data, cfg, seed))
+        return step_loss
+
+    def evaluate_all() -> dict[str, Any]:
+        metrics = evaluate(model, data, cfg, seed)
         pgen = torch.Generator().manual_seed(50_000 + seed)
         mov, fix, _, _ = make_pairs(data, 16, pgen, test=True, warp_strength=cfg["warp_strength"])
         bins = [0.1, 0.3, 0.5, 0.7, 0.9]
         metrics["grad_norm_by_gamma"] = grad_norm_by_condition(model, lambda lam: reg_loss(model, mov, fix, lam, cfg["image_sigma"]), bins)
         metrics["grad_norm_by_gamma_x"] = bins
-    return {"metrics": metrics, "curve": res["curve"], "grad_norms": res["grad_norms"], "data": data.source}
+        return metrics
+
+    out = train_and_evaluate(model, cfg, seed, make_step_loss, evaluate_all, desc=desc, checkpoint=checkpoint)
+    return {**out, "data": data.source}

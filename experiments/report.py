@@ -127,6 +127,17 @@ def _pyplot() -> Any:
     return plt
 
 
+def _save(plt: Any, fig: Any, ax: Any, path: Path, *, log: bool = False) -> bool:
+    """Legend, optional log y-axis, tight layout, write the PNG, free the figure."""
+    if log:
+        ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def plot_curves(rows: list[dict[str, Any]], task: str, path: Path, key: str = "curve", ylabel: str = "train loss") -> bool:
     plt = _pyplot()
     groups = group(rows, task)
@@ -144,13 +155,7 @@ def plot_curves(rows: list[dict[str, Any]], task: str, path: Path, key: str = "c
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel + " (moving average)")
     ax.set_title(f"{task}: median over seeds, band = min..max")
-    if key == "grad_norms":
-        ax.set_yscale("log")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, ax, path, log=key == "grad_norms")
 
 
 def plot_metric_vs_gamma(rows: list[dict[str, Any]], task: str, path: Path, key: str, xlabel: str, ylabel: str) -> bool:
@@ -168,13 +173,7 @@ def plot_metric_vs_gamma(rows: list[dict[str, Any]], task: str, path: Path, key:
         ax.fill_between(xs, a.min(0), a.max(0), alpha=0.2)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    if "grad" in key:
-        ax.set_yscale("log")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, ax, path, log="grad" in key)
 
 
 def plot_ablation(rows: list[dict[str, Any]], path: Path) -> bool:
@@ -197,11 +196,7 @@ def plot_ablation(rows: list[dict[str, Any]], path: Path) -> bool:
         ax.bar(np.arange(len(keys)) + (j - 0.5) * width, meds, width, label=v)
     ax.set_xticks(np.arange(len(keys)), [f"{a}={lv}" for a, lv in keys], rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("final train loss (median over seeds)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, ax, path)
 
 
 GAMMA_PLOTS = {

@@ -11,6 +11,7 @@ held-out slices as a function of phi.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from torch import nn
 import hyperloom as hl
 
 from .brain import NUM_LABELS, BrainSlices, dice_per_class, load_mni152_slices, one_hot, random_smooth_warp, warp
-from .common import formulation, grad_norm_by_condition, make_optimizer, set_seed, train_loop
+from .common import formulation, grad_norm_by_condition, set_seed, train_and_evaluate
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -133,23 +134,23 @@ def run(
     cfg = {**DEFAULTS, **cfg}
     set_seed(seed)
     model = build(variant, cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(cfg["optimizer"], params, cfg["lr"])
-    gen = torch.Generator().manual_seed(seed)
 
-    def step_loss(step: int) -> torch.Tensor:
-        idx = torch.randint(0, len(data.x_train), (cfg["batch"],), generator=gen)
-        x, y = augment(data.x_train[idx], data.y_train[idx], gen, cfg["warp_strength"])
-        phi = 0.5 * float(torch.rand((), generator=gen))
-        return soft_dice_loss(model(x, scale=1 - phi, phi=phi), y)
+    def make_step_loss(gen: torch.Generator) -> Callable[[int], torch.Tensor]:
+        def step_loss(step: int) -> torch.Tensor:
+            idx = torch.randint(0, len(data.x_train), (cfg["batch"],), generator=gen)
+            x, y = augment(data.x_train[idx], data.y_train[idx], gen, cfg["warp_strength"])
+            phi = 0.5 * float(torch.rand((), generator=gen))
+            return soft_dice_loss(model(x, scale=1 - phi, phi=phi), y)
 
-    every = cfg.get("checkpoint_every", 50)
-    res = train_loop(step_loss, model, opt, cfg["steps"], gen=gen, desc=desc, checkpoint=checkpoint, every=every)
-    metrics: dict[str, Any] = {k: res[k] for k in ("diverged_at", "wall_s", "final_train_loss")}
-    if res["diverged_at"] is None:
-        metrics.update(evaluate(model, data, cfg, seed))
+        return step_loss
+
+    def evaluate_all() -> dict[str, Any]:
+        metrics = evaluate(model, data, cfg, seed)
         x, y = augment(data.x_test, data.y_test, torch.Generator().manual_seed(50_000 + seed), cfg["warp_strength"])
         bins = [0.05, 0.15, 0.25, 0.35, 0.45]
         metrics["grad_norm_by_gamma"] = grad_norm_by_condition(model, lambda phi: soft_dice_loss(model(x, scale=1 - phi, phi=phi), y), bins)
         metrics["grad_norm_by_gamma_x"] = bins
-    return {"metrics": metrics, "curve": res["curve"], "grad_norms": res["grad_norms"], "data": data.source}
+        return metrics
+
+    out = train_and_evaluate(model, cfg, seed, make_step_loss, evaluate_all, desc=desc, checkpoint=checkpoint)
+    return {**out, "data": data.source}
