@@ -161,7 +161,7 @@ class HandMIP(nn.Module):
         self.trunk = nn.Sequential(*layers)
         self.sizes = [math.prod(s) for s in shapes]
         self.shapes = shapes
-        self.out = nn.Linear(prev, sum(self.sizes))
+        self.out = nn.Linear(prev, sum(self.sizes), bias=False)  # theta0 is the offset (no second one)
         self.theta0 = nn.ParameterList([nn.Parameter(torch.randn(s) * 0.05) for s in shapes])
         self.kind = kind
 

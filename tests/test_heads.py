@@ -82,3 +82,20 @@ def test_available_memory_is_reported_on_cpu():
 
     free = available_memory(torch.device("cpu"))
     assert free is None or free > 0
+
+
+@pytest.mark.parametrize("head_cls,kw", [(DenseHead, {}), (LowRankHead, {"rank": 2})])
+def test_zero_size_and_zero_dim_targets(head_cls, kw):
+    # a zero-size tensor used to divide by zero in the split init; a 0-d tensor failed in view()
+    head = head_cls(8, {"empty": (0, 3), "none": (0,), "scalar": (), "w": (5, 4)}, **kw)
+    out = head(torch.rand(3, 8))
+    assert out["empty"].shape == (3, 0, 3) and out["none"].shape == (3, 0) and out["scalar"].shape == (3,)
+    shared = head(torch.rand(8))
+    assert shared["scalar"].shape == () and shared["w"].shape == (5, 4)
+
+
+@pytest.mark.parametrize("head_cls,kw", [(DenseHead, {}), (LowRankHead, {"rank": 2})])
+def test_head_without_bias(head_cls, kw):
+    head = head_cls(8, {"w": (5, 4), "b": (5,)}, bias=False, zero_init=True, **kw)
+    assert head.linear.bias is None
+    assert torch.count_nonzero(head(torch.rand(2, 8))["b"]) == 0

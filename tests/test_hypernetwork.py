@@ -118,3 +118,47 @@ def test_shared_fast_path_equals_batched_path():
     batched = h.theta_from_raw(raw)
     for k, v in h.theta_shared(raw).items():
         torch.testing.assert_close(v, batched[k][0])
+
+
+def test_additive_output_has_no_second_offset():
+    # theta = theta0 + W h: the head must not add a trainable bias that receives the same gradient as theta0
+    for head, kw in (("dense", {}), ("lowrank", {"rank": 2})):
+        h = HyperNetwork({"lam": (0.0, 1.0)}, {"fc.weight": (6, 5), "fc.bias": (6,)}, head=head, **kw)
+        assert h.head.linear.bias is None
+        out = h({"lam": 0.3})
+        (out["fc.weight"].sum() + out["fc.bias"].sum()).backward()
+        offsets = [n for n, p in h.named_parameters() if p.dim() == 1 and p.numel() == h.num_outputs]
+        assert offsets == []
+        assert torch.equal(h.theta0["fc.bias"].grad, torch.ones(6))
+    # the default formulation (no theta0) keeps the head's bias
+    d = HyperNetwork({"lam": (0.0, 1.0)}, {"w": (3, 2)}, formulation="default")
+    assert d.head.linear.bias is not None
+
+
+def test_zero_dim_target():
+    h = HyperNetwork({"lam": (0.0, 1.0)}, {"scale": torch.tensor(2.0), "w": (3, 2)})
+    assert h({"lam": 0.5})["scale"].shape == () and h({"lam": torch.rand(4)})["scale"].shape == (4,)
+
+
+def test_target_shape_must_be_integers():
+    with pytest.raises(HyperloomError, match=re.escape("Target 'w': expected a shape or a tensor, got (2.7, 3)")):
+        HyperNetwork({"lam": (0.0, 1.0)}, {"w": (2.7, 3)})
+    with pytest.raises(HyperloomError, match=re.escape("Target 'w': expected a shape or a tensor, got (True, 3)")):
+        HyperNetwork({"lam": (0.0, 1.0)}, {"w": (True, 3)})
+
+
+@pytest.mark.parametrize("head,kw", [("dense", {}), ("lowrank", {"rank": 4})])
+def test_huge_targets_refused_before_allocation(head, kw):
+    with pytest.raises(HyperloomError, match=r"The predicted tensors hold 10,000,000,000,000 values and need .* is available on cpu"):
+        HyperNetwork({"lam": (0.0, 1.0)}, {"w": (10**7, 10**6)}, head=head, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_log_input_gradient_is_finite_at_the_ends(dtype):
+    # a 1e-30 floor underflowed to 0 in half precision: log(0) made the gradient NaN
+    h = HyperNetwork({"lr": (1e-4, 1e-1, "log"), "lam": (0.0, 1.0)}, {"w": (3, 2)}, dtype=dtype)
+    for lr, lam in ((1e-4, 0.0), (1e-1, 1.0), (1e-3, 0.5)):
+        lr_t = torch.tensor(lr, dtype=dtype, requires_grad=True)
+        lam_t = torch.tensor(lam, dtype=dtype, requires_grad=True)
+        h({"lr": lr_t, "lam": lam_t})["w"].sum().backward()
+        assert torch.isfinite(lr_t.grad) and torch.isfinite(lam_t.grad), (dtype, lr, lam)

@@ -413,7 +413,11 @@ def test_handwired_hypernetwork_shape_mismatch():
             "Unknown keyword argument(s) ['mu']: neither declared inputs ['lam'] nor arguments of ConvNet.forward ['x']",
         ),
         ({}, "Missing conditioning input(s) ['lam']"),
-        ({"lam": torch.rand(3)}, "Conditioning input 'lam' has 3 per-sample values but the batch has 4 samples"),
+        (
+            {"lam": torch.rand(3)},
+            "The conditioning has 3 per-sample values but positional argument 0 of shape (4, 1, 28, 28) has 4 samples "
+            "along its batch dimension 0",
+        ),
         ({"lam": 1.5}, "Conditioning input 'lam' out of its declared range [0.0, 1.0]: got values in [1.5, 1.5]"),
         ({"lam": float("inf")}, "Conditioning input 'lam' has a non-finite value inf at sample 0"),
         ({"lam": torch.tensor(0.5, device="meta")}, "Conditioning input 'lam' is on meta but the hypernetwork is on cpu"),
@@ -438,3 +442,84 @@ def test_clamp_mode_in_forward():
     hnet = hl.hypernetize(nn.Linear(3, 2), inputs={"lam": hl.Input(0.0, 1.0, out_of_range="clamp")})
     x = torch.randn(2, 3)
     torch.testing.assert_close(hnet(x, lam=3.0), hnet(x, lam=1.0))
+
+
+class WithScalar(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+        self.scale = nn.Parameter(torch.tensor(1.5))  # a 0-d parameter
+
+    def forward(self, x):
+        return self.fc(x) * self.scale
+
+
+def test_zero_dim_parameter_is_predicted():
+    hnet = hl.hypernetize(WithScalar(), inputs={"lam": (0.0, 1.0)}, zero_init=True)
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(hnet(x, lam=0.5), WithScalar.forward(hnet.materialize(lam=0.5), x))
+    assert hnet.generate(lam=0.2)["scale"].shape == () and hnet.generate(lam=torch.rand(4))["scale"].shape == (4,)
+    assert hnet(x, lam=torch.rand(4)).shape == (4, 2)
+    assert hnet.materialize(lam=0.3).scale.shape == ()
+
+
+def test_theta0_init_keeps_normalisation_gains():
+    # theta0="init" used to zero LayerNorm/BatchNorm gains: with zero_init=True the output was exactly 0
+    net = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2), nn.BatchNorm1d(2))
+    hnet = hl.hypernetize(net, inputs={"lam": (0.0, 1.0)}, theta0="init", zero_init=True).eval()
+    assert torch.equal(hnet.theta0["1.weight"], torch.ones(4)) and torch.equal(hnet.theta0["3.weight"], torch.ones(2))
+    assert torch.count_nonzero(hnet.theta0["0.bias"]) == 0 and torch.count_nonzero(hnet.theta0["1.bias"]) == 0
+    assert not torch.equal(hnet.theta0["0.weight"], net[0].weight)  # weights are re-initialised
+    assert torch.count_nonzero(hnet(torch.randn(5, 3), lam=0.5)) > 0
+
+
+def test_predicted_parameters_are_held_once():
+    # the copy used to keep a stale buffer per predicted parameter (a 1000x1000 Linear cost 1,001,000 extra values)
+    net = nn.Sequential(nn.Linear(1000, 1000), nn.ReLU(), nn.Linear(1000, 3))
+    hnet = hl.hypernetize(net, predict=["0"], inputs={"lam": (0.0, 1.0)}, hidden=(4,))
+    held = {id(t): t.numel() for t in [*hnet.parameters(), *hnet.buffers()]}
+    head = hnet.hypernet.head.linear.weight.numel()
+    trunk = sum(p.numel() for p in hnet.hypernet.trunk.parameters())
+    untouched = sum(p.numel() for p in net[2].parameters())
+    assert sum(held.values()) == 1_001_000 + head + trunk + untouched + sum(b.numel() for b in hnet.hypernet.buffers())
+    assert not hasattr(hnet.primary[0], "weight") or hnet.primary[0].weight is None
+    x = torch.randn(2, 1000)
+    torch.testing.assert_close(hnet(x, lam=0.5), hnet.materialize(lam=0.5)(x))
+    assert "weight" in dict(hnet.materialize(lam=0.5)[0].named_parameters())
+
+
+def test_submodules_named_like_container_methods_can_be_predicted():
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.keys = nn.Linear(4, 4)
+            self.values = nn.Linear(4, 4)
+            self.freeze = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.keys(x) + self.values(x) + self.freeze(x)
+
+    hnet = hl.hypernetize(Attn(), inputs={"lam": (0.0, 1.0)})
+    assert set(hnet.theta0.keys()) == {f"{m}.{p}" for m in ("keys", "values", "freeze") for p in ("weight", "bias")}
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(hnet(x, lam=0.4), hnet.materialize(lam=0.4)(x))
+    hnet.theta0.freeze("keys.weight")
+    assert not hnet.theta0["keys.weight"].requires_grad
+
+
+def test_input_named_self_is_refused():
+    with pytest.raises(HyperloomError, match=re.escape("Input name(s) ['self'] are reserved")):
+        hl.hypernetize(nn.Linear(2, 2), inputs={"self": (0.0, 1.0)})
+
+
+def test_rnn_still_runs_after_its_weights_are_removed():
+    gru = nn.GRU(3, 4, batch_first=True)
+    hnet = hl.hypernetize(gru, inputs={"lam": (0.0, 1.0)}, out_dims=(0, 1))
+    x = torch.randn(2, 5, 3)
+    out, h = hnet(x, lam=0.5)
+    ref_out, ref_h = hnet.materialize(lam=0.5)(x)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(h, ref_h)
+    out2, h2 = hnet(x, lam=torch.tensor([0.5, 0.5]))
+    torch.testing.assert_close(out2, ref_out)
+    torch.testing.assert_close(h2, ref_h)

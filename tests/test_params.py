@@ -43,8 +43,23 @@ def test_errors():
         s["b"]
     with pytest.raises(HyperloomError, match=re.escape("Invalid parameter name 'a..b'")):
         ParamStore({"a..b": torch.ones(1)})
-    with pytest.raises(HyperloomError, match=re.escape("Cannot store parameter 'freeze'")):
-        ParamStore({"freeze": torch.ones(1)})
+    with pytest.raises(HyperloomError, match=re.escape("Cannot store parameter 'a.weight.x': 'weight' is already a parameter")):
+        ParamStore({"a.weight": torch.ones(1), "a.weight.x": torch.ones(1)})
+    with pytest.raises(HyperloomError, match=re.escape("Cannot store parameter 'a': 'a' already holds other parameters")):
+        ParamStore({"a.weight": torch.ones(1), "a": torch.ones(1)})
+
+
+def test_names_that_are_method_names_are_stored():
+    # attention code names submodules keys / values; they must not collide with the container's methods
+    names = ["freeze", "keys.weight", "values.bias", "items.0.weight", "unfreeze", "training", "_names"]
+    s = ParamStore({n: torch.full((2,), float(i)) for i, n in enumerate(names)})
+    assert s.keys() == names and sorted(s.state_dict()) == sorted(names)
+    assert [float(s[n][0].detach()) for n in names] == [float(i) for i in range(len(names))]
+    s.freeze("keys.weight")
+    assert not s["keys.weight"].requires_grad and s["values.bias"].requires_grad
+    assert [k for k, _ in s.items()] == names and len(s.values()) == len(names)
+    again = pickle.loads(pickle.dumps(s))
+    assert again.keys() == names and torch.equal(again["values.bias"], s["values.bias"])
 
 
 def test_pickles():

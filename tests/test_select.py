@@ -74,3 +74,29 @@ def test_uninitialised_lazy_parameter():
         select_parameters(net, "0.weight")
     net(torch.zeros(1, 2))
     assert select_parameters(net, "0.weight") == ["0.weight"]
+
+
+class TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.out = nn.Linear(4, 10, bias=False)
+        self.out.weight = self.emb.weight  # tied, as language models tie their output layer to the embedding
+
+    def forward(self, x):
+        return self.out(self.emb(x))
+
+
+@pytest.mark.parametrize("predict", [[nn.Linear], "out.weight", "out", "out.*", re.compile(r"out\..*"), None])
+def test_tied_second_owner_is_refused_naming_both(predict):
+    # by type this used to select nothing (then IndexError), by name it said "matched no parameter"
+    with pytest.raises(HyperloomError, match=re.escape("is tied to ['emb.weight', 'out.weight']: tied parameters cannot be predicted")):
+        select_parameters(TiedLM(), predict)
+
+
+def test_tied_first_owner_is_refused_and_untied_ones_pass():
+    with pytest.raises(HyperloomError, match=re.escape("Parameter 'emb.weight' is tied to ['emb.weight', 'out.weight']")):
+        select_parameters(TiedLM(), [nn.Embedding])
+    net = TiedLM()
+    net.out.bias = nn.Parameter(torch.zeros(10))
+    assert select_parameters(net, "out.bias") == ["out.bias"]

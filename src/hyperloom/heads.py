@@ -4,6 +4,12 @@
   predicted tensors ("split init": every tensor's block of rows is initialised
   with its own ``fan_out`` scaling, so a huge tensor does not shrink the
   small ones; blocks of biases start at zero, as in the reference code).
+
+With an additive output (MIP, ``theta = theta0 + Delta``) the heads are built
+with ``bias=False``: ``theta0`` already is the conditioning-independent offset
+of every predicted tensor, and a second trainable offset (the output layer's
+bias) would receive exactly the same gradient, so under Adam the offset would
+move about twice as fast as any other direction.
 * :class:`LowRankHead` - predicts each weight matrix (``m x n``, convolution
   kernels flattened to ``out x rest``) as ``B @ A`` with ``B: m x r``,
   ``A: r x n``, so the head costs ``r (m + n)`` outputs instead of ``m n``.
@@ -80,6 +86,32 @@ def check_head_memory(
         )
 
 
+def check_target_memory(
+    shapes: Mapping[str, Sequence[int]], *, copies: int = 2, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+) -> None:
+    """Refuse, before allocating, predicted tensors that cannot fit in memory, whatever the head.
+
+    A hypernetwork holds ``theta0`` and produces one generated weight set per call (``copies=2``;
+    1 without ``theta0``); a low-rank head shrinks the output layer, not the generated tensors.
+
+    Raises:
+        HyperloomError: With the size needed and the size available.
+    """
+    dev = torch.device(device) if device is not None else None
+    itemsize = torch.empty((), dtype=dtype or torch.get_default_dtype()).element_size()
+    numel = sum(_numel(s) for s in shapes.values())
+    need = copies * numel * itemsize
+    have = available_memory(dev)
+    if have is not None and need > have:
+        biggest = max(shapes, key=lambda k: _numel(shapes[k]))
+        what = "theta0 and one generated set" if copies == 2 else f"{copies} cop{'ies' if copies > 1 else 'y'}"
+        raise HyperloomError(
+            f"The predicted tensors hold {numel:,} values and need {_fmt_bytes(need)} ({what}; the largest is "
+            f"{biggest!r} {tuple(shapes[biggest])}) but only {_fmt_bytes(have)} is available on {dev or 'cpu'}; "
+            "predict fewer parameters"
+        )
+
+
 class SplitHead(nn.Module):
     """Base of the heads: one linear layer whose output is split into named blocks."""
 
@@ -90,6 +122,7 @@ class SplitHead(nn.Module):
         *,
         init: str,
         gain: float,
+        bias: bool = True,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
@@ -97,18 +130,21 @@ class SplitHead(nn.Module):
         self.in_features = in_features
         self.block_sizes = [n for _, n in blocks]
         check_head_memory(in_features, sum(self.block_sizes), dtype=dtype, device=device)
-        self.linear = nn.Linear(in_features, sum(self.block_sizes), dtype=dtype, device=device)
+        self.linear = nn.Linear(in_features, sum(self.block_sizes), bias=bias, dtype=dtype, device=device)
         if init == "mip":
             with torch.no_grad():
                 start = 0
                 for name, n in blocks:
                     rows = self.linear.weight[start : start + n]
-                    if is_bias_name(name.split("#")[0]):
+                    if n == 0:
+                        pass  # a zero-size tensor has no rows to initialise
+                    elif is_bias_name(name.split("#")[0]):
                         rows.zero_()  # biases start at theta0 (zero by default), as in HyperLight
                     else:
                         rows.normal_(0.0, gain / math.sqrt(n))  # Kaiming normal with the block's own fan_out
                     start += n
-                self.linear.bias.zero_()
+                if self.linear.bias is not None:
+                    self.linear.bias.zero_()
         self._block_names = [name for name, _ in blocks]
 
     @property
@@ -126,7 +162,8 @@ class SplitHead(nn.Module):
             for name, n in zip(self._block_names, self.block_sizes):
                 if name in names:
                     self.linear.weight[start : start + n].zero_()
-                    self.linear.bias[start : start + n].zero_()
+                    if self.linear.bias is not None:
+                        self.linear.bias[start : start + n].zero_()
                 start += n
 
     def _split(self, h: torch.Tensor) -> list[torch.Tensor]:
@@ -142,6 +179,8 @@ class DenseHead(SplitHead):
         init: ``mip`` (split Kaiming fan_out, zero bias) or ``torch``.
         gain: Kaiming gain for the split init.
         zero_init: Zero the whole layer so that every prediction is 0 at start.
+        bias: Give the output layer a bias (``False`` for an additive output,
+            where ``theta0`` is the offset).
 
     Shapes:
         ``(*, H)`` -> ``{name: (*, *shape)}`` (``*``: any leading dimensions, or none).
@@ -160,18 +199,19 @@ class DenseHead(SplitHead):
         init: str = "mip",
         gain: float = math.sqrt(2.0),
         zero_init: bool = False,
+        bias: bool = True,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
         self.shapes = {k: tuple(int(d) for d in v) for k, v in shapes.items()}
         blocks = [(k, _numel(s)) for k, s in self.shapes.items()]
-        super().__init__(in_features, blocks, init=init, gain=gain, dtype=dtype, device=device)
+        super().__init__(in_features, blocks, init=init, gain=gain, bias=bias, dtype=dtype, device=device)
         if zero_init:
             self._zero_blocks(set(self.shapes))
 
     def forward(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
         lead = h.shape[:-1]
-        return {name: block.view(*lead, *shape) for (name, shape), block in zip(self.shapes.items(), self._split(h))}
+        return {name: block.view((*lead, *shape)) for (name, shape), block in zip(self.shapes.items(), self._split(h))}
 
 
 class LowRankHead(SplitHead):
@@ -185,6 +225,7 @@ class LowRankHead(SplitHead):
         gain: Kaiming gain for the split init.
         zero_init: Zero the ``B`` factors (and dense blocks) so every
             prediction is 0 at start while ``A`` still receives gradients.
+        bias: Give the output layer a bias (``False`` for an additive output).
 
     Shapes:
         ``(*, H)`` -> ``{name: (*, *shape)}``.
@@ -207,10 +248,11 @@ class LowRankHead(SplitHead):
         init: str = "mip",
         gain: float = math.sqrt(2.0),
         zero_init: bool = False,
+        bias: bool = True,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        if not isinstance(rank, int) or rank < 1:
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise HyperloomError(f"Low-rank head needs an integer rank >= 1, got {rank!r}")
         self.shapes = {k: tuple(int(d) for d in v) for k, v in shapes.items()}
         self.rank = rank
@@ -224,7 +266,7 @@ class LowRankHead(SplitHead):
                     blocks += [(name + "#B", m * rank), (name + "#A", rank * n)]
                     continue
             blocks.append((name, _numel(shape)))
-        super().__init__(in_features, blocks, init=init, gain=gain, dtype=dtype, device=device)
+        super().__init__(in_features, blocks, init=init, gain=gain, bias=bias, dtype=dtype, device=device)
         if zero_init:
             self._zero_blocks({b for b, _ in blocks if not b.endswith("#A")})
 
@@ -235,12 +277,12 @@ class LowRankHead(SplitHead):
         for name, shape in self.shapes.items():
             if name in self.factored:
                 m, k = self.factored[name]
-                b = next(blocks).view(*lead, m, self.rank)
-                a = next(blocks).view(*lead, self.rank, k)
-                out[name] = torch.matmul(b, a).view(*lead, *shape)
+                b = next(blocks).view((*lead, m, self.rank))
+                a = next(blocks).view((*lead, self.rank, k))
+                out[name] = torch.matmul(b, a).view((*lead, *shape))
             else:
-                out[name] = next(blocks).view(*lead, *shape)
+                out[name] = next(blocks).view((*lead, *shape))
         return out
 
 
-__all__ = ["HEADS", "DenseHead", "LowRankHead", "SplitHead", "available_memory", "check_head_memory", "is_bias_name"]
+__all__ = ["HEADS", "DenseHead", "LowRankHead", "SplitHead", "available_memory", "check_head_memory", "check_target_memory", "is_bias_name"]

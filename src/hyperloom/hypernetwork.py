@@ -10,6 +10,7 @@ who wires their own model; ``hypernetize`` builds one for you.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,7 +19,7 @@ from torch import nn
 
 from .encoding import Encoding, get_encoding
 from .errors import HyperloomError
-from .heads import HEADS, DenseHead, LowRankHead, SplitHead
+from .heads import HEADS, DenseHead, LowRankHead, SplitHead, check_target_memory
 from .inputs import InputLike, InputSet
 from .params import ParamStore
 from .trunk import Trunk, activation_gain
@@ -139,6 +140,8 @@ class HyperNetwork(nn.Module):
         ref = next(iter(values.values()), None)
         dtype = dtype or (ref.dtype if ref is not None else torch.get_default_dtype())
         device = torch.device(device) if device is not None else (ref.device if ref is not None else None)
+        check_target_memory(shapes, copies=2 if self.additive else 1, dtype=dtype, device=device)
+        bias = not self.additive  # theta0 is the offset: no second trainable offset (see heads.py)
 
         gain = activation_gain(activation)
         self.trunk = Trunk(self.encoding.out_features(self.input_set.total_dim), hidden, activation=activation, norm=norm, init=init)
@@ -151,11 +154,14 @@ class HyperNetwork(nn.Module):
                 init=init,
                 gain=gain,
                 zero_init=zero_init,
+                bias=bias,
                 dtype=dtype,
                 device=device,
             )
         else:
-            self.head = DenseHead(self.trunk.out_features, shapes, init=init, gain=gain, zero_init=zero_init, dtype=dtype, device=device)
+            self.head = DenseHead(
+                self.trunk.out_features, shapes, init=init, gain=gain, zero_init=zero_init, bias=bias, dtype=dtype, device=device
+            )
         self.shapes: dict[str, tuple[int, ...]] = dict(shapes)
         self.theta0: ParamStore | None = None
         if self.additive:
@@ -172,7 +178,7 @@ class HyperNetwork(nn.Module):
             a, b = (math.log(spec.low), math.log(spec.high)) if log else (spec.low, spec.high)
             lo += [a] * spec.dim
             inv += [1.0 / (b - a)] * spec.dim
-            floor += [spec.low if log else 1e-30] * spec.dim
+            floor += [spec.low if log else 1.0] * spec.dim
             is_log += [log] * spec.dim
         self._has_log = any(is_log)
         self.register_buffer("_in_lo", torch.tensor(lo), persistent=False)
@@ -194,9 +200,9 @@ class HyperNetwork(nn.Module):
                 shapes[name] = tuple(t.shape)
             else:
                 try:
-                    if isinstance(t, str):
+                    if isinstance(t, str) or any(isinstance(d, bool) for d in t):
                         raise TypeError
-                    shapes[name] = tuple(int(d) for d in t)
+                    shapes[name] = tuple(operator.index(d) for d in t)
                 except (TypeError, ValueError):
                     raise HyperloomError(f"Target {name!r}: expected a shape or a tensor, got {t!r}") from None
                 if any(d < 0 for d in shapes[name]):
@@ -225,7 +231,13 @@ class HyperNetwork(nn.Module):
     # -- the functional core ------------------------------------------------------------
     def features(self, raw: torch.Tensor) -> torch.Tensor:
         """Encode raw ``(N, K)`` conditioning values into trunk inputs ``(N, D)`` (branch-free)."""
-        t = torch.where(self._in_is_log, raw.clamp_min(self._in_floor).log(), raw) if self._has_log else raw
+        if self._has_log:
+            # linear coordinates take log(1) in the unused branch (a log of 0 there would make the gradient NaN);
+            # the floor never underflows to 0 in half precision
+            floor = self._in_floor.clamp_min(torch.finfo(raw.dtype).tiny)
+            t = torch.where(self._in_is_log, torch.where(self._in_is_log, raw, 1.0).clamp_min(floor).log(), raw)
+        else:
+            t = raw
         u = ((t - self._in_lo) * self._in_inv_span).clamp(0.0, 1.0)  # = InputSet.normalize(raw), vectorised
         return self.encoding(raw, u)
 

@@ -10,6 +10,9 @@ through :func:`torch.func.functional_call`:
   computed in one call with :func:`torch.func.vmap` (or a loop over samples
   for modules that have no batching rule, such as ``nn.GRU`` / ``nn.LSTM``).
 
+Which arguments carry the batch in per-sample mode, and how outputs come
+back, is the rule of :mod:`hyperloom.per_sample`.
+
 BatchNorm in per-sample mode: while training, each sample is normalised with
 its own statistics (a batch of one) and the running statistics are updated
 with the mean of the per-sample updates; in eval mode the running statistics
@@ -21,24 +24,39 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, Union
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.func import functional_call, vmap
-from torch.utils._pytree import tree_map
+from torch.func import functional_call
 
 from .encoding import Encoding
 from .errors import HyperloomError
+from .heads import check_target_memory, is_bias_name
 from .hypernetwork import HyperNetwork, _is_compiling, init_theta0
 from .inputs import InputLike
 from .params import ParamStore
+from .per_sample import (
+    _VMAP_HINT,
+    InDims,
+    OutDims,
+    batchnorm_hint,
+    check_against_shared,
+    plan_arguments,
+    rebuild_vmap,
+    run_loop,
+    run_vmap,
+    validate_in_dims,
+)
 from .select import Selector, select_parameters
 from .types import ParamDict
 
 PerSampleMode = Literal["auto", "vmap", "loop"]
-OutDims = Union[int, tuple[Any, ...]]
+
+#: Names a conditioning input cannot take (they are arguments of ``HyperModel.forward`` itself).
+RESERVED_INPUT_NAMES = frozenset({"self"})
+_MAX_CHECKED_LAYOUTS = 256
 
 #: Module types with no ``vmap`` batching rule: per-sample mode loops over samples.
 NO_VMAP_MODULES: tuple[type[nn.Module], ...] = (nn.RNNBase,)
@@ -54,47 +72,25 @@ def _refresh_rnn(module: nn.Module) -> None:
         module._init_flat_weights()
 
 
-def _param_to_buffer(root: nn.Module, name: str) -> bool:
-    """Turn parameter ``name`` into a non-persistent buffer; return its ``requires_grad``."""
+def _remove_param(root: nn.Module, name: str) -> bool:
+    """Remove parameter ``name`` from the copy (it is passed in at every call); return its ``requires_grad``.
+
+    Nothing stays behind in its place, so a hypernetized model holds each predicted tensor once
+    (in ``theta0``), not twice.
+    """
     module, attr = _split_name(root, name)
     p = module._parameters.pop(attr)
     assert p is not None  # selected parameters exist by construction
-    module.register_buffer(attr, p.detach(), persistent=False)
     _refresh_rnn(module)
     return bool(p.requires_grad)
 
 
-def _buffer_to_param(root: nn.Module, name: str, value: torch.Tensor, requires_grad: bool) -> None:
-    """Exact inverse of :func:`_param_to_buffer`, with a new value."""
+def _restore_param(root: nn.Module, name: str, value: torch.Tensor, requires_grad: bool) -> None:
+    """Exact inverse of :func:`_remove_param`, with a new value."""
     module, attr = _split_name(root, name)
-    del module._buffers[attr]
-    module._non_persistent_buffers_set.discard(attr)
+    module.__dict__.pop(attr, None)
     module.register_parameter(attr, nn.Parameter(value.detach().clone(), requires_grad=requires_grad))
     _refresh_rnn(module)
-
-
-def _map_out(out: Any, dims: OutDims, fn: Callable[[torch.Tensor, int], torch.Tensor]) -> Any:
-    """Apply ``fn(tensor, dim)`` to every tensor of a model output; ``dims`` is a prefix tree of ints."""
-    if isinstance(dims, int):
-        return tree_map(lambda o: fn(o, dims) if isinstance(o, torch.Tensor) else o, out)
-    if not isinstance(out, (tuple, list)) or len(out) != len(dims):
-        raise HyperloomError(f"out_dims={dims} does not match the model's output structure ({type(out).__name__})")
-    return type(out)(_map_out(o, d, fn) for o, d in zip(out, dims))
-
-
-def _cat_out(outs: list[Any], dims: OutDims) -> Any:
-    """Concatenate per-sample outputs along ``dims`` (a prefix tree of ints, as for ``vmap``)."""
-    first = outs[0]
-    if isinstance(first, torch.Tensor):
-        if not isinstance(dims, int):
-            raise HyperloomError(f"out_dims={dims} does not match the model's output (a tensor)")
-        return torch.cat(outs, dim=dims)
-    if isinstance(first, (tuple, list)):
-        if not isinstance(dims, int) and len(dims) != len(first):
-            raise HyperloomError(f"out_dims={dims} does not match the model's output ({len(first)} elements)")
-        sub = [dims] * len(first) if isinstance(dims, int) else list(dims)
-        return type(first)(_cat_out([o[j] for o in outs], sub[j]) for j in range(len(first)))
-    raise HyperloomError(f"Cannot concatenate per-sample outputs of type {type(first).__name__}")
 
 
 class HyperModel(nn.Module):
@@ -112,15 +108,22 @@ class HyperModel(nn.Module):
             names of ``model`` with matching shapes, dtype and device.
         per_sample: ``"vmap"``, ``"loop"`` (a Python loop over samples) or
             ``"auto"`` (``vmap`` unless the model has an RNN module).
-        batch_dim: Dimension of positional tensor inputs that holds samples.
-        out_dims: Sample dimension of the outputs (an int for all, or a tuple
-            per element of a tuple output); defaults to ``batch_dim``.
+        batch_dim: Dimension that holds the samples in every tensor argument
+            (positional or keyword) in per-sample mode.
+        in_dims: Per-argument exceptions to ``batch_dim``: positional index or
+            keyword name -> batch dimension, or ``None`` for an argument shared
+            by all samples (see :mod:`hyperloom.per_sample`).
+        out_dims: Sample dimension of the output tensors (an int for all, or a
+            tuple/list/dict of ints shaped like the output); defaults to
+            ``batch_dim``.
 
     Shapes:
         ``forward(*args, **conditioning)``: conditioning values are numbers
         (one weight set for the batch) or tensors of shape ``(B,)`` /
         ``(B, k)`` (one weight set per sample). Keyword arguments that are
-        not declared inputs are passed to the primary network unchanged.
+        not declared inputs go to the primary network; in per-sample mode
+        every tensor argument is split into its ``B`` samples unless
+        ``in_dims`` says it is shared.
 
     Example:
         >>> import hyperloom as hl
@@ -133,8 +136,9 @@ class HyperModel(nn.Module):
     Raises:
         HyperloomError: If a target is not a parameter of ``model``, a
             generated tensor's shape, dtype or device differs from the
-            parameter's, or an input name clashes with an argument of
-            ``model.forward``.
+            parameter's, an input name clashes with an argument of
+            ``model.forward`` or is reserved (``self``), or ``in_dims`` is
+            malformed.
     """
 
     def __init__(
@@ -144,6 +148,7 @@ class HyperModel(nn.Module):
         *,
         per_sample: PerSampleMode = "auto",
         batch_dim: int = 0,
+        in_dims: InDims | None = None,
         out_dims: OutDims | None = None,
     ) -> None:
         super().__init__()
@@ -155,6 +160,12 @@ class HyperModel(nn.Module):
             raise HyperloomError(
                 f"Hypernetwork target(s) {unknown} are not parameters of {type(model).__name__}; its parameters are {list(params)[:12]}"
             )
+        reserved = sorted(RESERVED_INPUT_NAMES & set(hypernet.input_set.names))
+        if reserved:
+            raise HyperloomError(f"Input name(s) {reserved} are reserved (arguments of HyperModel.forward itself); rename the input(s)")
+        if isinstance(batch_dim, bool) or not isinstance(batch_dim, int):
+            raise HyperloomError(f"batch_dim must be an int, got {batch_dim!r}")
+        self.in_dims = validate_in_dims(in_dims, list(hypernet.input_set.names))
         self._model_kwargs = self._check_signature(model, hypernet)
         self._check_generation(hypernet, params)
         try:
@@ -162,7 +173,7 @@ class HyperModel(nn.Module):
         except Exception as e:
             raise HyperloomError(f"Could not copy {type(model).__name__} (deepcopy failed: {e})") from e
         self.predicted: tuple[str, ...] = tuple(hypernet.shapes)
-        self._requires_grad = {n: _param_to_buffer(primary, n) for n in self.predicted}
+        self._requires_grad = {n: _remove_param(primary, n) for n in self.predicted}
         self.primary = primary
         self.hypernet = hypernet
         if per_sample == "auto":
@@ -170,6 +181,8 @@ class HyperModel(nn.Module):
         self.per_sample_mode: str = per_sample
         self.batch_dim = int(batch_dim)
         self.out_dims: OutDims = self.batch_dim if out_dims is None else out_dims
+        self._checked_layouts: set[Any] = set()
+        self._rnns: list[nn.RNNBase] = [m for m in primary.modules() if isinstance(m, nn.RNNBase)]
 
     @staticmethod
     def _check_signature(model: nn.Module, hypernet: HyperNetwork) -> frozenset[str] | None:
@@ -280,23 +293,16 @@ class HyperModel(nn.Module):
             theta = self.hypernet.theta_shared(raw)
         plain = copy.deepcopy(self.primary)
         for name, value in theta.items():
-            _buffer_to_param(plain, name, value, self._requires_grad[name])
+            _restore_param(plain, name, value, self._requires_grad[name])
         return plain
 
     # -- forward -------------------------------------------------------------------------
-    def _batch_size(self, args: Sequence[Any]) -> int | None:
-        for a in args:
-            if isinstance(a, torch.Tensor):
-                if a.dim() <= self.batch_dim:
-                    raise HyperloomError(f"Input of shape {tuple(a.shape)} has no batch dimension {self.batch_dim}")
-                return int(a.shape[self.batch_dim])
-        return None
-
-    def _check_devices(self, args: Sequence[Any]) -> None:
+    def _check_devices(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
         dev = self.hypernet.device
-        for i, a in enumerate(args):
+        for key, a in [*enumerate(args), *kwargs.items()]:
             if isinstance(a, torch.Tensor) and a.device != dev:
-                raise HyperloomError(f"Positional input {i} is on {a.device} but the model is on {dev}")
+                where = f"Positional input {key}" if isinstance(key, int) else f"Keyword argument {key!r}"
+                raise HyperloomError(f"{where} is on {a.device} but the model is on {dev}")
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the primary network with generated weights.
@@ -306,19 +312,64 @@ class HyperModel(nn.Module):
             **kwargs: Conditioning values by input name; other keyword
                 arguments go to the primary network.
 
+        Returns:
+            The primary network's output. Per sample: the same structure, with
+            tensors stacked along ``out_dims`` (see :mod:`hyperloom.per_sample`).
+
         Raises:
-            HyperloomError: On invalid conditioning, a per-sample value count
-                that differs from the batch size, or inputs on another device.
+            HyperloomError: On invalid conditioning, a batched argument whose
+                batch differs from the number of per-sample values, inputs on
+                another device, or a model that cannot run per sample (with
+                the way out).
         """
+        try:
+            return self._forward(args, kwargs)
+        finally:
+            for m in self._rnns:  # functional_call leaves the call's tensors in an RNN's _flat_weights
+                m._init_flat_weights()
+
+    def _forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         cond, rest = self._split(kwargs)
         if not _is_compiling():
-            self._check_devices(args)
-        raw, per_sample = self.hypernet.prepare(cond, batch=self._batch_size(args))
+            self._check_devices(args, rest)
+        raw, per_sample = self.hypernet.prepare(cond)
         if not per_sample:
-            return functional_call(self.primary, self.hypernet.theta_shared(raw), tuple(args), rest, tie_weights=False)
-        if raw.shape[0] == 0:
+            return functional_call(self.primary, self.hypernet.theta_shared(raw), tuple(args), rest, tie_weights=False, strict=False)
+        n = raw.shape[0]
+        if n == 0:
             raise HyperloomError("Per-sample conditioning with an empty batch (0 samples)")
-        return self._forward_per_sample(self.hypernet.theta_from_raw(raw), args, rest)
+        plan = plan_arguments(args, rest, n=n, batch_dim=self.batch_dim, in_dims=self.in_dims)
+        theta = self.hypernet.theta_from_raw(raw)
+        state = self._bn_state(n)
+        if self.per_sample_mode == "loop":
+            out = run_loop(self.primary, theta, state, plan, self.out_dims, n)
+        else:
+            try:
+                stacked, out_plan = run_vmap(self.primary, theta, state, plan, self.out_dims)
+            except HyperloomError:
+                raise
+            except Exception as e:
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                raise HyperloomError(
+                    f"Per-sample mode could not run {type(self.primary).__name__} under torch.func.vmap "
+                    f"({type(e).__name__}: {msg}){batchnorm_hint(e)}; {_VMAP_HINT}"
+                ) from e
+            out = rebuild_vmap(stacked, out_plan)
+        self._write_back(state)
+        layout = (plan.signature, self.per_sample_mode)
+        if layout not in self._checked_layouts and not _is_compiling():
+            check_against_shared(theta, plan, out, self._shared_dry_run)
+            if len(self._checked_layouts) >= _MAX_CHECKED_LAYOUTS:
+                self._checked_layouts.clear()
+            self._checked_layouts.add(layout)
+        return out
+
+    def _shared_dry_run(self, theta: ParamDict, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """A shared call that changes nothing: copies of the buffers, the random state restored."""
+        bufs = {k: v.clone() for k, v in self.primary.named_buffers()}
+        dev = self.hypernet.device
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            return functional_call(self.primary, {**theta, **bufs}, args, kwargs, tie_weights=False, strict=False)
 
     def _bn_state(self, n: int) -> dict[str, torch.Tensor]:
         """Per-sample copies of the running statistics of BatchNorm layers in training mode."""
@@ -332,41 +383,26 @@ class HyperModel(nn.Module):
         return state
 
     def _write_back(self, state: dict[str, torch.Tensor]) -> None:
-        if not state:
-            return
-        buffers = dict(self.primary.named_buffers())
-        with torch.no_grad():
-            for name, stacked in state.items():
-                buf = buffers[name]
-                buf.copy_(stacked.mean(0) if buf.dtype.is_floating_point else stacked[0])
+        """Store the mean of the per-sample running-stat updates.
 
-    def _forward_per_sample(self, theta: ParamDict, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
-        n = next(iter(theta.values())).shape[0]
-        bd = self.batch_dim
-        state = self._bn_state(n)
-        if self.per_sample_mode == "loop":
-            outs = []
-            for i in range(n):
-                tensors = {k: v[i] for k, v in theta.items()}
-                tensors.update({k: v[i] for k, v in state.items()})
-                a_i = tuple(a.narrow(bd, i, 1) if isinstance(a, torch.Tensor) else a for a in args)
-                outs.append(functional_call(self.primary, tensors, a_i, kwargs, tie_weights=False))
-            out = _cat_out(outs, self.out_dims)
-        else:
-            primary = self.primary
-
-            def one(params: ParamDict, bufs: ParamDict, *a: Any) -> Any:
-                a1 = tuple(x.unsqueeze(bd) if isinstance(x, torch.Tensor) else x for x in a)
-                o = functional_call(primary, {**params, **bufs}, a1, kwargs, tie_weights=False)
-                return _map_out(o, self.out_dims, lambda t, d: t.squeeze(d))
-
-            in_dims = (0, 0, *[bd if isinstance(a, torch.Tensor) else None for a in args])
-            out = vmap(one, in_dims=in_dims, out_dims=self.out_dims, randomness="different")(theta, state, *args)
-        self._write_back(state)
-        return out
+        The buffers are rebound to new tensors, not written in place: an earlier forward's autograd graph
+        may have saved the old ones (BatchNorm saves its running stats), and an in-place write would make
+        its ``backward()`` fail.
+        """
+        for name, stacked in state.items():
+            module, attr = _split_name(self.primary, name)
+            new = stacked.detach().mean(0) if stacked.dtype.is_floating_point else stacked.detach()[0].clone()
+            module._buffers[attr] = new
 
     def extra_repr(self) -> str:
         return f"predicted={len(self.predicted)} tensors, per_sample={self.per_sample_mode!r}"
+
+
+def _initial_theta0(name: str, p: torch.Tensor, how: str) -> torch.Tensor:
+    """``theta0``'s starting value: the model's own (``"model"``), or MIP's init keeping gains (``"init"``)."""
+    if how == "model" or (p.dim() < 2 and not is_bias_name(name)):
+        return p.detach()  # HyperNetwork copies it; normalisation gains and other scalars keep the model's value
+    return init_theta0(name, p.shape, dtype=p.dtype).to(p.device)
 
 
 def hypernetize(
@@ -387,6 +423,7 @@ def hypernetize(
     rank: int | None = None,
     per_sample: PerSampleMode = "auto",
     batch_dim: int = 0,
+    in_dims: InDims | None = None,
     out_dims: OutDims | None = None,
 ) -> HyperModel:
     """Turn an existing model into a hypernetwork model (MIP by default).
@@ -412,12 +449,17 @@ def hypernetize(
         zero_init: Start with ``Delta = 0`` (the model starts exactly equal to
             the original when additive).
         theta0: ``"model"`` takes ``theta0`` from the model's current
-            (possibly pretrained) weights; ``"init"`` re-initialises it
-            (Kaiming fan_in weights, zero biases).
+            (possibly pretrained) weights; ``"init"`` re-initialises it:
+            Kaiming fan_in for tensors of two or more dimensions, zero for
+            biases, and the model's own value for other vectors and scalars
+            (normalisation gains stay 1).
         head: ``"dense"`` or ``"lowrank"``; ``rank`` for the latter.
         rank: Rank of the low-rank head.
         per_sample: How per-sample weights run: ``"auto"``, ``"vmap"``, ``"loop"``.
-        batch_dim: Sample dimension of positional tensor inputs.
+        batch_dim: Sample dimension of every tensor argument in per-sample mode.
+        in_dims: Exceptions to ``batch_dim``, per positional index or keyword
+            name: a dimension, or ``None`` for an argument shared by all
+            samples (see :mod:`hyperloom.per_sample`).
         out_dims: Sample dimension(s) of the outputs (default ``batch_dim``).
 
     Returns:
@@ -449,10 +491,9 @@ def hypernetize(
             detail = ", ".join(f"{n}: {params[n].dtype} on {params[n].device}" for n in names)
             raise HyperloomError(f"Predicted parameters must share one dtype and device, got {detail}")
         ref = params[names[0]]
+        check_target_memory({n: params[n].shape for n in names}, dtype=ref.dtype, device=ref.device)
         with torch.no_grad():
-            targets = {
-                n: params[n].detach().clone() if theta0 == "model" else init_theta0(n, params[n].shape, dtype=ref.dtype) for n in names
-            }
+            targets = {n: _initial_theta0(n, params[n], theta0) for n in names}
         hypernet = HyperNetwork(
             inputs,
             targets,
@@ -469,9 +510,9 @@ def hypernetize(
             dtype=ref.dtype,
             device=ref.device,
         )
-        return HyperModel(model, hypernet, per_sample=per_sample, batch_dim=batch_dim, out_dims=out_dims)
+        return HyperModel(model, hypernet, per_sample=per_sample, batch_dim=batch_dim, in_dims=in_dims, out_dims=out_dims)
     except HyperloomError as e:
         raise HyperloomError(f"hypernetize({type(model).__name__}): {e}") from None
 
 
-__all__ = ["NO_VMAP_MODULES", "HyperModel", "hypernetize"]
+__all__ = ["NO_VMAP_MODULES", "RESERVED_INPUT_NAMES", "HyperModel", "hypernetize"]

@@ -32,8 +32,8 @@ class ParamStore(nn.Module):
         False
 
     Raises:
-        HyperloomError: On an empty or duplicate name, or a name that clashes
-            with an attribute of the container.
+        HyperloomError: On an empty or duplicate name, or a name that is both
+            a parameter and a prefix of another (``"a"`` and ``"a.b"``).
     """
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], *, requires_grad: bool = True) -> None:
@@ -48,17 +48,21 @@ class ParamStore(nn.Module):
             raise HyperloomError(f"Invalid parameter name {name!r}")
         if name in self._names:
             raise HyperloomError(f"Parameter {name!r} added twice")
+        # Entries go straight into ``_modules`` / ``_parameters``: a name such as ``keys``, ``values``
+        # or ``freeze`` (common in attention code) must not collide with this container's methods.
+        # Attribute access (``store.keys``) still finds the method; items are reached with ``store[name]``.
         node: nn.Module = self
-        try:
-            for part in parts[:-1]:
-                child = node._modules.get(part)
-                if child is None:
-                    child = nn.Module()
-                    node.add_module(part, child)
-                node = child
-            node.register_parameter(parts[-1], param)
-        except KeyError as e:
-            raise HyperloomError(f"Cannot store parameter {name!r}: {e.args[0]}") from None
+        for part in parts[:-1]:
+            if part in node._parameters:
+                raise HyperloomError(f"Cannot store parameter {name!r}: {part!r} is already a parameter, not a module")
+            child = node._modules.get(part)
+            if child is None:
+                child = nn.Module()
+                node._modules[part] = child
+            node = child
+        if parts[-1] in node._modules:
+            raise HyperloomError(f"Cannot store parameter {name!r}: {parts[-1]!r} already holds other parameters")
+        node._parameters[parts[-1]] = param
         self._names.append(name)
 
     def __getitem__(self, name: str) -> nn.Parameter:

@@ -37,7 +37,7 @@ def _describe(sel: object) -> str:
 
 def _module_params(model: nn.Module, module_name: str) -> list[str]:
     prefix = module_name + "." if module_name else ""
-    return [prefix + n for n, _ in model.get_submodule(module_name).named_parameters()]
+    return [prefix + n for n, _ in model.get_submodule(module_name).named_parameters(remove_duplicate=False)]
 
 
 def _match(model: nn.Module, sel: object, param_names: list[str]) -> list[str]:
@@ -46,7 +46,7 @@ def _match(model: nn.Module, sel: object, param_names: list[str]) -> list[str]:
         for mname, mod in model.named_modules():
             if isinstance(mod, sel):
                 prefix = mname + "." if mname else ""
-                out += [prefix + n for n, _ in mod.named_parameters(recurse=False)]
+                out += [prefix + n for n, _ in mod.named_parameters(recurse=False, remove_duplicate=False)]
         return out
     if isinstance(sel, str) or isinstance(sel, re.Pattern):
         if isinstance(sel, re.Pattern):
@@ -100,7 +100,12 @@ def select_parameters(model: nn.Module, predict: Selector | Sequence[Selector] |
             same parameter, a selected parameter is tied to another name, or a
             selected parameter is not floating point or uninitialised.
     """
-    all_names = [n for n, _ in model.named_parameters()]
+    # every name a parameter is reachable by, tied aliases included, so a selector that names the
+    # second owner of a tied tensor (a Linear sharing an Embedding's weight) is refused, not skipped
+    all_names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    aliases: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(n)
     if not all_names:
         raise HyperloomError(f"The model {type(model).__name__} has no parameters to predict")
     if predict is None:
@@ -125,10 +130,7 @@ def select_parameters(model: nn.Module, predict: Selector | Sequence[Selector] |
                 owner[n] = sel
         selected = [n for n in all_names if n in owner]
 
-    params = dict(model.named_parameters())
-    aliases: dict[int, list[str]] = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        aliases.setdefault(id(p), []).append(n)
+    params = dict(model.named_parameters(remove_duplicate=False))
     for n in selected:
         p = params[n]
         if len(aliases[id(p)]) > 1:

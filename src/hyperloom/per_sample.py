@@ -1,0 +1,356 @@
+"""Per-sample execution: running a model with one generated weight set per sample.
+
+:class:`~hyperloom.HyperModel` hands the per-sample weights ``{name: (B, *shape)}``
+and the call's arguments to :func:`run_per_sample`, which runs the model
+either under :func:`torch.func.vmap` (one batched call) or in a Python loop
+over samples (for modules with no batching rule, e.g. ``nn.GRU``).
+
+Which arguments carry the batch (the rule, as for ``vmap``'s ``in_dims``):
+every tensor argument, positional or keyword, and every tensor inside a
+nested argument (a tuple, a dict, ...) is batched along ``batch_dim``,
+unless ``in_dims`` says otherwise for that argument: ``in_dims`` maps a
+positional index (``int``) or a keyword name (``str``) to the argument's batch
+dimension, or to ``None`` for an argument shared by all samples (a causal
+mask, a lookup table), which is passed unchanged. Every batched tensor must
+have exactly ``B`` entries along its batch dimension, ``B`` being the number
+of per-sample conditioning values; anything else raises
+:class:`~hyperloom.HyperloomError` naming the argument. Non-tensor arguments
+pass unchanged. Each sample is run as a batch of one (the batch dimension is
+kept, with size 1).
+
+What comes back (outputs are pytrees: tensors, tuples, lists, dicts,
+namedtuples, Hugging Face ``ModelOutput`` ...): the same structure as a
+shared call, with
+
+* tensor leaves stacked along ``out_dims`` (default ``batch_dim``; an int for
+  every leaf or a prefix tree of ints matching the output): in every
+  single-sample call that dimension must have size 1 (the sample);
+* tensor leaves that are 0-d in every single-sample call (a loss computed
+  from ``labels=``) stacked into shape ``(B,)``: the per-sample values;
+* plain constants (``None``, numbers, strings, dtypes) kept as they are when
+  every sample gives the same one, else a list of the per-sample values;
+* any other object (e.g. the ``DynamicCache`` GPT-2 returns as
+  ``past_key_values``) replaced by ``None``: it cannot be stacked, and
+  under ``vmap`` it would hold tensors that are only valid inside the call.
+
+The first per-sample call with a new argument layout also checks the stacked
+output shapes against a shared call of the same batch (run without gradients,
+on copies of the buffers and with the random state restored), so an output
+whose sample dimension is not ``out_dims`` (``nn.GRU``'s ``h_n`` is
+``(layers, B, H)``) raises instead of coming back silently transposed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Union
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+from torch.utils._pytree import TreeSpec, _broadcast_to_and_flatten, tree_flatten, tree_unflatten
+
+from .errors import HyperloomError
+from .types import ParamDict
+
+#: ``in_dims``: positional index or keyword name -> batch dimension (``None``: shared by all samples).
+InDims = Mapping[Union[int, str], Union[int, None]]
+#: ``out_dims``: one sample dimension for every output tensor, or a prefix tree of them.
+OutDims = Union[int, tuple[Any, ...], list[Any], dict[str, Any]]
+
+_CONSTANTS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size, type(Ellipsis))
+
+_VMAP_HINT = (
+    "vmap cannot batch models with data-dependent control flow (`if tensor:`, `.item()`, `.all()` on an input, as "
+    "Hugging Face masking code does), in-place updates of buffers or of unbatched tensors in forward, spectral_norm, "
+    "or BatchNorm with momentum=None; pass per_sample='loop' to hypernetize (one call per sample), or use shared "
+    "conditioning (one value per input)"
+)
+
+
+def batchnorm_hint(e: BaseException) -> str:
+    """A hint for BatchNorm on a batch of one (empty if ``e`` is something else)."""
+    if "Expected more than 1 value per channel" not in str(e):
+        return ""
+    return (
+        "; in per-sample mode every sample is a batch of one, and BatchNorm in training mode cannot normalise "
+        "one value per channel: use eval mode, shared conditioning, or another normalisation"
+    )
+
+
+def validate_in_dims(in_dims: InDims | None, input_names: Sequence[str]) -> dict[int | str, int | None]:
+    """Check an ``in_dims`` mapping when wrapping; return it as a dict.
+
+    Raises:
+        HyperloomError: On a key that is not a positional index or an argument name, a key that is a
+            conditioning input, or a value that is not an int or None.
+    """
+    if in_dims is None:
+        return {}
+    if not isinstance(in_dims, Mapping):
+        raise HyperloomError(
+            f"in_dims must be a mapping from positional index or keyword name to a batch dimension or None, got {in_dims!r}"
+        )
+    out: dict[int | str, int | None] = {}
+    for k, v in in_dims.items():
+        if isinstance(k, bool) or not isinstance(k, (int, str)) or (isinstance(k, int) and k < 0):
+            raise HyperloomError(f"in_dims key {k!r}: expected a positional index (int >= 0) or a keyword argument name (str)")
+        if isinstance(k, str) and k in input_names:
+            raise HyperloomError(f"in_dims key {k!r} is a conditioning input, not an argument of the model")
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise HyperloomError(f"in_dims[{k!r}]: expected an int (the batch dimension) or None (shared), got {v!r}")
+        out[k] = v
+    return out
+
+
+def _describe_arg(key: int | str) -> str:
+    return f"positional argument {key}" if isinstance(key, int) else f"keyword argument {key!r}"
+
+
+@dataclass
+class _Plan:
+    """The call's arguments flattened to leaves, with each leaf's batch dimension (``None``: passed unchanged)."""
+
+    leaves: list[Any]
+    dims: list[int | None]
+    spec: TreeSpec
+    signature: Hashable
+
+
+def plan_arguments(
+    args: Sequence[Any], kwargs: Mapping[str, Any], *, n: int, batch_dim: int, in_dims: Mapping[int | str, int | None]
+) -> _Plan:
+    """Decide, by the documented rule, which tensor leaves carry the batch; check each has ``n`` samples.
+
+    Raises:
+        HyperloomError: Naming the argument, if a batched tensor has no batch dimension or a batch of
+            another size than ``n``.
+    """
+    leaves: list[Any] = []
+    dims: list[int | None] = []
+    sig: list[Any] = []
+    keyed: list[tuple[int | str, Any]] = [*enumerate(args), *kwargs.items()]
+    for key, value in keyed:
+        d = in_dims.get(key, batch_dim)
+        sub, sub_spec = tree_flatten(value)
+        sig.append((key, str(sub_spec)))
+        for j, leaf in enumerate(sub):
+            leaves.append(leaf)
+            if not isinstance(leaf, torch.Tensor) or d is None:
+                dims.append(None)
+                sig.append(None)
+                continue
+            where = _describe_arg(key) + (f" (tensor {j} inside it)" if len(sub) > 1 or not isinstance(value, torch.Tensor) else "")
+            dd = d + leaf.dim() if d < 0 else d
+            if not 0 <= dd < leaf.dim():
+                raise HyperloomError(
+                    f"Per-sample mode: {where} of shape {tuple(leaf.shape)} has no batch dimension {d}; pass in_dims={{{key!r}: None}} "
+                    f"to hypernetize if it is shared by all samples, or in_dims={{{key!r}: <dim>}} if its samples lie along "
+                    "another dimension"
+                )
+            if leaf.shape[dd] != n:
+                raise HyperloomError(
+                    f"The conditioning has {n} per-sample values but {where} of shape {tuple(leaf.shape)} has {leaf.shape[dd]} "
+                    f"samples along its batch dimension {d}; pass in_dims={{{key!r}: None}} to hypernetize if it is shared by "
+                    f"all samples, or in_dims={{{key!r}: <dim>}} if its samples lie along another dimension"
+                )
+            dims.append(dd)
+            sig.append((dd, leaf.dim(), leaf.dtype))
+    spec = tree_flatten((tuple(args), dict(kwargs)))[1]
+    return _Plan(leaves, dims, spec, tuple(sig))
+
+
+def _unflatten_call(plan: _Plan, leaves: list[Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    a, kw = tree_unflatten(leaves, plan.spec)
+    return tuple(a), dict(kw)
+
+
+def _out_dims_per_leaf(out_dims: OutDims, out_spec: TreeSpec, n_leaves: int) -> list[int]:
+    if isinstance(out_dims, int) and not isinstance(out_dims, bool):
+        return [out_dims] * n_leaves
+    flat = _broadcast_to_and_flatten(out_dims, out_spec)
+    if flat is None or any(isinstance(d, bool) or not isinstance(d, int) for d in flat):
+        raise HyperloomError(
+            f"out_dims={out_dims!r} does not match the model's output structure {out_spec}: give one int for every output "
+            "tensor, or a tuple/list/dict of ints shaped like the output"
+        )
+    return [int(d) for d in flat]
+
+
+def _leaf_path(out_spec: TreeSpec, i: int) -> str:
+    """A readable name for leaf ``i`` of an output (``logits``, ``[1]``, ...)."""
+    try:
+        from torch.utils._pytree import keystr, tree_flatten_with_path
+
+        paths = tree_flatten_with_path(tree_unflatten(list(range(out_spec.num_leaves)), out_spec))[0]
+        return keystr(paths[i][0]) or "the output"
+    except Exception:  # pragma: no cover - older torch without paths
+        return f"output leaf {i}"
+
+
+def _sample_dim(t: torch.Tensor, od: int, out_spec: TreeSpec, i: int) -> int | None:
+    """Normalised sample dimension of a single-sample output tensor (``None``: a 0-d per-sample value)."""
+    if t.dim() == 0:
+        return None
+    d = od + t.dim() if od < 0 else od
+    if not 0 <= d < t.dim() or t.shape[d] != 1:
+        raise HyperloomError(
+            f"Per-sample output {_leaf_path(out_spec, i)} has shape {tuple(t.shape)} for a single sample: its dimension "
+            f"{od} is not the sample (size 1); pass out_dims to hypernetize with the sample dimension of each output "
+            "(an int, or a tuple/dict shaped like the output)"
+        )
+    return d
+
+
+@dataclass
+class _OutPlan:
+    spec: TreeSpec
+    kinds: list[str]  # "tensor" | "scalar" (0-d per sample) | "const" | "other"
+    dims: list[int | None]
+    consts: list[Any]
+
+
+def _is_constant(x: Any) -> bool:
+    return isinstance(x, _CONSTANTS)
+
+
+def run_vmap(primary: nn.Module, theta: ParamDict, state: ParamDict, plan: _Plan, out_dims: OutDims) -> tuple[list[Any], _OutPlan]:
+    """One ``vmap`` call; returns the output leaves (tensors stacked at dim 0) and how to rebuild them."""
+    info: dict[str, _OutPlan] = {}
+
+    def one(params: ParamDict, bufs: ParamDict, *leaves: Any) -> tuple[torch.Tensor, ...]:
+        unsq = [x.unsqueeze(d) if d is not None else x for x, d in zip(leaves, plan.dims)]
+        a, kw = _unflatten_call(plan, unsq)
+        out = functional_call(primary, {**params, **bufs}, a, kw, tie_weights=False, strict=False)
+        flat, spec = tree_flatten(out)
+        ods = _out_dims_per_leaf(out_dims, spec, len(flat))
+        kinds: list[str] = []
+        dims: list[int | None] = []
+        consts: list[Any] = []
+        tensors: list[torch.Tensor] = []
+        for i, (x, od) in enumerate(zip(flat, ods)):
+            if isinstance(x, torch.Tensor):
+                d = _sample_dim(x, od, spec, i)
+                kinds.append("tensor" if d is not None else "scalar")
+                dims.append(d)
+                consts.append(None)
+                tensors.append(x.squeeze(d) if d is not None else x)
+            else:
+                kinds.append("const" if _is_constant(x) else "other")
+                dims.append(None)
+                consts.append(x if _is_constant(x) else None)
+        info["plan"] = _OutPlan(spec, kinds, dims, consts)
+        return tuple(tensors)
+
+    in_dims = (0, 0, *plan.dims)
+    stacked = vmap(one, in_dims=in_dims, out_dims=0, randomness="different")(theta, state, *plan.leaves)
+    return list(stacked), info["plan"]
+
+
+def rebuild_vmap(stacked: list[torch.Tensor], op: _OutPlan) -> Any:
+    it = iter(stacked)
+    leaves: list[Any] = []
+    for kind, d, c in zip(op.kinds, op.dims, op.consts):
+        if kind == "tensor":
+            assert d is not None
+            leaves.append(next(it).movedim(0, d))
+        elif kind == "scalar":
+            leaves.append(next(it))
+        else:
+            leaves.append(c)
+    return tree_unflatten(leaves, op.spec)
+
+
+def run_loop(primary: nn.Module, theta: ParamDict, state: ParamDict, plan: _Plan, out_dims: OutDims, n: int) -> Any:
+    """A Python loop over samples, each a call with a batch of one; outputs combined by the module's rule."""
+    outs: list[list[Any]] = []
+    spec: TreeSpec | None = None
+    for i in range(n):
+        tensors = {k: v[i] for k, v in theta.items()}
+        tensors.update({k: v[i] for k, v in state.items()})
+        leaves = [x.narrow(d, i, 1) if d is not None else x for x, d in zip(plan.leaves, plan.dims)]
+        a, kw = _unflatten_call(plan, leaves)
+        try:
+            out = functional_call(primary, tensors, a, kw, tie_weights=False, strict=False)
+        except HyperloomError:
+            raise
+        except Exception as e:
+            raise HyperloomError(
+                f"Per-sample call {i} of {n} of {type(primary).__name__} failed: {type(e).__name__}: {e}{batchnorm_hint(e)}"
+            ) from e
+        flat, s = tree_flatten(out)
+        if spec is None:
+            spec = s
+        elif s != spec:
+            raise HyperloomError(f"Per-sample calls of {type(primary).__name__} returned different output structures: {spec} and {s}")
+        outs.append(flat)
+    assert spec is not None
+    ods = _out_dims_per_leaf(out_dims, spec, spec.num_leaves)
+    combined: list[Any] = []
+    for j, od in enumerate(ods):
+        col = [o[j] for o in outs]
+        first = col[0]
+        if isinstance(first, torch.Tensor):
+            if not all(isinstance(c, torch.Tensor) for c in col):
+                raise HyperloomError(f"Per-sample output {_leaf_path(spec, j)} is a tensor for some samples and not for others")
+            d = _sample_dim(first, od, spec, j)
+            for c in col[1:]:
+                if c.dim() != first.dim():
+                    raise HyperloomError(
+                        f"Per-sample output {_leaf_path(spec, j)} has shapes {tuple(first.shape)} and {tuple(c.shape)} "
+                        "for different samples"
+                    )
+                _sample_dim(c, od, spec, j)
+            combined.append(torch.stack(col) if d is None else torch.cat(col, dim=d))
+        elif _is_constant(first) and all(_is_constant(c) for c in col):
+            combined.append(first if all(type(c) is type(first) and c == first for c in col) else list(col))
+        else:
+            combined.append(None)
+    return tree_unflatten(combined, spec)
+
+
+SharedCall = Callable[[ParamDict, tuple[Any, ...], dict[str, Any]], Any]
+
+
+def check_against_shared(theta: ParamDict, plan: _Plan, per_sample_out: Any, run_shared: SharedCall) -> None:
+    """Compare stacked per-sample output shapes with a shared call's (see the module docstring).
+
+    Raises:
+        HyperloomError: Naming the output whose sample dimension is not the one ``out_dims`` says.
+    """
+    a, kw = _unflatten_call(plan, plan.leaves)
+    try:
+        with torch.no_grad():
+            ref = run_shared({k: v[0] for k, v in theta.items()}, a, kw)
+    except Exception:  # the model may only work per sample; nothing to compare with then
+        return
+    got_flat, got_spec = tree_flatten(per_sample_out)
+    ref_flat, ref_spec = tree_flatten(ref)
+    if got_spec != ref_spec:
+        return
+    for i, (g, r) in enumerate(zip(got_flat, ref_flat)):
+        if not (isinstance(g, torch.Tensor) and isinstance(r, torch.Tensor)):
+            continue
+        if r.dim() == 0 and g.dim() == 1:
+            continue  # a per-sample scalar (a loss): (B,) per sample, () shared
+        if tuple(g.shape) != tuple(r.shape):
+            raise HyperloomError(
+                f"Per-sample output {_leaf_path(got_spec, i)} came out as {tuple(g.shape)} but a shared call of the same batch "
+                f"gives {tuple(r.shape)}: its sample dimension is not the one out_dims says; pass out_dims to hypernetize "
+                "with the sample dimension of each output (e.g. out_dims=(0, 1) for nn.GRU's (output, h_n) with batch_first=True)"
+            )
+
+
+__all__ = [
+    "InDims",
+    "OutDims",
+    "SharedCall",
+    "batchnorm_hint",
+    "check_against_shared",
+    "plan_arguments",
+    "rebuild_vmap",
+    "run_loop",
+    "run_vmap",
+    "validate_in_dims",
+]
