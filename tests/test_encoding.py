@@ -51,3 +51,20 @@ def test_unknown_encoding_lists_options():
 def test_instance_passes_through():
     enc = hl.CosSin()
     assert get_encoding(enc) is enc
+
+
+@pytest.mark.parametrize(("formulation", "encoding"), [("default", None), ("mip", "raw"), ("mip", "l2")])
+def test_clamp_mode_clamps_what_raw_encodings_see(formulation, encoding):
+    # 'raw' and 'l2' read the raw values, not u: out_of_range='clamp' must clamp those too
+    dim = 2 if encoding == "l2" else 1
+    h = hl.HyperNetwork({"g": hl.Input(0.0, 1.0, dim=dim, out_of_range="clamp")}, {"w": (3, 2)}, formulation=formulation, encoding=encoding)
+    one = torch.ones(dim) if dim > 1 else 1.0
+    big = torch.tensor([5.0, 1.0]) if dim > 1 else 5.0
+    assert torch.equal(h({"g": big})["w"], h({"g": one})["w"])
+    g = torch.tensor([5.0, 1.0, 0.5, -3.0, 0.0])
+    ref = torch.tensor([1.0, 1.0, 0.5, 0.0, 0.0])
+    if dim > 1:
+        g, ref = torch.stack([g, torch.full_like(g, 2.0)], 1), torch.stack([ref, torch.ones_like(ref)], 1)
+    out, out_ref = h({"g": g})["w"], h({"g": ref})["w"]
+    assert out.shape == (5, 3, 2) and torch.equal(out, out_ref)
+    assert not torch.equal(out[0], out[2])  # the test can tell values apart

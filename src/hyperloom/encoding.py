@@ -14,7 +14,10 @@ name            features                     D          norm
 ``standardize`` ``(u - 1/2) sqrt(12)``       ``K``      varies, zero-mean
 =============== ============================ ========== ===============================
 
-``raw`` is the paper's "default" formulation's input.
+``raw`` is the paper's "default" formulation's input. ``raw`` and ``l2`` read
+the raw values, not ``u``: :meth:`InputSet.prepare <hyperloom.InputSet.prepare>`
+clamps the raw values of ``out_of_range="clamp"`` inputs to their declared
+range, so that they honour the clamp too.
 """
 
 from __future__ import annotations
@@ -78,7 +81,11 @@ class Identity(Encoding):
 
 
 class Raw(Encoding):
-    """The raw conditioning values as the user gave them (the default formulation)."""
+    """The raw conditioning values as the user gave them (the default formulation).
+
+    Values of ``out_of_range="clamp"`` inputs arrive clamped to their range
+    (by :meth:`hyperloom.InputSet.prepare`).
+    """
 
     name = "raw"
 

@@ -6,13 +6,19 @@ range to [0, 1] (through ``log`` for log ranges) before encoding it.
 
 Validation (unknown or missing names, shapes, non-finite values, values out of
 range) runs eagerly, before any tensor work, in :meth:`InputSet.prepare`. The
+range check compares each value in its own precision: a Python number exactly,
+a tensor (or NumPy value) against the declared endpoints rounded to its dtype,
+so ``torch.tensor(0.1, dtype=torch.bfloat16)`` is inside ``(0.0, 0.1)``. The
 mapping itself (:meth:`Input.normalize`) is branch-free and always clamps, so
 it is safe under ``torch.func.vmap`` and ``torch.compile``.
 """
 
 from __future__ import annotations
 
+import functools
+import keyword
 import math
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Union
@@ -39,9 +45,11 @@ class Input:
         scale: ``"linear"`` maps ``[low, high]`` to ``[0, 1]`` linearly;
             ``"log"`` maps ``log(value)`` linearly (requires ``low > 0``).
         dim: Number of coordinates of the input (1 for a scalar such as a loss
-            weight, ``k`` for a ``k``-dimensional noise vector).
+            weight, ``k`` for a ``k``-dimensional noise vector); an integer
+            (``bool`` and ``float`` are refused).
         out_of_range: ``"raise"`` (default) raises :class:`HyperloomError` on
-            a value outside ``[low, high]``; ``"clamp"`` clamps it silently.
+            a value outside ``[low, high]``; ``"clamp"`` clamps it silently
+            (the raw values too, as the ``raw`` and ``l2`` encodings see them).
 
     Example:
         >>> import hyperloom as hl
@@ -50,8 +58,9 @@ class Input:
         (0.0, 1.0)
 
     Raises:
-        HyperloomError: On an empty or non-finite range, ``low <= 0`` with a
-            log scale, ``dim < 1`` or an unknown option.
+        HyperloomError: On a non-numeric, empty or non-finite range,
+            ``low <= 0`` with a log scale, a ``dim`` that is not an integer
+            ``>= 1`` or an unknown option.
     """
 
     low: float
@@ -61,7 +70,12 @@ class Input:
     out_of_range: OutOfRange = "raise"
 
     def __post_init__(self) -> None:
-        low, high = float(self.low), float(self.high)
+        try:
+            low, high = float(self.low), float(self.high)
+        except OverflowError:
+            low = high = math.inf
+        except (TypeError, ValueError):
+            raise HyperloomError(f"Input range must be real numbers, got low={self.low!r}, high={self.high!r}") from None
         if not (math.isfinite(low) and math.isfinite(high)):
             raise HyperloomError(f"Input range must be finite, got low={self.low}, high={self.high}")
         if not low < high:
@@ -70,12 +84,14 @@ class Input:
             raise HyperloomError(f"Input scale must be one of 'linear', 'log', got {self.scale!r}")
         if self.scale == "log" and low <= 0:
             raise HyperloomError(f"A log-scale input needs low > 0, got low={self.low}")
-        if not isinstance(self.dim, int) or self.dim < 1:
+        dim = _as_dim(self.dim)
+        if dim is None or dim < 1:
             raise HyperloomError(f"Input dim must be an integer >= 1, got {self.dim!r}")
         if self.out_of_range not in ("raise", "clamp"):
             raise HyperloomError(f"out_of_range must be one of 'raise', 'clamp', got {self.out_of_range!r}")
         object.__setattr__(self, "low", low)
         object.__setattr__(self, "high", high)
+        object.__setattr__(self, "dim", dim)
 
     def normalize(self, value: torch.Tensor) -> torch.Tensor:
         """Map values from ``[low, high]`` to ``[0, 1]`` (clamped, branch-free).
@@ -100,6 +116,24 @@ class Input:
         return 0.5 * (self.low + self.high)
 
 
+def _is_bool(value: Any) -> bool:
+    """``bool``, ``numpy.bool_`` (by duck typing: the core does not import NumPy) or a bool array/tensor."""
+    if isinstance(value, bool):
+        return True
+    dtype = getattr(value, "dtype", None)
+    return dtype is torch.bool or getattr(dtype, "kind", None) == "b"
+
+
+def _as_dim(dim: Any) -> int | None:
+    """``dim`` as an ``int`` (NumPy integers too), or ``None`` for a bool, a float or a non-number."""
+    if _is_bool(dim):
+        return None
+    try:
+        return operator.index(dim)
+    except TypeError:
+        return None
+
+
 def _as_input(name: str, spec: Any) -> Input:
     if isinstance(spec, Input):
         return spec
@@ -118,8 +152,8 @@ class InputSet:
     coordinates, after validating it.
 
     Args:
-        inputs: Mapping from input name (a Python identifier) to an
-            :class:`Input` or a ``(low, high[, scale])`` tuple.
+        inputs: Mapping from input name (a Python identifier, not a keyword)
+            to an :class:`Input` or a ``(low, high[, scale])`` tuple.
 
     Example:
         >>> import hyperloom as hl
@@ -130,7 +164,7 @@ class InputSet:
 
     Raises:
         HyperloomError: On an empty mapping, a name that is not an identifier
-            or a malformed declaration.
+            or is a keyword, or a malformed declaration.
     """
 
     def __init__(self, inputs: Mapping[str, InputLike] | InputSet) -> None:
@@ -143,6 +177,10 @@ class InputSet:
         for name, spec in inputs.items():
             if not isinstance(name, str) or not name.isidentifier():
                 raise HyperloomError(f"Input names must be Python identifiers, got {name!r}")
+            if keyword.iskeyword(name):
+                raise HyperloomError(
+                    f"Input name {name!r} is a Python keyword and cannot be passed as a keyword argument; use e.g. '{name}_'"
+                )
             specs[name] = _as_input(name, spec)
         self.specs = specs
 
@@ -197,11 +235,17 @@ class InputSet:
             device: Device the tensors must already be on (CPU numbers are
                 moved; tensors on another device are an error).
             check: Run the value checks (finite, in range). Skipped while
-                ``torch.compile`` traces, where out-of-range values are clamped.
+                ``torch.compile`` traces (the normalised values ``u`` are
+                clamped all the same). A value is in range when it lies in
+                ``[low, high]`` in its own precision: Python numbers exactly,
+                tensors and NumPy values against the endpoints rounded
+                outwards to their dtype.
 
         Returns:
             ``(raw, per_sample)``: raw values of shape ``(N, K)`` with ``N = 1``
-            when shared, and whether they are per sample.
+            when shared, and whether they are per sample. The columns of
+            ``out_of_range="clamp"`` inputs are clamped to ``[low, high]``
+            (always, with or without ``check``).
 
         Raises:
             HyperloomError: Naming the input, on unknown or missing names, a
@@ -216,16 +260,19 @@ class InputSet:
             raise HyperloomError(f"Missing conditioning input(s) {missing}; declared inputs are {list(self.specs)}")
         dev = torch.device(device) if device is not None else None
         cols: list[torch.Tensor] = []
+        pending: list[tuple[str, Input, str | _Pending]] = []
         per_sample_n: int | None = None
         per_sample_from: str | None = None
         for name, spec in self.specs.items():
-            v = self._to_tensor(name, values[name], dtype=dtype, device=dev)
+            value = values[name]
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            src = None if number else self._to_tensor(name, value, device=dev)
             shared_shape: tuple[int, ...] = () if spec.dim == 1 else (spec.dim,)
-            if tuple(v.shape) == shared_shape:
-                cols.append(v.reshape(1, spec.dim))
-                continue
-            if v.dim() == len(shared_shape) + 1 and tuple(v.shape[1:]) == shared_shape:
-                n = v.shape[0]
+            shape = () if src is None else tuple(src.shape)
+            if shape == shared_shape:
+                n = 1
+            elif len(shape) == len(shared_shape) + 1 and shape[1:] == shared_shape:
+                n = shape[0]
                 if per_sample_n is not None and n != per_sample_n:
                     raise HyperloomError(
                         f"Conditioning input {name!r} has {n} per-sample values but {per_sample_from!r} has {per_sample_n}"
@@ -233,59 +280,195 @@ class InputSet:
                 if batch is not None and n != batch:
                     raise HyperloomError(f"Conditioning input {name!r} has {n} per-sample values but the batch has {batch} samples")
                 per_sample_n, per_sample_from = n, name
-                cols.append(v.reshape(n, spec.dim))
+            else:
+                b = "B" if batch is None else str(batch)
+                if spec.dim == 1:
+                    expected = f"a number, a 0-d tensor or shape ({b},) with one value per sample"
+                else:
+                    expected = f"shape ({spec.dim},) or ({b}, {spec.dim}) with one row per sample"
+                raise HyperloomError(f"Conditioning input {name!r}: expected {expected}, got shape {shape}")
+            if src is None:  # a Python number: checked exactly, in Python, without tensor work
+                x = _to_float(value)
+                if check and (msg := _number_problem(name, spec, value, x, dtype)):
+                    pending.append((name, spec, msg))
+                cols.append(torch.as_tensor(x, dtype=dtype, device=dev).reshape(1, 1))
                 continue
-            b = "B" if batch is None else str(batch)
-            expected = "a scalar or shape (B,)" if spec.dim == 1 else f"shape ({spec.dim},) or (B, {spec.dim})"
-            raise HyperloomError(f"Conditioning input {name!r}: expected {expected} with B = {b}, got shape {tuple(v.shape)}")
+            src = src.reshape(n, spec.dim)
+            col = src.to(device=dev, dtype=dtype)
+            if check and src.numel() > 0 and src.device.type != "meta":
+                pending.append((name, spec, _Pending(src.detach(), col.detach(), spec, dtype)))
+            cols.append(col)
+        if pending:
+            self._raise_first(pending, dtype)
         if per_sample_n is not None:
             cols = [c.expand(per_sample_n, -1) if c.shape[0] == 1 and per_sample_n != 1 else c for c in cols]
         raw = torch.cat(cols, dim=1)
-        if check:
-            self._check_values(raw)
+        if any(s.out_of_range == "clamp" for s in self.specs.values()):
+            raw = self._clamp(raw)
         return raw, per_sample_n is not None
 
+    def _clamp(self, raw: torch.Tensor) -> torch.Tensor:
+        """Clamp the columns of ``out_of_range='clamp'`` inputs to their range (one branch-free op)."""
+        lo: list[float] = []
+        hi: list[float] = []
+        for spec in self.specs.values():
+            clamp = spec.out_of_range == "clamp"
+            lo += [spec.low if clamp else -math.inf] * spec.dim
+            hi += [spec.high if clamp else math.inf] * spec.dim
+        lo_t = torch.tensor(lo, dtype=raw.dtype, device=raw.device)
+        hi_t = torch.tensor(hi, dtype=raw.dtype, device=raw.device)
+        return torch.clamp(raw, lo_t, hi_t)
+
     @staticmethod
-    def _to_tensor(name: str, value: Any, *, dtype: torch.dtype, device: torch.device | None) -> torch.Tensor:
+    def _raise_first(pending: list[tuple[str, Input, str | _Pending]], dtype: torch.dtype) -> None:
+        """Raise for the first input (in declaration order) whose values fail the checks, with one sync per device."""
+        checks = [p for _, _, p in pending if isinstance(p, _Pending)]
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for c in checks:
+            by_device.setdefault(c.bad.device, []).append(c.bad)
+        any_bad = any(bool(torch.stack(flags).any()) for flags in by_device.values())
+        if not any_bad and len(checks) == len(pending):
+            return
+        for name, spec, p in pending:
+            msg = p if isinstance(p, str) else p.problem(name, spec, dtype)
+            if msg:
+                raise HyperloomError(msg)
+
+    @staticmethod
+    def _to_tensor(name: str, value: Any, *, device: torch.device | None) -> torch.Tensor:
+        """``value`` as a tensor in its own precision (Python numbers and lists as float64, exactly)."""
         if isinstance(value, torch.Tensor):
             if device is not None and value.device != device:
                 raise HyperloomError(f"Conditioning input {name!r} is on {value.device} but the hypernetwork is on {device}")
-            if value.dtype.is_complex or not (value.dtype.is_floating_point or value.dtype in _INT_DTYPES):
-                raise HyperloomError(f"Conditioning input {name!r} must be real numbers, got dtype {value.dtype}")
-            return value.to(dtype)
-        if isinstance(value, bool):
-            raise HyperloomError(f"Conditioning input {name!r} must be a number or tensor, got bool {value!r}")
-        try:
-            return torch.as_tensor(value, dtype=dtype, device=device)
-        except (TypeError, ValueError, RuntimeError) as e:
-            raise HyperloomError(
-                f"Conditioning input {name!r} must be a number, a sequence of numbers or a tensor, got {type(value).__name__}: {e}"
-            ) from None
-
-    def _check_values(self, raw: torch.Tensor) -> None:
-        raw = raw.detach()
-        if raw.numel() == 0:
-            return
-        start = 0
-        for name, spec in self.specs.items():
-            block = raw[:, start : start + spec.dim]
-            start += spec.dim
-            finite = torch.isfinite(block)
-            if not bool(finite.all()):
-                idx = (~finite).nonzero()[0].tolist()
+            t = value
+        else:
+            if _is_bool(value) and type(value).__name__ in ("bool", "bool_"):  # bool or numpy.bool_
+                raise HyperloomError(f"Conditioning input {name!r} must be a number or tensor, got bool {value!r}")
+            try:
+                t = torch.as_tensor(value)  # a NumPy value keeps its dtype
+                if not hasattr(value, "dtype") and t.dtype.is_floating_point and t.dtype != torch.float64:
+                    t = torch.as_tensor(value, dtype=torch.float64)  # Python floats, exactly
+            except (TypeError, ValueError, RuntimeError, OverflowError) as e:
                 raise HyperloomError(
-                    f"Conditioning input {name!r} has a non-finite value {block[idx[0], idx[1]].item()} "
-                    f"at sample {idx[0]}" + (f", coordinate {idx[1]}" if spec.dim > 1 else "")
+                    f"Conditioning input {name!r} must be a number, a sequence of numbers or a tensor, got {type(value).__name__}: {e}"
+                ) from None
+        if t.dtype is torch.bool:
+            raise HyperloomError(f"Conditioning input {name!r} must be real numbers, got bools (dtype {t.dtype})")
+        if t.dtype.is_complex or not (t.dtype.is_floating_point or t.dtype in _INT_DTYPES):
+            raise HyperloomError(f"Conditioning input {name!r} must be real numbers, got dtype {t.dtype}")
+        return t
+
+
+def _to_float(value: int | float) -> float:
+    """A Python number as a float; integers too large for a float become +-inf (clamped or refused later)."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
+def _number_problem(name: str, spec: Input, value: int | float, x: float, dtype: torch.dtype) -> str | None:
+    """What is wrong with a Python number given for ``name``, if anything (compared exactly, in Python)."""
+    if not math.isfinite(x) and isinstance(value, float):
+        return f"Conditioning input {name!r} has a non-finite value {value} at sample 0"
+    if spec.out_of_range == "raise" and not spec.low <= value <= spec.high:
+        return (
+            f"Conditioning input {name!r} out of its declared range [{spec.low}, {spec.high}]: "
+            f"got values in [{value}, {value}] (declare out_of_range='clamp' to clamp instead)"
+        )
+    if _overflows(spec, dtype) and not math.isfinite(torch.tensor(x, dtype=dtype).item()):
+        return _overflow_message(name, spec, value, dtype)
+    return None
+
+
+class _Pending:
+    """The value checks of one tensor input, as a 0-d ``bad`` flag; the message is only built when it is set."""
+
+    def __init__(self, src: torch.Tensor, col: torch.Tensor, spec: Input, dtype: torch.dtype) -> None:
+        self.src, self.col = src, col
+        self.w = w = _comparable(src)
+        self.lo, self.hi = lo, hi = _bounds_in(spec.low, spec.high, src.dtype)
+        if spec.out_of_range == "clamp":
+            ok = torch.isfinite(w)
+        elif math.isfinite(lo) and math.isfinite(hi):
+            ok = (w >= lo) & (w <= hi)  # fails on nan and +-inf too
+        else:
+            ok = torch.isfinite(w) & (w >= lo) & (w <= hi)
+        self.overflows = _overflows(spec, dtype)
+        if self.overflows:
+            ok = ok & torch.isfinite(col)
+        self.bad = ~ok.all()
+
+    def problem(self, name: str, spec: Input, dtype: torch.dtype) -> str | None:
+        finite = torch.isfinite(self.w)
+        if not bool(finite.all()):
+            i, j = (~finite).nonzero()[0].tolist()
+            return f"Conditioning input {name!r} has a non-finite value {self.src[i, j].item()} at sample {i}" + (
+                f", coordinate {j}" if spec.dim > 1 else ""
+            )
+        if spec.out_of_range == "raise":
+            lo, hi = float(self.w.min()), float(self.w.max())
+            if lo < self.lo or hi > self.hi:
+                return (
+                    f"Conditioning input {name!r} out of its declared range [{spec.low}, {spec.high}]: "
+                    f"got values in [{lo}, {hi}] (declare out_of_range='clamp' to clamp instead)"
                 )
-            if spec.out_of_range == "raise":
-                lo, hi = float(block.min()), float(block.max())
-                if lo < spec.low or hi > spec.high:
-                    raise HyperloomError(
-                        f"Conditioning input {name!r} out of its declared range [{spec.low}, {spec.high}]: "
-                        f"got values in [{lo}, {hi}] (declare out_of_range='clamp' to clamp instead)"
-                    )
+        overflow = ~torch.isfinite(self.col)
+        if self.overflows and bool(overflow.any()):
+            i, j = overflow.nonzero()[0].tolist()
+            return _overflow_message(name, spec, self.src[i, j].item(), dtype)
+        return None
 
 
-_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+def _comparable(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in a dtype that compares exactly with Python floats (integers and 8-bit floats are widened)."""
+    if t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        return t
+    if t.dtype.is_floating_point:
+        return t.float()
+    return t.to(torch.float32 if t.device.type == "mps" else torch.float64)
+
+
+@functools.lru_cache(maxsize=512)
+def _bounds_in(low: float, high: float, dtype: torch.dtype) -> tuple[float, float]:
+    """The declared ``[low, high]`` widened to the nearest values of ``dtype`` outside it.
+
+    A value given in ``dtype`` is a rounding of the value the user meant, and
+    any rounding of ``low`` (``high``) is at least ``floor(low)`` (at most
+    ``ceil(high)``) in ``dtype``: those are the bounds to compare against, so
+    every endpoint is accepted and nothing a whole step of ``dtype`` outside.
+    Integer dtypes are exact: the declared bounds.
+    """
+    if not dtype.is_floating_point:
+        return low, high
+    lo = torch.tensor(low, dtype=torch.float64).to(dtype)
+    hi = torch.tensor(high, dtype=torch.float64).to(dtype)
+    try:
+        if float(lo) > low:
+            lo = torch.nextafter(lo, torch.tensor(-math.inf, dtype=dtype))
+        if float(hi) < high:
+            hi = torch.nextafter(hi, torch.tensor(math.inf, dtype=dtype))
+    except (RuntimeError, NotImplementedError):  # pragma: no cover - dtypes without nextafter (8-bit floats)
+        pass
+    return min(float(lo), low), max(float(hi), high)
+
+
+def _overflows(spec: Input, dtype: torch.dtype) -> bool:
+    """Whether the declared range reaches past the largest finite value of ``dtype``."""
+    return dtype.is_floating_point and max(abs(spec.low), abs(spec.high)) > torch.finfo(dtype).max
+
+
+def _overflow_message(name: str, spec: Input, value: Any, dtype: torch.dtype) -> str:
+    return (
+        f"Conditioning input {name!r} value {value} overflows {dtype} (largest finite value {torch.finfo(dtype).max}); "
+        f"its declared range [{spec.low}, {spec.high}] does not fit the hypernetwork's dtype"
+    )
+
+
+_INT_DTYPES = tuple(
+    d
+    for d in (getattr(torch, n, None) for n in ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"))
+    if d is not None
+)
 
 __all__ = ["Input", "InputLike", "InputSet"]
