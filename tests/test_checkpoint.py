@@ -103,7 +103,7 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", boom)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(CheckpointError, match=re.escape(f"{p}: cannot write checkpoint (No space left on device)")):
         hl.save_safetensors({"w": torch.zeros(3)}, p)
     monkeypatch.setattr(os, "fsync", real_fsync)
     assert torch.equal(hl.load_safetensors(p)[0]["w"], torch.ones(3))
@@ -254,3 +254,268 @@ def test_trainer_names_parameters_with_non_finite_gradients():
     with pytest.raises(hl.NonFiniteLossError, match=re.escape(msg)):
         hl.Trainer(model, opt, loss_fn).fit(2)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the bad step was not applied
+
+
+# ------------------------------------------------------------------------------------------------
+# regressions
+# ------------------------------------------------------------------------------------------------
+
+
+def _trained(opt_cls=torch.optim.Adam, **kw):
+    model = hnet()
+    opt = opt_cls(model.parameters(), lr=1e-2, **kw)
+    model(torch.randn(3, 4), lam=0.5).sum().backward()
+    opt.step()
+    return model, opt
+
+
+def _snapshot(model, opt):
+    return {k: v.clone() for k, v in model.state_dict().items()}, repr(opt.state_dict()), torch.get_rng_state()
+
+
+def _assert_untouched(model, opt, snap):
+    weights, opt_state, rng = snap
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    assert repr(opt.state_dict()) == opt_state
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_load_training_validates_the_optimiser_before_restoring_anything(tmp_path):
+    model, opt = _trained()
+    p = tmp_path / "run.safetensors"
+    hl.save_training(p, model=model, optimizer=opt, step=1)
+    torch.rand(5)  # move the RNG on, so that a restore would be visible
+
+    m2 = hnet()
+    cases = [
+        (
+            torch.optim.Adam(list(m2.parameters())[:3]),
+            "optimiser parameter group 0 holds 11 parameters in the checkpoint, 3 in the optimiser",
+        ),
+        (torch.optim.SGD(m2.parameters(), lr=0.1), "optimiser class: checkpoint torch.optim.adam.Adam, given torch.optim.sgd.SGD"),
+        (
+            torch.optim.Adam([{"params": list(m2.parameters())[:5]}, {"params": list(m2.parameters())[5:]}]),
+            "optimiser has 1 parameter group(s) in the checkpoint, 2 in the optimiser",
+        ),
+    ]
+    other = hl.hypernetize(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), inputs={"lam": (0.0, 1.0)})
+    cases.append(
+        (
+            torch.optim.Adam(list(m2.parameters())[:9] + list(other.parameters())[9:]),
+            "optimiser parameter 9 (group 0): checkpoint shape (2, 8), optimiser (3, 8)",
+        )
+    )
+    for opt2, msg in cases:
+        snap = _snapshot(m2, opt2)
+        with pytest.raises(CheckpointError, match=re.escape(f"{p}: {msg}")):
+            hl.load_training(p, model=m2, optimizer=opt2)
+        _assert_untouched(m2, opt2, snap)
+
+
+def test_load_training_validates_the_scheduler_and_optimiser_presence(tmp_path):
+    model, opt = _trained()
+    p = tmp_path / "run.safetensors"
+    hl.save_training(p, model=model, optimizer=opt, scheduler=torch.optim.lr_scheduler.StepLR(opt, 2), step=1)
+    m2 = hnet()
+    o2 = torch.optim.Adam(m2.parameters())
+    s2 = torch.optim.lr_scheduler.ExponentialLR(o2, 0.9)
+    snap = _snapshot(m2, o2)
+    msg = "scheduler class: checkpoint torch.optim.lr_scheduler.StepLR, given torch.optim.lr_scheduler.ExponentialLR"
+    with pytest.raises(CheckpointError, match=re.escape(f"{p}: {msg}")):
+        hl.load_training(p, model=m2, optimizer=o2, scheduler=s2)
+    _assert_untouched(m2, o2, snap)
+    hl.save_training(p, model=model, step=1)
+    with pytest.raises(CheckpointError, match=re.escape(f"{p}: holds no optimiser state, but an optimiser was given")):
+        hl.load_training(p, model=m2, optimizer=o2)
+    _assert_untouched(m2, o2, snap)
+
+
+def test_load_training_of_an_adam_checkpoint_into_sgd_fails_before_step(tmp_path):
+    model, opt = _trained()
+    p = tmp_path / "run.safetensors"
+    hl.save_training(p, model=model, optimizer=opt, step=1)
+    m2 = hnet()
+    sgd = torch.optim.SGD(m2.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(CheckpointError, match=re.escape("checkpoint torch.optim.adam.Adam, given torch.optim.sgd.SGD")):
+        hl.load_training(p, model=m2, optimizer=sgd)
+    m2(torch.randn(3, 4), lam=0.5).sum().backward()
+    sgd.step()  # the optimiser still works
+
+
+def test_load_training_of_an_old_adam_checkpoint_into_sgd_raises(tmp_path):
+    model, opt = _trained()
+    p = tmp_path / "run.safetensors"
+    hl.save_training(p, model=model, optimizer=opt, step=1)
+    _rewrite_training_meta(
+        p, lambda h, t: [h.pop(k, None) for k in ("optimizer_class", "optimizer_shapes", "hypernetworks")]
+    )  # as files written before
+    m2 = hnet()
+    sgd = torch.optim.SGD(m2.parameters(), lr=0.1)
+    snap = _snapshot(m2, sgd)
+    with pytest.raises(CheckpointError, match=re.escape(f"{p}: optimiser parameter group 0 has hyperparameters [")) as e:
+        hl.load_training(p, model=m2, optimizer=sgd)
+    assert "'betas'" in str(e.value) and "in the checkpoint that torch.optim.sgd.SGD does not take" in str(e.value)
+    _assert_untouched(m2, sgd, snap)
+    assert hl.load_training(p, model=m2, optimizer=torch.optim.Adam(m2.parameters()))["step"] == 1
+
+
+def _rewrite_training_meta(p, edit):
+    import json
+
+    tensors, meta = hl.load_safetensors(p)
+    h = json.loads(meta["hyperloom"])
+    edit(h, tensors)
+    hl.save_safetensors(tensors, p, metadata={"hyperloom": json.dumps(h)})
+
+
+@pytest.mark.parametrize(
+    ("edit", "msg"),
+    [
+        (lambda h, t: h.pop("step"), "corrupt training checkpoint: 'step' must be an integer, got None"),
+        (lambda h, t: h.update(step="7"), "corrupt training checkpoint: 'step' must be an integer, got '7'"),
+        (lambda h, t: h.pop("rng"), "corrupt training checkpoint: no RNG state"),
+        (lambda h, t: h["rng"].pop("python"), "corrupt training checkpoint: no RNG state"),
+        (lambda h, t: t.pop("rng.torch"), "corrupt training checkpoint: no tensor 'rng.torch'"),
+        (lambda h, t: h["rng"].update(python=[1, 2]), "corrupt training checkpoint: invalid Python RNG state"),
+        (lambda h, t: t.update({"rng.torch": torch.zeros(3, dtype=torch.uint8)}), "corrupt training checkpoint: invalid torch RNG state"),
+        (lambda h, t: t.pop("optimizer.state.0.exp_avg"), "corrupt training checkpoint: optimiser state refers to a missing tensor"),
+        (lambda h, t: h.update(config=[1]), "corrupt training checkpoint: 'config' must be a JSON object, got [1]"),
+    ],
+)
+def test_load_training_with_a_broken_header_raises_checkpoint_error(tmp_path, edit, msg):
+    model, opt = _trained()
+    p = tmp_path / "run.safetensors"
+    hl.save_training(p, model=model, optimizer=opt, step=1)
+    _rewrite_training_meta(p, edit)
+    m2 = hnet()
+    o2 = torch.optim.Adam(m2.parameters())
+    snap = _snapshot(m2, o2)
+    with pytest.raises(CheckpointError, match=re.escape(f"{p}: {msg}")):
+        hl.load_training(p, model=m2, optimizer=o2)
+    _assert_untouched(m2, o2, snap)
+
+
+def test_save_training_refuses_non_finite_parameters_and_keeps_the_old_file(tmp_path):
+    model, opt = _trained()
+    p = tmp_path / "run.safetensors"
+    hl.save_training(p, model=model, optimizer=opt, step=1)
+    before = p.read_bytes()
+    with torch.no_grad():
+        model.hypernet.trunk.layers[0].weight[0, 0] = float("inf")
+        dict(model.named_parameters())["hypernet.theta0.0.bias"][1] = float("nan")
+    msg = f"{p}: refusing to checkpoint non-finite parameters ['hypernet.trunk.layers.0.weight', 'hypernet.theta0.0.bias']"
+    with pytest.raises(CheckpointError, match=re.escape(msg)):
+        hl.save_training(p, model=model, optimizer=opt, step=2)
+    assert p.read_bytes() == before
+    model, opt = _trained()
+    next(iter(opt.state.values()))["exp_avg_sq"][0] = float("inf")
+    with pytest.raises(
+        CheckpointError,
+        match=re.escape("refusing to checkpoint non-finite optimiser state {'hypernet.trunk.layers.0.weight': ['exp_avg_sq']}"),
+    ):
+        hl.save_training(p, model=model, optimizer=opt, step=2)
+    assert p.read_bytes() == before
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_training_checkpoint_in_other_dtypes(tmp_path, dtype):
+    model = hnet().to(dtype)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(3, 4, dtype=dtype), lam=0.5).sum().backward()
+    opt.step()
+    p = tmp_path / "run.safetensors"
+    hl.save_training(p, model=model, optimizer=opt, step=1)
+    m2 = hnet().to(dtype)
+    o2 = torch.optim.Adam(m2.parameters())
+    assert hl.load_training(p, model=m2, optimizer=o2)["step"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), m2.state_dict().values()))
+
+
+def _lin_hnet(**inp):
+    return hl.HyperNetwork(inp or {"lam": (0.0, 1.0)}, {"w": (4, 3)}, hidden=(8,))
+
+
+@pytest.mark.parametrize(
+    ("other", "msg"),
+    [
+        ({"beta": (0.0, 1.0)}, "hypernetwork '': input names: saved ['lam'], model ['beta']"),
+        ({"lam": (0.0, 2.0)}, "hypernetwork '': input 'lam' high: saved 1.0, model 2.0"),
+        ({"lam": hl.Input(0.1, 1.0, scale="log")}, "hypernetwork '': input 'lam' low: saved 0.0, model 0.1"),
+        ({"lam": hl.Input(0.0, 1.0, dim=2)}, "hypernetwork '': input 'lam' dim: saved 1, model 2"),
+        ({"lam": hl.Input(0.0, 1.0, out_of_range="clamp")}, "hypernetwork '': input 'lam' out_of_range: saved 'raise', model 'clamp'"),
+    ],
+)
+def test_load_model_checks_the_input_declarations(tmp_path, other, msg):
+    p = tmp_path / "m.safetensors"
+    hl.save_model(_lin_hnet(), p)
+    target = _lin_hnet(**other)
+    if any(getattr(s, "dim", 1) != 1 for s in target.input_set.specs.values()):
+        msg_re = re.escape(str(p))  # other dims also change the trunk's shapes; either message names the file
+        with pytest.raises(CheckpointError, match=msg_re):
+            hl.load_model(target, p)
+        return
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(CheckpointError, match=re.escape(f"{p}: {msg}")):
+        hl.load_model(target, p)
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
+
+
+def test_input_declarations_of_wrapped_models_and_training_checkpoints(tmp_path):
+    p = tmp_path / "m.safetensors"
+    a = hnet()
+    hl.save_model(a, p)
+    b = hl.hypernetize(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), inputs={"lam": (0.0, 5.0)})
+    with pytest.raises(CheckpointError, match=re.escape(f"{p}: hypernetwork 'hypernet': input 'lam' high: saved 1.0, model 5.0")):
+        hl.load_model(b, p)
+    scale = hl.hypernetize(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), inputs={"lam": (0.1, 1.0, "log")})
+    with pytest.raises(CheckpointError, match=re.escape("input 'lam' low: saved 0.0, model 0.1")):
+        hl.load_model(scale, p)
+    hl.save_training(p, model=a, step=0)
+    with pytest.raises(CheckpointError, match=re.escape(f"{p}: hypernetwork 'hypernet': input 'lam' high: saved 1.0, model 5.0")):
+        hl.load_training(p, model=b)
+    default = hl.hypernetize(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), inputs={"lam": (0.0, 1.0)}, formulation="default")
+    hl.save_model(default, p)
+    with pytest.raises(CheckpointError, match=re.escape("hypernetwork 'hypernet' formulation: saved 'default', model 'mip'")):
+        hl.load_model(hnet(), p)
+
+
+def test_model_files_without_input_declarations_still_load(tmp_path):
+    st = pytest.importorskip("safetensors.torch")
+    a = hnet()
+    p = tmp_path / "old.safetensors"
+    st.save_file(a.state_dict(), str(p), metadata={"format": "hyperloom.model/1", "config": "{}"})
+    b = hnet()
+    assert hl.load_model(b, p) == {}
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_unwritable_paths_raise_checkpoint_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "dir").mkdir()
+    for bad in (tmp_path / "file" / "m.safetensors", tmp_path / "dir", tmp_path / "file" / "sub" / "m.safetensors"):
+        with pytest.raises(CheckpointError, match=re.escape(f"{bad}: cannot write checkpoint")):
+            hl.save_model(hnet(), bad)
+        with pytest.raises(CheckpointError, match=re.escape(f"{bad}: cannot write checkpoint")):
+            hl.save_training(bad, model=hnet(), step=0)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["dir", "file"] and not list((tmp_path / "dir").iterdir())
+
+
+def test_a_flipped_data_byte_raises_naming_the_file_and_tensor(tmp_path):
+    p = tmp_path / "t.safetensors"
+    hl.save_safetensors({"a": torch.randn(4, 4), "b": torch.randn(8)}, p, metadata={"k": "v"})
+    blob = bytearray(p.read_bytes())
+    assert hl.load_safetensors(p)[1] == {"k": "v"}  # the checksum is not part of the user's metadata
+    blob[-1] ^= 0x01  # the last byte belongs to "b"
+    p.write_bytes(bytes(blob))
+    with pytest.raises(CheckpointError, match=re.escape(f"{p}: b: checksum mismatch (tampered or corrupt file)")):
+        hl.load_safetensors(p)
+    st = pytest.importorskip("safetensors.torch")
+    hl.save_safetensors({"a": torch.randn(4, 4)}, p)
+    assert st.load_file(str(p))["a"].shape == (4, 4)  # still a valid safetensors file
+    n = int.from_bytes(p.read_bytes()[:8], "little")
+    h = p.read_bytes()[8 : 8 + n].decode()
+    p.write_bytes(p.read_bytes()[:8] + h.replace('"shape":[4,4]', '"shape":[2,8]').encode() + p.read_bytes()[8 + n :])
+    with pytest.raises(CheckpointError, match=re.escape(f"{p}: a: checksum mismatch")):
+        hl.load_safetensors(p)  # a reshaped tensor is caught too
+    with pytest.raises(CheckpointError, match=re.escape("metadata key 'hyperloom.sha256' is reserved")):
+        hl.save_safetensors({"a": torch.randn(2)}, p, metadata={"hyperloom.sha256": "{}"})

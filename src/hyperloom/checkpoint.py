@@ -7,15 +7,21 @@ little-endian tensor bytes. It is implemented here with torch alone, so the
 core keeps no dependency beyond torch; files interoperate with the
 ``safetensors`` package (checked in the tests).
 
+Every tensor's SHA-256 (over its dtype, shape and bytes) is stored in the
+``__metadata__`` under ``hyperloom.sha256``, so a flipped data byte is caught
+on load; files without checksums (written by other tools) still load.
+
 Writes go to a temporary file in the same directory, are fsynced, then
 renamed over the target: a crash leaves either the old file or the new one,
-never a torn one. Loads validate the whole header against the file size
-before touching any tensor and raise :class:`CheckpointError` naming the file.
+never a torn one. Loads validate the whole header against the file size and
+the checksums before touching any tensor and raise :class:`CheckpointError`
+naming the file.
 """
 
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import os
 import random
@@ -29,6 +35,7 @@ import torch
 from torch import nn
 
 from .errors import HyperloomError
+from .hypernetwork import HyperNetwork
 
 _DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -44,6 +51,8 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
 _MAX_HEADER = 100 * 2**20
+_CHECKSUMS = "hyperloom.sha256"
+_INPUT_FIELDS = ("low", "high", "scale", "dim", "out_of_range")
 
 
 class CheckpointError(HyperloomError):
@@ -60,11 +69,30 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _cannot_write(target: Path, why: str) -> CheckpointError:
+    return CheckpointError(f"{target}: cannot write checkpoint ({why})")
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], chunks: list[bytes]) -> None:
-    """Write ``chunks`` to ``path`` atomically (temporary file, fsync, rename, fsync of the directory)."""
+    """Write ``chunks`` to ``path`` atomically (temporary file, fsync, rename, fsync of the directory).
+
+    Raises:
+        CheckpointError: Naming the file, if it cannot be written (its directory is a file, it is a
+            directory, no permission, disk full); a file already there is left as it was.
+    """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    if target.is_dir():
+        raise _cannot_write(target, "it is a directory")
+    for parent in target.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise _cannot_write(target, f"{parent} is a file, not a directory")
+            break
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as e:
+        raise _cannot_write(target, e.strerror or str(e)) from e
     try:
         with os.fdopen(fd, "wb") as f:
             for c in chunks:
@@ -72,10 +100,21 @@ def atomic_write_bytes(path: str | os.PathLike[str], chunks: list[bytes]) -> Non
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise _cannot_write(target, e.strerror or str(e)) from e
         raise
-    _fsync_dir(target.parent)
+    try:
+        _fsync_dir(target.parent)
+    except OSError as e:  # pragma: no cover - the file is in place; only its durability is in doubt
+        raise _cannot_write(target, f"fsync of the directory failed: {e.strerror or e}") from e
+
+
+def _digest(dtype: str, shape: list[int], data: bytes | memoryview) -> str:
+    h = hashlib.sha256(json.dumps([dtype, shape]).encode())
+    h.update(data)
+    return h.hexdigest()
 
 
 def save_safetensors(
@@ -92,9 +131,11 @@ def save_safetensors(
         (torch.Size([2, 3]), '7')
 
     Raises:
-        CheckpointError: On a dtype the format cannot store or a non-string metadata value.
+        CheckpointError: On a dtype the format cannot store, a non-string metadata value, the reserved
+            metadata key ``hyperloom.sha256`` or a path that cannot be written.
     """
     header: dict[str, Any] = {}
+    sums: dict[str, str] = {}
     blobs: list[bytes] = []
     offset = 0
     for name, t in tensors.items():
@@ -104,14 +145,19 @@ def save_safetensors(
         if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
             raise CheckpointError("big-endian hosts are not supported")
         n = data.numel() * data.element_size()
-        blobs.append(ctypes.string_at(data.data_ptr(), n) if n else b"")  # torch only: no numpy needed
+        blob = ctypes.string_at(data.data_ptr(), n) if n else b""  # torch only: no numpy needed
+        blobs.append(blob)
         header[name] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        sums[name] = _digest(_NAMES[t.dtype], list(t.shape), blob)
         offset += n
-    if metadata:
-        bad = [k for k, v in metadata.items() if not isinstance(v, str)]
-        if bad:
-            raise CheckpointError(f"metadata values must be strings, not for {bad}")
-        header["__metadata__"] = dict(metadata)
+    meta = dict(metadata or {})
+    bad = [k for k, v in meta.items() if not isinstance(v, str)]
+    if bad:
+        raise CheckpointError(f"metadata values must be strings, not for {bad}")
+    if _CHECKSUMS in meta:
+        raise CheckpointError(f"metadata key {_CHECKSUMS!r} is reserved for the tensors' checksums")
+    meta[_CHECKSUMS] = json.dumps(sums, separators=(",", ":"))
+    header["__metadata__"] = meta
     hbytes = json.dumps(header, separators=(",", ":")).encode()
     hbytes += b" " * (-len(hbytes) % 8)  # align the data section to 8 bytes
     atomic_write_bytes(path, [len(hbytes).to_bytes(8, "little"), hbytes, *blobs])
@@ -125,7 +171,8 @@ def load_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tens
 
     Raises:
         CheckpointError: Naming the file, if it is missing, truncated, or its header is malformed,
-            inconsistent, overlapping or has trailing bytes.
+            inconsistent, overlapping or has trailing bytes, or naming the tensor too, if its checksum
+            does not match its data (a tampered or corrupt file).
     """
     p = Path(path)
     try:
@@ -146,6 +193,21 @@ def load_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tens
     meta = header.pop("__metadata__", {}) or {}
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise CheckpointError(f"{p}: corrupt checkpoint metadata")
+    meta = dict(meta)
+    sums: dict[str, Any] | None = None
+    if _CHECKSUMS in meta:
+        try:
+            sums = json.loads(meta.pop(_CHECKSUMS))
+        except json.JSONDecodeError:
+            sums = None
+        if not isinstance(sums, dict):
+            raise CheckpointError(f"{p}: corrupt checksums in the checkpoint metadata (tampered file)")
+        missing, unexpected = sorted(set(header) - set(sums)), sorted(set(sums) - set(header))
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{p}: the checksums do not match the tensors (tampered file): no checksum for {missing[:8]}, "
+                f"checksums of absent tensors {unexpected[:8]}"
+            )
     data = memoryview(blob)[8 + n :]
     spans = []
     out: dict[str, torch.Tensor] = {}
@@ -167,6 +229,8 @@ def load_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tens
                 f"{p}: {name}: data offsets [{start}, {end}) do not fit shape {shape} of {info['dtype']} "
                 f"in a data section of {len(data)} bytes (truncated or tampered file)"
             )
+        if sums is not None and sums[name] != _digest(info["dtype"], shape, data[start:end]):
+            raise CheckpointError(f"{p}: {name}: checksum mismatch (tampered or corrupt file)")
         spans.append((start, end, name))
         buf = torch.frombuffer(bytearray(data[start:end]), dtype=torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
         out[name] = buf.view(dtype).reshape(shape).clone() if nbytes else torch.empty(shape, dtype=dtype)
@@ -178,20 +242,85 @@ def load_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tens
         pos = end
     if pos != len(data):
         raise CheckpointError(f"{p}: {len(data) - pos} trailing bytes after the last tensor (tampered file)")
-    return out, dict(meta)
+    return out, meta
+
+
+def _hypernetworks(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """The declarations of every :class:`~hyperloom.HyperNetwork` in ``model``, by module name (JSON-able)."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, HyperNetwork):
+            inputs = {k: {f: getattr(spec, f, None) for f in _INPUT_FIELDS} for k, spec in module.input_set.specs.items()}
+            encoding = getattr(module, "encoding", None)
+            out[name] = {
+                "inputs": inputs,
+                "formulation": getattr(module, "formulation", None),
+                "encoding": getattr(encoding, "name", None),
+                "additive": getattr(module, "additive", None),
+            }
+    return out
+
+
+def _check_hypernetworks(path: str | os.PathLike[str], saved: Any, model: nn.Module, *, strict: bool) -> None:
+    """Compare the declarations saved with the checkpoint (``None``: an older file) with the model's."""
+    if saved is None:
+        return
+    if not isinstance(saved, dict) or not all(isinstance(v, dict) and isinstance(v.get("inputs"), dict) for v in saved.values()):
+        raise CheckpointError(f"{path}: corrupt hypernetwork declarations in the checkpoint")
+    own = _hypernetworks(model)
+    if strict and sorted(saved) != sorted(own):
+        raise CheckpointError(f"{path}: hypernetwork modules: saved {sorted(saved)}, model {sorted(own)}")
+    for name in [n for n in saved if n in own]:
+        s_inputs, m_inputs = saved[name]["inputs"], own[name]["inputs"]
+        if list(s_inputs) != list(m_inputs):
+            raise CheckpointError(f"{path}: hypernetwork {name!r}: input names: saved {list(s_inputs)}, model {list(m_inputs)}")
+        for inp, fields in s_inputs.items():
+            for f in _INPUT_FIELDS:
+                sv, mv = fields.get(f) if isinstance(fields, dict) else None, m_inputs[inp][f]
+                if sv is not None and sv != mv:
+                    raise CheckpointError(f"{path}: hypernetwork {name!r}: input {inp!r} {f}: saved {sv!r}, model {mv!r}")
+        for f in ("formulation", "encoding", "additive"):
+            sv, mv = saved[name].get(f), own[name][f]
+            if sv is not None and sv != mv:
+                raise CheckpointError(f"{path}: hypernetwork {name!r} {f}: saved {sv!r}, model {mv!r}")
+
+
+def _load_json(path: str | os.PathLike[str], meta: Mapping[str, str], key: str) -> Any:
+    if key not in meta:
+        return None
+    try:
+        return json.loads(meta[key])
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path}: corrupt checkpoint metadata {key!r} (not JSON)") from None
+
+
+def _check_state(path: str | os.PathLike[str], state: Mapping[str, torch.Tensor], own: Mapping[str, Any], *, strict: bool) -> None:
+    if strict:
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise CheckpointError(f"{path}: keys do not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    for k, v in state.items():
+        if k in own and tuple(own[k].shape) != tuple(v.shape):
+            raise CheckpointError(f"{path}: {k}: checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)}")
 
 
 def save_model(model: nn.Module, path: str | os.PathLike[str], *, config: Mapping[str, Any] | None = None) -> None:
     """Save ``model.state_dict()`` (and an optional JSON-able config) to a safetensors file.
 
+    The input declarations (and formulation, encoding, additivity) of every
+    :class:`~hyperloom.HyperNetwork` in the model are stored with it and checked by :func:`load_model`.
+
     Raises:
-        CheckpointError: On a state entry that is not a tensor or an unstorable dtype.
+        CheckpointError: On a state entry that is not a tensor, an unstorable dtype or a path that
+            cannot be written.
     """
     state = model.state_dict()
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(f"state_dict entries {bad} are not tensors")
-    save_safetensors(state, path, metadata={"format": "hyperloom.model/1", "config": json.dumps(config or {})})
+    meta = {"format": "hyperloom.model/1", "config": json.dumps(config or {}), "hypernetworks": json.dumps(_hypernetworks(model))}
+    save_safetensors(state, path, metadata=meta)
 
 
 def load_model(model: nn.Module, path: str | os.PathLike[str], *, strict: bool = True) -> dict[str, Any]:
@@ -200,20 +329,18 @@ def load_model(model: nn.Module, path: str | os.PathLike[str], *, strict: bool =
     The file is fully validated first, so a bad file never leaves a half-loaded model.
 
     Raises:
-        CheckpointError: Naming the file, on a bad file, or keys or shapes that do not match the model.
+        CheckpointError: Naming the file, on a bad file, keys or shapes that do not match the model,
+            or hypernetwork input declarations (name, range, scale, dim, out_of_range) or formulation
+            that differ from the model's (files written before these were recorded skip that check).
     """
     tensors, meta = load_safetensors(path)
-    own = model.state_dict()
-    if strict:
-        missing = sorted(set(own) - set(tensors))
-        unexpected = sorted(set(tensors) - set(own))
-        if missing or unexpected:
-            raise CheckpointError(f"{path}: keys do not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
-    for k, v in tensors.items():
-        if k in own and tuple(own[k].shape) != tuple(v.shape):
-            raise CheckpointError(f"{path}: {k}: checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)}")
+    config = _load_json(path, meta, "config")
+    if not isinstance(config, dict | None):
+        raise CheckpointError(f"{path}: corrupt checkpoint metadata 'config': a JSON object expected, got {config!r}")
+    _check_hypernetworks(path, _load_json(path, meta, "hypernetworks"), model, strict=strict)
+    _check_state(path, tensors, model.state_dict(), strict=strict)
     model.load_state_dict(tensors, strict=strict)
-    return dict(json.loads(meta.get("config", "{}")))
+    return dict(config or {})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -251,17 +378,48 @@ def _unjson(x: Any) -> Any:
     return x
 
 
-def _set_rng_state(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
-    torch.set_rng_state(tensors["rng.torch"])
-    random.setstate(_unjson(meta["python"]))
-    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
-    if cuda and torch.cuda.is_available():  # pragma: no cover - no GPU in CI
-        torch.cuda.set_rng_state_all(cuda)
-    if "numpy" in meta and "rng.numpy.keys" in tensors:
+def _parse_rng_state(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate the stored RNG states (on throw-away generators) without touching the global ones."""
+    corrupt = f"{path}: corrupt training checkpoint:"
+    rng = meta.get("rng")
+    if not isinstance(rng, dict) or "python" not in rng:
+        raise CheckpointError(f"{corrupt} no RNG state")
+    if "rng.torch" not in tensors:
+        raise CheckpointError(f"{corrupt} no tensor 'rng.torch'")
+    out: dict[str, Any] = {"torch": tensors["rng.torch"], "python": _unjson(rng["python"])}
+    try:
+        random.Random().setstate(out["python"])
+    except (TypeError, ValueError, OverflowError):
+        raise CheckpointError(f"{corrupt} invalid Python RNG state") from None
+    try:
+        torch.Generator().set_state(out["torch"])
+    except (RuntimeError, TypeError):
+        raise CheckpointError(f"{corrupt} invalid torch RNG state {tuple(out['torch'].shape)} of {out['torch'].dtype}") from None
+    out["cuda"] = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+    if "numpy" in rng and "rng.numpy.keys" in tensors:
+        try:
+            import numpy as np
+        except ImportError:  # pragma: no cover - numpy was imported when saved; nothing draws from it now
+            return out
+        try:
+            name, pos, has_gauss, gauss = rng["numpy"]
+            state = (name, tensors["rng.numpy.keys"].numpy().astype("uint32"), pos, has_gauss, gauss)
+            np.random.RandomState().set_state(state)
+        except (TypeError, ValueError):
+            raise CheckpointError(f"{corrupt} invalid numpy RNG state") from None
+        out["numpy"] = state
+    return out
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if state["cuda"] and torch.cuda.is_available():  # pragma: no cover - no GPU in CI
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
         import numpy as np
 
-        name, pos, has_gauss, gauss = meta["numpy"]
-        np.random.set_state((name, tensors["rng.numpy.keys"].numpy().astype("uint32"), pos, has_gauss, gauss))
+        np.random.set_state(state["numpy"])
 
 
 def _split_state(prefix: str, obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
@@ -292,6 +450,115 @@ def _join_state(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
     return obj
 
 
+def _join(path: str | os.PathLike[str], obj: Any, tensors: Mapping[str, torch.Tensor], what: str) -> dict[Any, Any]:
+    try:
+        out = _join_state(obj, tensors)
+    except KeyError as e:
+        raise CheckpointError(f"{path}: corrupt training checkpoint: {what} state refers to a missing tensor {e}") from None
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{path}: corrupt training checkpoint: malformed {what} state") from None
+    if not isinstance(out, dict):
+        raise CheckpointError(f"{path}: corrupt training checkpoint: {what} state is not a mapping")
+    return out
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _shape(x: Any) -> tuple[int, ...] | None:
+    try:
+        return tuple(int(d) for d in x)
+    except (TypeError, ValueError):
+        return None
+
+
+def _check_optimizer(
+    path: str | os.PathLike[str], meta: Mapping[str, Any], state: Mapping[Any, Any], optimizer: torch.optim.Optimizer, model: nn.Module
+) -> None:
+    """Check a stored optimiser state fits ``optimizer`` (class, groups, parameter shapes, state keys)."""
+    given = _qualname(type(optimizer))
+    saved_cls = meta.get("optimizer_class")
+    if saved_cls is not None and saved_cls != given:
+        raise CheckpointError(f"{path}: optimiser class: checkpoint {saved_cls}, given {given}")
+    groups, per_param = state.get("param_groups"), state.get("state")
+    if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
+        raise CheckpointError(f"{path}: corrupt training checkpoint: malformed optimiser parameter groups")
+    if not isinstance(per_param, dict) or not all(isinstance(v, dict) for v in per_param.values()):
+        raise CheckpointError(f"{path}: corrupt training checkpoint: malformed optimiser state")
+    own = optimizer.param_groups
+    if len(groups) != len(own):
+        raise CheckpointError(f"{path}: optimiser has {len(groups)} parameter group(s) in the checkpoint, {len(own)} in the optimiser")
+    for i, (g, og) in enumerate(zip(groups, own, strict=True)):
+        n_saved, n_own = len(g["params"]), len(og["params"])
+        if n_saved != n_own:
+            raise CheckpointError(
+                f"{path}: optimiser parameter group {i} holds {n_saved} parameters in the checkpoint, {n_own} in the optimiser"
+            )
+        extra = sorted(set(g) - set(og))
+        if saved_cls is None and extra:  # older files do not record the class: unknown hyperparameters betray another one
+            raise CheckpointError(
+                f"{path}: optimiser parameter group {i} has hyperparameters {extra} in the checkpoint that {given} does not take "
+                "(saved from another optimiser class?)"
+            )
+    ids = {pid for g in groups for pid in g["params"] if isinstance(pid, int | str)}
+    stray = sorted((k for k in per_param if k not in ids), key=str)
+    if stray:
+        raise CheckpointError(f"{path}: corrupt training checkpoint: optimiser state for parameter(s) {stray[:8]} that no group holds")
+    shapes = meta.get("optimizer_shapes")
+    if shapes is None:
+        return
+    names = {id(p): n for n, p in model.named_parameters()}
+    flat = [p for og in own for p in og["params"]]
+    saved_shapes = [_shape(s) for g in shapes for s in g] if isinstance(shapes, list) and all(isinstance(g, list) for g in shapes) else None
+    if saved_shapes is None or len(saved_shapes) != len(flat):
+        raise CheckpointError(f"{path}: corrupt training checkpoint: malformed optimiser parameter shapes")
+    k = 0
+    for i, og in enumerate(own):
+        for p in og["params"]:
+            if saved_shapes[k] != tuple(p.shape):
+                label = f"group {i}, {names[id(p)]}" if id(p) in names else f"group {i}"
+                raise CheckpointError(
+                    f"{path}: optimiser parameter {k} ({label}): checkpoint shape {saved_shapes[k]}, optimiser {tuple(p.shape)}"
+                )
+            k += 1
+
+
+def _non_finite_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> tuple[list[str], dict[str, list[str]]]:
+    """Names of the model's non-finite parameters, and of the parameters with non-finite optimiser state.
+
+    Returns:
+        ``(parameters, state)``: parameter names whose values hold a NaN or an infinity, and a mapping
+        ``parameter name -> [state keys]`` (``exp_avg_sq``, ``momentum_buffer``...) for the optimiser's state.
+        Both are empty for a healthy run. Buffers are not checked (an attention mask may hold ``-inf``).
+    """
+    params = [(n, p) for n, p in model.named_parameters() if p.is_floating_point() or p.is_complex()]
+    state: list[tuple[str, str, torch.Tensor]] = []
+    if optimizer is not None:
+        names = {id(p): n for n, p in model.named_parameters()}
+        flat = [p for g in optimizer.param_groups for p in g["params"]]
+        for k, p in enumerate(flat):
+            for key, v in optimizer.state.get(p, {}).items():
+                if isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex()):
+                    state.append((names.get(id(p), f"optimiser parameter {k}"), str(key), v))
+    if _all_finite([p for _, p in params] + [v for _, _, v in state]):
+        return [], {}
+    bad_state: dict[str, list[str]] = {}
+    for name, key, v in state:
+        if not bool(torch.isfinite(v).all()):
+            bad_state.setdefault(name, []).append(key)
+    return [n for n, p in params if not bool(torch.isfinite(p).all())], bad_state
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every tensor is free of NaN and infinities (one device synchronisation per device)."""
+    flags: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        if t.numel():
+            flags.setdefault(t.device, []).append(torch.isfinite(t.detach()).all())
+    return all(bool(torch.stack(f).all()) for f in flags.values())
+
+
 def save_training(
     path: str | os.PathLike[str],
     *,
@@ -304,19 +571,30 @@ def save_training(
 ) -> None:
     """Checkpoint a training run in one safetensors file, atomically.
 
-    Holds the model's state, the optimiser's and scheduler's state, the step, the RNG states of torch,
-    numpy (when imported) and Python's ``random``, the states of any named ``torch.Generator`` the run
-    draws from, and a JSON-able config.
+    Holds the model's state, the optimiser's and scheduler's state (and their classes), the step, the RNG
+    states of torch, numpy (when imported) and Python's ``random``, the states of any named
+    ``torch.Generator`` the run draws from, the hypernetworks' input declarations and a JSON-able config.
 
     Raises:
-        CheckpointError: On state that cannot be stored (a non-JSON value in the optimiser state, say).
+        CheckpointError: Before writing anything (a file already there is kept), on non-finite model
+            parameters or optimiser state (naming them), state that cannot be stored (a non-JSON value
+            in the optimiser state, say) or a path that cannot be written.
     """
+    bad, bad_state = _non_finite_state(model, optimizer)
+    if bad:
+        raise CheckpointError(f"{path}: refusing to checkpoint non-finite parameters {bad}")
+    if bad_state:
+        raise CheckpointError(f"{path}: refusing to checkpoint non-finite optimiser state {bad_state}")
     tensors: dict[str, torch.Tensor] = {f"model.{k}": v for k, v in model.state_dict().items()}
     meta: dict[str, Any] = {"format": "hyperloom.training/1", "step": int(step), "config": dict(config or {})}
+    meta["hypernetworks"] = _hypernetworks(model)
     if optimizer is not None:
         meta["optimizer"] = _split_state("optimizer", optimizer.state_dict(), tensors)
+        meta["optimizer_class"] = _qualname(type(optimizer))
+        meta["optimizer_shapes"] = [[list(p.shape) for p in g["params"]] for g in optimizer.param_groups]
     if scheduler is not None:
         meta["scheduler"] = _split_state("scheduler", scheduler.state_dict(), tensors)
+        meta["scheduler_class"] = _qualname(type(scheduler))
     rng_t, rng_m = _rng_state()
     tensors.update(rng_t)
     for name, g in (generators or {}).items():
@@ -336,39 +614,71 @@ def load_training(
 ) -> dict[str, Any]:
     """Restore a run saved by :func:`save_training`; return ``{"step": ..., "config": ...}``.
 
-    The whole file is validated before anything is restored.
+    The whole file is validated before anything is restored: a failed load leaves the model, the
+    optimiser, the scheduler, the generators and the RNG states as they were.
 
     Raises:
-        CheckpointError: Naming the file, on a bad file or a model whose keys or shapes differ.
+        CheckpointError: Naming the file, on a bad file or header; a model whose keys, shapes or
+            hypernetwork input declarations differ; an optimiser of another class or over other
+            parameters (groups, counts, shapes); a scheduler of another class; an optimiser or
+            scheduler given for a checkpoint that holds none; or RNG or generator states that do not fit.
     """
     tensors, raw_meta = load_safetensors(path)
     try:
         meta = json.loads(raw_meta["hyperloom"])
-        if meta.get("format") != "hyperloom.training/1":
+        if not isinstance(meta, dict) or meta.get("format") != "hyperloom.training/1":
             raise KeyError("format")
     except (KeyError, json.JSONDecodeError):
         raise CheckpointError(f"{path}: not a hyperloom training checkpoint") from None
+    corrupt = f"{path}: corrupt training checkpoint:"
+    step = meta.get("step")
+    if not isinstance(step, int) or isinstance(step, bool):
+        raise CheckpointError(f"{corrupt} 'step' must be an integer, got {step!r}")
+    config = meta.get("config", {})
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{corrupt} 'config' must be a JSON object, got {config!r}")
+    _check_hypernetworks(path, meta.get("hypernetworks"), model, strict=True)
     state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
-    own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: keys do not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
-    for k, v in state.items():
-        if tuple(own[k].shape) != tuple(v.shape):
-            raise CheckpointError(f"{path}: {k}: checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)}")
-    missing_gen = [n for n in (generators or {}) if f"generator.{n}" not in tensors]
-    if missing_gen:
-        raise CheckpointError(f"{path}: no state for generator(s) {missing_gen}")
+    _check_state(path, state, model.state_dict(), strict=True)
+    opt_state = sched_state = None
+    if optimizer is not None:
+        if "optimizer" not in meta:
+            raise CheckpointError(f"{path}: holds no optimiser state, but an optimiser was given")
+        opt_state = _join(path, meta["optimizer"], tensors, "optimiser")
+        _check_optimizer(path, meta, opt_state, optimizer, model)
+    if scheduler is not None:
+        if "scheduler" not in meta:
+            raise CheckpointError(f"{path}: holds no scheduler state, but a scheduler was given")
+        saved_cls, given = meta.get("scheduler_class"), _qualname(type(scheduler))
+        if saved_cls is not None and saved_cls != given:
+            raise CheckpointError(f"{path}: scheduler class: checkpoint {saved_cls}, given {given}")
+        sched_state = _join(path, meta["scheduler"], tensors, "scheduler")
+    rng = _parse_rng_state(path, tensors, meta) if restore_rng else None
+    for name, g in (generators or {}).items():
+        t = tensors.get(f"generator.{name}")
+        if t is None:
+            raise CheckpointError(
+                f"{path}: no state for generator {name!r}; stored: {sorted(k[10:] for k in tensors if k.startswith('generator.'))}"
+            )
+        own = g.get_state()
+        if t.dtype != own.dtype or t.shape != own.shape:
+            raise CheckpointError(
+                f"{path}: generator {name!r}: checkpoint state {tuple(t.shape)} of {t.dtype}, generator {tuple(own.shape)} of {own.dtype}"
+            )
+    # everything is validated: restore (the optimiser first: torch checks its state again before changing anything)
+    if optimizer is not None and opt_state is not None:
+        try:
+            optimizer.load_state_dict(opt_state)
+        except (KeyError, ValueError, RuntimeError) as e:  # pragma: no cover - caught by _check_optimizer
+            raise CheckpointError(f"{path}: the optimiser state does not fit the optimiser ({e})") from None
+    if scheduler is not None and sched_state is not None:
+        scheduler.load_state_dict(sched_state)
     model.load_state_dict(state)
-    if optimizer is not None and "optimizer" in meta:
-        optimizer.load_state_dict(_join_state(meta["optimizer"], tensors))
-    if scheduler is not None and "scheduler" in meta:
-        scheduler.load_state_dict(_join_state(meta["scheduler"], tensors))
-    if restore_rng:
-        _set_rng_state(tensors, meta["rng"])
+    if rng is not None:
+        _set_rng_state(rng)
     for name, g in (generators or {}).items():
         g.set_state(tensors[f"generator.{name}"])
-    return {"step": int(meta["step"]), "config": meta["config"]}
+    return {"step": step, "config": config}
 
 
 __all__ = [

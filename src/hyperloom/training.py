@@ -1,9 +1,10 @@
 """A small, resumable training loop with a health check on every step.
 
 :class:`Trainer` runs ``loss_fn(model, step) -> (loss, conditioning)``,
-checks the loss and the gradients are finite before the optimiser steps,
-and checkpoints the whole run (model, optimiser, scheduler, step, RNG states)
-every ``every`` steps with :func:`~hyperloom.checkpoint.save_training`. A run
+checks the loss and the gradients are finite before the optimiser steps and
+the parameters and optimiser state are finite after it (a checkpoint never
+holds a NaN or an infinity), and checkpoints the whole run (model, optimiser,
+scheduler, step, RNG states) every ``every`` steps with :func:`~hyperloom.checkpoint.save_training`. A run
 restarted with the same arguments resumes from its last checkpoint and ends
 bit-identical to an uninterrupted run, as long as ``loss_fn`` draws its
 randomness from torch's, numpy's or Python's global generators (which are
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import load_training, save_training
+from .checkpoint import _all_finite, _non_finite_state, load_training, save_training
 from .errors import HyperloomError
 
 LossFn = Callable[[nn.Module, int], tuple[torch.Tensor, Mapping[str, Any]]]
@@ -35,6 +36,11 @@ class NonFiniteLossError(HyperloomError):
         self.step = step
         self.conditioning = dict(conditioning)
         self.parameters = parameters
+
+
+def _short(x: Any) -> str:
+    r = repr(x)
+    return r if len(r) <= 60 else r[:57] + "..."
 
 
 def _describe(cond: Mapping[str, Any]) -> str:
@@ -64,7 +70,7 @@ class Trainer:
         >>> import hyperloom as hl, torch
         >>> from torch import nn
         >>> model = hl.hypernetize(nn.Linear(3, 1), inputs={"lam": (0.0, 1.0)})
-        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         >>> x, y = torch.randn(16, 3), torch.randn(16, 1)
         >>> def loss_fn(model, step):
         ...     lam = torch.rand(())
@@ -75,6 +81,8 @@ class Trainer:
 
     Raises:
         NonFiniteLossError: From :meth:`fit`, after checkpointing the last good state.
+        HyperloomError: From :meth:`fit`, if ``loss_fn`` returns anything but ``(scalar tensor
+            loss with a gradient, mapping)``.
     """
 
     def __init__(
@@ -94,9 +102,15 @@ class Trainer:
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         self.every, self.scheduler, self.config = every, scheduler, dict(config or {})
         self.step = 0
+        self._saved_step: int | None = None  # the step of the last checkpoint written or resumed from
 
     def save(self) -> None:
-        """Checkpoint the run now (no-op without a checkpoint path)."""
+        """Checkpoint the run now (no-op without a checkpoint path).
+
+        Raises:
+            CheckpointError: If a parameter or the optimiser state is non-finite, or the path cannot be
+                written; the previous checkpoint is kept.
+        """
         if self.checkpoint is not None:
             save_training(
                 self.checkpoint,
@@ -106,21 +120,54 @@ class Trainer:
                 step=self.step,
                 config=self.config,
             )
+            self._saved_step = self.step
 
     def resume(self) -> bool:
         """Restore the last checkpoint if there is one; return whether it did."""
         if self.checkpoint is None or not self.checkpoint.exists():
             return False
         info = load_training(self.checkpoint, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
-        self.step = info["step"]
+        self.step = self._saved_step = info["step"]
         return True
 
     def _bad_parameters(self) -> list[str]:
+        params = list(self.model.named_parameters())
+        if _all_finite([p for _, p in params] + [p.grad for _, p in params if p.grad is not None]):
+            return []
         bad = []
-        for name, p in self.model.named_parameters():
+        for name, p in params:
             if not bool(torch.isfinite(p).all()) or (p.grad is not None and not bool(torch.isfinite(p.grad).all())):
                 bad.append(name)
         return bad
+
+    def _loss(self) -> tuple[torch.Tensor, Mapping[str, Any]]:
+        """Call ``loss_fn`` and check it returned ``(scalar tensor loss with a gradient, mapping)``."""
+        out: Any = self.loss_fn(self.model, self.step)
+        at = f"at step {self.step}"
+        if not isinstance(out, tuple) or len(out) != 2:
+            raise HyperloomError(f"loss_fn must return (loss, conditioning), got {type(out).__name__} {at}")
+        loss, cond = out
+        if not isinstance(loss, torch.Tensor):
+            raise HyperloomError(f"loss_fn must return a scalar torch.Tensor loss, got {type(loss).__name__} {_short(loss)} {at}")
+        if loss.numel() != 1:
+            raise HyperloomError(
+                f"loss_fn must return a scalar loss, got a tensor of shape {tuple(loss.shape)} {at} (reduce it, e.g. with .mean())"
+            )
+        if not loss.requires_grad:
+            raise HyperloomError(f"loss_fn returned a loss that does not require grad {at} (computed under torch.no_grad() or detached?)")
+        if not isinstance(cond, Mapping):
+            raise HyperloomError(f"loss_fn must return a mapping as conditioning, got {type(cond).__name__} {at}")
+        return loss, cond
+
+    def _save_last_good(self) -> tuple[str, BaseException | None]:
+        """Checkpoint the last good state while stopping; return the message tail and the save error, if any."""
+        if self.checkpoint is None:
+            return "", None
+        try:
+            self.save()
+        except (HyperloomError, OSError) as e:
+            return f"; could not save the last good state: {e}", e
+        return f"; saved the last good state to {self.checkpoint}", None
 
     def fit(self, steps: int, *, resume: bool = True, callback: Callable[[int, float], None] | None = None) -> list[float]:
         """Train until ``steps`` steps are done in total; return the losses of the steps run now.
@@ -128,14 +175,18 @@ class Trainer:
         ``callback(step, loss)`` is called after every step (``step`` counts finished steps).
 
         Raises:
-            NonFiniteLossError: If a loss or gradient is non-finite; the model is not updated by that
-                step and the last good state is checkpointed first.
+            NonFiniteLossError: If a loss or gradient is non-finite (the model is not updated by that
+                step and the last good state is checkpointed first; a failure to save is reported in the
+                message and chained), or if the optimiser step itself made a parameter or the optimiser
+                state non-finite (the last good checkpoint is left untouched).
+            HyperloomError: If ``loss_fn`` does not return ``(scalar tensor loss, mapping)``.
+            CheckpointError: If a periodic checkpoint cannot be written.
         """
         if resume:
             self.resume()
         losses: list[float] = []
         while self.step < steps:
-            loss, cond = self.loss_fn(self.model, self.step)
+            loss, cond = self._loss()
             self.optimizer.zero_grad(set_to_none=True)
             value = float(loss.detach())
             if math.isfinite(value):
@@ -143,8 +194,7 @@ class Trainer:
             bad = self._bad_parameters()
             if not math.isfinite(value) or bad:
                 self.optimizer.zero_grad(set_to_none=True)
-                self.save()
-                where = f"; saved the last good state to {self.checkpoint}" if self.checkpoint else ""
+                where, save_error = self._save_last_good()
                 raise NonFiniteLossError(
                     f"Non-finite {'loss ' + repr(value) if not math.isfinite(value) else 'gradient'} at step "
                     f"{self.step} with conditioning {_describe(cond)}; non-finite parameters or gradients: "
@@ -152,8 +202,22 @@ class Trainer:
                     step=self.step,
                     conditioning=cond,
                     parameters=bad,
-                )
+                ) from save_error
             self.optimizer.step()
+            bad, bad_state = _non_finite_state(self.model, self.optimizer)
+            if bad or bad_state:  # an overflow in the update itself: the state before it is gone, keep the last checkpoint
+                kept = ""
+                if self.checkpoint is not None:
+                    at = f" (step {self._saved_step})" if self._saved_step is not None else ""
+                    kept = f"; the last good checkpoint {self.checkpoint}{at} was left untouched"
+                raise NonFiniteLossError(
+                    f"Non-finite values after the optimiser step at step {self.step} with conditioning {_describe(cond)} "
+                    f"(loss {value!r}); non-finite parameters: {bad}; non-finite optimiser state {bad_state}; "
+                    f"the model and optimiser now hold them{kept}",
+                    step=self.step,
+                    conditioning=cond,
+                    parameters=list(dict.fromkeys(bad + list(bad_state))),
+                )
             if self.scheduler is not None:
                 self.scheduler.step()
             losses.append(value)

@@ -1,0 +1,122 @@
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import hyperloom as hl
+from hyperloom import CheckpointError, HyperloomError
+
+
+def hnet():
+    return hl.hypernetize(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), inputs={"lam": (0.0, 1.0)})
+
+
+def _finite(path):
+    tensors, _ = hl.load_safetensors(path)
+    return {k: bool(torch.isfinite(v).all()) for k, v in tensors.items() if v.dtype.is_floating_point}
+
+
+def test_trainer_never_checkpoints_parameters_that_overflowed_in_the_step(tmp_path):
+    model = hnet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.randn(8, 4)
+
+    def loss_fn(model, step):
+        if step == 2:  # finite loss and gradients, but the update overflows the weights to +-inf
+            opt.param_groups[0]["lr"] = 1e38
+        return model(x, lam=0.5).pow(2).mean() * 100, {"lam": 0.5}
+
+    ck = tmp_path / "run.safetensors"
+    with pytest.raises(hl.NonFiniteLossError, match=re.escape("after the optimiser step at step 2 with conditioning lam=0.5")) as e:
+        hl.Trainer(model, opt, loss_fn, checkpoint=ck, every=1).fit(10)
+    assert e.value.step == 2 and e.value.conditioning == {"lam": 0.5} and e.value.parameters
+    assert set(e.value.parameters) <= {n for n, _ in model.named_parameters()}
+    assert f"the last good checkpoint {ck} (step 2) was left untouched" in str(e.value)
+    assert all(_finite(ck).values())
+    assert hl.load_training(ck, model=hnet(), restore_rng=False)["step"] == 2
+
+
+def test_trainer_stops_on_non_finite_optimiser_state(tmp_path):
+    model = hnet()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    w = model.hypernet.head.linear.weight
+
+    def loss_fn(model, step):
+        out = model(torch.randn(2, 4), lam=0.5).sum()
+        if step == 1:  # gradient 1e30 is finite, its square (exp_avg_sq) overflows; Adam's update stays finite (m / inf = 0)
+            out = out + w.sum() * 1e30
+        return out, {"lam": 0.5}
+
+    ck = tmp_path / "run.safetensors"
+    with pytest.raises(
+        hl.NonFiniteLossError, match=re.escape("non-finite optimiser state {'hypernet.head.linear.weight': ['exp_avg_sq']}")
+    ) as e:
+        hl.Trainer(model, opt, loss_fn, checkpoint=ck, every=1).fit(5)
+    assert e.value.step == 1 and e.value.parameters == ["hypernet.head.linear.weight"]
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # the parameters alone look healthy
+    assert all(_finite(ck).values())
+    assert hl.load_training(ck, model=hnet(), restore_rng=False)["step"] == 1
+
+
+def test_trainer_save_refuses_non_finite_parameters_and_keeps_the_old_file(tmp_path):
+    model = hnet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ck = tmp_path / "run.safetensors"
+    trainer = hl.Trainer(model, opt, lambda m, s: (m(torch.randn(2, 4), lam=0.5).sum(), {}), checkpoint=ck)
+    trainer.fit(1)
+    before = ck.read_bytes()
+    with torch.no_grad():
+        model.hypernet.trunk.layers[0].bias[0] = float("nan")
+    with pytest.raises(
+        CheckpointError, match=re.escape(f"{ck}: refusing to checkpoint non-finite parameters ['hypernet.trunk.layers.0.bias']")
+    ):
+        trainer.save()
+    assert ck.read_bytes() == before
+
+
+def test_trainer_reports_the_non_finite_loss_when_saving_the_last_good_state_fails(tmp_path):
+    model = hnet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    (tmp_path / "file").write_text("not a directory")
+    ck = tmp_path / "file" / "run.safetensors"
+
+    def loss_fn(model, step):
+        return model(torch.randn(2, 4), lam=0.5).pow(2).sum() * float("inf"), {"lam": 0.5}
+
+    with pytest.raises(hl.NonFiniteLossError, match=re.escape("Non-finite loss inf at step 0 with conditioning lam=0.5")) as e:
+        hl.Trainer(model, opt, loss_fn, checkpoint=ck).fit(3)
+    assert e.value.step == 0
+    assert f"could not save the last good state: {ck}: cannot write checkpoint ({tmp_path / 'file'} is a file" in str(e.value)
+    assert isinstance(e.value.__cause__, CheckpointError)
+
+
+@pytest.mark.parametrize(
+    ("ret", "msg"),
+    [
+        (0.5, "loss_fn must return a scalar torch.Tensor loss, got float 0.5 at step 0"),
+        (3, "loss_fn must return a scalar torch.Tensor loss, got int 3 at step 0"),
+        ("vec", "loss_fn must return a scalar loss, got a tensor of shape (2, 2) at step 0 (reduce it, e.g. with .mean())"),
+        ("nograd", "loss_fn returned a loss that does not require grad at step 0"),
+    ],
+)
+def test_trainer_rejects_a_loss_that_is_not_a_scalar_tensor(ret, msg):
+    model = hnet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def loss_fn(model, step):
+        out = model(torch.randn(2, 4), lam=0.5)
+        loss = {"vec": out, "nograd": out.sum().detach()}.get(ret, ret) if isinstance(ret, str) else ret
+        return loss, {"lam": 0.5}
+
+    with pytest.raises(HyperloomError, match=re.escape(msg)):
+        hl.Trainer(model, opt, loss_fn).fit(2)
+
+
+def test_trainer_rejects_a_loss_fn_that_does_not_return_a_pair():
+    model = hnet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(HyperloomError, match=re.escape("loss_fn must return (loss, conditioning), got Tensor at step 0")):
+        hl.Trainer(model, opt, lambda m, s: m(torch.randn(2, 4), lam=0.5).sum()).fit(1)
+    with pytest.raises(HyperloomError, match=re.escape("loss_fn must return a mapping as conditioning, got list at step 0")):
+        hl.Trainer(model, opt, lambda m, s: (m(torch.randn(2, 4), lam=0.5).sum(), [0.5])).fit(1)
