@@ -100,7 +100,12 @@ def train_loop(
         if checkpoint is not None and step > start and step % every == 0:
             try:
                 hl.save_training(
-                    checkpoint, model=model, optimizer=opt, step=step, generators={"data": gen}, config={"curve": losses, "grad_norms": gnorms}
+                    checkpoint,
+                    model=model,
+                    optimizer=opt,
+                    step=step,
+                    generators={"data": gen},
+                    config={"curve": losses, "grad_norms": gnorms},
                 )
             except hl.CheckpointError:
                 pass  # non-finite weights are never checkpointed; this step's loss records the divergence
