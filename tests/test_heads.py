@@ -99,3 +99,14 @@ def test_head_without_bias(head_cls, kw):
     head = head_cls(8, {"w": (5, 4), "b": (5,)}, bias=False, zero_init=True, **kw)
     assert head.linear.bias is None
     assert torch.count_nonzero(head(torch.rand(2, 8))["b"]) == 0
+
+
+def test_available_memory_counts_reclaimable_page_cache():
+    # free pages alone (SC_AVPHYS_PAGES) exclude the page cache and refused models that fit
+    from hyperloom.heads import available_memory
+
+    with open("/proc/meminfo") as f:
+        meminfo = {ln.split(":")[0]: int(ln.split()[1]) * 1024 for ln in f if ln.split()[1].isdigit()}
+    have = available_memory(torch.device("cpu"))
+    assert abs(have - meminfo["MemAvailable"]) < 256 * 2**20
+    assert have >= meminfo["MemFree"] - 256 * 2**20

@@ -174,20 +174,205 @@ class Opaque:
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_opaque_output_objects_become_none(mode):
-    class WithCache(nn.Module):
+def test_opaque_output_objects_raise_naming_the_leaf(mode):
+    class WithObject(nn.Module):
         def __init__(self):
             super().__init__()
             self.fc = nn.Linear(3, 2)
 
         def forward(self, x):
             y = self.fc(x)
-            return {"y": y, "cache": Opaque(y)}
+            return {"y": y, "obj": Opaque(y)}
 
-    hnet = hl.hypernetize(WithCache(), inputs={"lam": (0.0, 1.0)}, per_sample=mode)
-    out = hnet(torch.randn(3, 3), lam=torch.rand(3))
-    assert out["cache"] is None and out["y"].shape == (3, 2)
-    assert isinstance(hnet(torch.randn(3, 3), lam=0.5)["cache"], Opaque)  # shared mode returns it as is
+    hnet = hl.hypernetize(WithObject(), inputs={"lam": (0.0, 1.0)}, per_sample=mode)
+    with pytest.raises(
+        HyperloomError, match=re.escape("Per-sample output ['obj'] is a test_per_sample.Opaque, which per-sample mode cannot stack")
+    ):
+        hnet(torch.randn(3, 3), lam=torch.rand(3))
+    assert isinstance(hnet(torch.randn(3, 3), lam=0.5)["obj"], Opaque)  # shared mode returns it as is
+
+
+@dataclasses.dataclass
+class PlainOut:
+    logits: torch.Tensor
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_plain_dataclass_output_raises_and_registered_one_is_stacked(mode):
+    class M(nn.Module):
+        def __init__(self, cls):
+            super().__init__()
+            self.fc, self.cls = nn.Linear(3, 2), cls
+
+        def forward(self, x):
+            return self.cls(self.fc(x))
+
+    # it used to come back as None, silently
+    hnet = hl.hypernetize(M(PlainOut), inputs={"lam": (0.0, 1.0)}, per_sample=mode)
+    with pytest.raises(HyperloomError, match=re.escape("register it with torch.utils._pytree.register_dataclass")):
+        hnet(torch.randn(4, 3), lam=torch.rand(4))
+
+    @dataclasses.dataclass
+    class Registered:
+        logits: torch.Tensor
+
+    torch.utils._pytree.register_dataclass(Registered)
+    hnet = hl.hypernetize(M(Registered), inputs={"lam": (0.0, 1.0)}, per_sample=mode)
+    x, lam = torch.randn(4, 3), torch.rand(4)
+    out = hnet(x, lam=lam)
+    assert isinstance(out, Registered)
+    torch.testing.assert_close(out.logits, torch.cat([hnet(x[i : i + 1], lam=float(lam[i])).logits for i in range(4)]))
+
+
+def test_loop_output_that_is_none_for_some_samples_raises():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x, y):
+            o = self.fc(x)
+            return o, (o.pow(2).mean() if bool(y.any()) else None)
+
+    hnet = hl.hypernetize(M(), inputs={"lam": (0.0, 1.0)}, per_sample="loop")
+    for flags in ([[0], [1]], [[1], [0]]):  # sample 1's loss used to be dropped when sample 0 had none
+        with pytest.raises(HyperloomError, match=re.escape("Per-sample output [1] is a tensor for some samples and not for others")):
+            hnet(torch.randn(2, 3), torch.tensor(flags), lam=torch.rand(2))
+
+
+def test_loop_outputs_of_different_sizes_raise_naming_the_leaf():
+    class Trim(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x, m):
+            return self.fc(x[:, : int(m.sum())])
+
+    hnet = hl.hypernetize(Trim(), inputs={"lam": (0.0, 1.0)}, per_sample="loop")
+    with pytest.raises(HyperloomError, match=re.escape("The per-sample output has shapes (1, 3, 2) and (1, 5, 2) for different samples")):
+        hnet(torch.randn(2, 5, 3), torch.tensor([[1, 1, 1, 0, 0], [1] * 5]), lam=torch.rand(2))
+
+
+def test_loop_nan_constant_is_one_value():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.fc(x), float("nan")
+
+    for mode in MODES:
+        out = hl.hypernetize(M(), inputs={"lam": (0.0, 1.0)}, per_sample=mode)(torch.randn(2, 3), lam=torch.rand(2))
+        assert isinstance(out[1], float) and out[1] != out[1]
+
+
+class SharedW(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x, w=None):
+        return self.fc(x * w)
+
+
+@pytest.mark.parametrize("in_dims", [{"w": None}, {1: None}])
+def test_in_dims_by_name_or_position_apply_both_ways(in_dims):
+    # {"w": None} used to be ignored when w was passed by position: with B == L it was split, silently
+    hnet = hl.hypernetize(SharedW(), inputs={"lam": (0.0, 1.0)}, in_dims=in_dims)
+    x, w, lam = torch.randn(3, 3, 4), torch.randn(3, 4), torch.rand(3)
+    ref = torch.cat([hnet(x[i : i + 1], w, lam=float(lam[i])) for i in range(3)])
+    torch.testing.assert_close(hnet(x, w, lam=lam), ref)
+    torch.testing.assert_close(hnet(x, w=w, lam=lam), ref)
+
+
+def test_in_dims_keys_must_be_arguments():
+    for bad, msg in [
+        ({"ww": None}, "in_dims key 'ww' is not an argument of forward(x, w=None); its arguments are ['x', 'w']"),
+        ({9: None}, "in_dims key 9: forward(x, w=None) takes 2 positional argument(s)"),
+        ({1: None, "w": 0}, "in_dims gives argument 'w' twice: None and 0"),
+    ]:
+        with pytest.raises(HyperloomError, match=re.escape(msg)):
+            hl.hypernetize(SharedW(), inputs={"lam": (0.0, 1.0)}, in_dims=bad)
+
+
+class Enc(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gru = nn.GRU(3, 5, batch_first=True)
+
+    def forward(self, x, state=False):
+        o, hn = self.gru(x)
+        return (o, hn) if state else o
+
+
+def test_shape_check_is_not_fooled_by_an_earlier_layout():
+    x = torch.randn(4, 6, 3)
+    # (a) a batch of one first: it cannot tell the sample dimension, so it must not mark the layout checked
+    h = hl.hypernetize(Enc(), inputs={"lam": (0.0, 1.0)})
+    h(x[:1], True, lam=torch.rand(1))
+    with pytest.raises(HyperloomError, match=re.escape("Per-sample output [1] came out as (4, 1, 5)")):
+        h(x, True, lam=torch.rand(4))
+    # (b) a flag that changes the output structure is part of the layout
+    h = hl.hypernetize(Enc(), inputs={"lam": (0.0, 1.0)})
+    h(x, False, lam=torch.rand(4))
+    with pytest.raises(HyperloomError, match=re.escape("Per-sample output [1] came out as (4, 1, 5)")):
+        h(x, True, lam=torch.rand(4))
+
+
+def test_sweeping_one_shared_input_over_many_conditionings():
+    net = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))
+    h = hl.hypernetize(net, inputs={"lam": (0.0, 1.0)}, in_dims={0: None})
+    x, lam = torch.randn(1, 3), torch.linspace(0, 1, 5)
+    out = h(x, lam=lam)  # used to raise: nothing is batched, so there is no sample dimension to check
+    torch.testing.assert_close(out, torch.cat([h(x, lam=float(v)) for v in lam]))
+
+
+def test_a_call_that_fails_the_check_changes_no_running_statistics():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm1d(6)
+            self.gru = nn.GRU(3, 5, batch_first=True)
+
+        def forward(self, x):
+            return self.gru(self.bn(x))
+
+    h = hl.hypernetize(M(), inputs={"lam": (0.0, 1.0)}, predict=[nn.GRU]).train()
+    with pytest.raises(HyperloomError, match="came out as"):
+        h(torch.randn(4, 6, 3) + 5, lam=torch.rand(4))
+    assert int(h.primary.bn.num_batches_tracked) == 0 and torch.equal(h.primary.bn.running_mean, torch.zeros(6))
+
+
+def test_shape_check_keeps_python_and_numpy_random_state():
+    import random
+
+    np = pytest.importorskip("numpy")
+
+    class Draws(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            random.random()
+            np.random.rand()
+            return self.fc(x)
+
+    h = hl.hypernetize(Draws(), inputs={"lam": (0.0, 1.0)}, per_sample="loop")
+    random.seed(0)
+    np.random.seed(0)
+    h(torch.randn(3, 3), lam=torch.rand(3))  # first call of the layout: checked against a shared call
+    first = (random.random(), np.random.rand())
+    random.seed(0)
+    np.random.seed(0)
+    h(torch.randn(3, 3), lam=torch.rand(3))  # already checked
+    assert first == (random.random(), np.random.rand())
+    h.check_outputs = False
+    h2 = hl.hypernetize(Enc(), inputs={"lam": (0.0, 1.0)})
+    h2.check_outputs = False  # the switch: no check, no second call (the transposed h_n is then the user's choice)
+    assert h2(torch.randn(4, 6, 3), True, lam=torch.rand(4))[1].shape == (4, 1, 5)
 
 
 @pytest.mark.parametrize("mode", ["auto", "loop"])  # GRU has no vmap batching rule: auto runs a loop

@@ -48,11 +48,20 @@ def _numel(shape: Sequence[int]) -> int:
 
 
 def available_memory(device: torch.device | None) -> int | None:
-    """Bytes that can still be allocated on ``device`` (free CUDA memory, or physical RAM on CPU); None if unknown."""
+    """Bytes that can still be allocated on ``device`` (free CUDA memory, or ``MemAvailable`` on CPU); None if unknown."""
     if device is not None and device.type == "cuda":  # pragma: no cover - no GPU in CI
         return int(torch.cuda.mem_get_info(device)[0])
     if device is None or device.type == "cpu":
+        # MemAvailable counts reclaimable page cache; free pages alone (SC_AVPHYS_PAGES) can be a
+        # fraction of it on a machine that has read large files, and would refuse models that fit
         try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):  # pragma: no cover - not Linux
+            pass
+        try:  # pragma: no cover - not Linux
             return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
         except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
             return None

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import copy
 import inspect
+import random
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -165,7 +167,11 @@ class HyperModel(nn.Module):
             raise HyperloomError(f"Input name(s) {reserved} are reserved (arguments of HyperModel.forward itself); rename the input(s)")
         if isinstance(batch_dim, bool) or not isinstance(batch_dim, int):
             raise HyperloomError(f"batch_dim must be an int, got {batch_dim!r}")
-        self.in_dims = validate_in_dims(in_dims, list(hypernet.input_set.names))
+        try:
+            forward_sig: inspect.Signature | None = inspect.signature(model.forward)
+        except (TypeError, ValueError):  # builtins without a signature
+            forward_sig = None
+        self.in_dims = validate_in_dims(in_dims, list(hypernet.input_set.names), forward_sig)
         self._model_kwargs = self._check_signature(model, hypernet)
         self._check_generation(hypernet, params)
         try:
@@ -182,6 +188,8 @@ class HyperModel(nn.Module):
         self.batch_dim = int(batch_dim)
         self.out_dims: OutDims = self.batch_dim if out_dims is None else out_dims
         self._checked_layouts: set[Any] = set()
+        #: Compare the first per-sample output of each argument layout with a shared call (see hyperloom.per_sample).
+        self.check_outputs = True
         self._rnns: list[nn.RNNBase] = [m for m in primary.modules() if isinstance(m, nn.RNNBase)]
 
     @staticmethod
@@ -355,21 +363,41 @@ class HyperModel(nn.Module):
                     f"({type(e).__name__}: {msg}){batchnorm_hint(e)}; {_VMAP_HINT}"
                 ) from e
             out = rebuild_vmap(stacked, out_plan)
-        self._write_back(state)
-        layout = (plan.signature, self.per_sample_mode)
-        if layout not in self._checked_layouts and not _is_compiling():
-            check_against_shared(theta, plan, out, self._shared_dry_run)
-            if len(self._checked_layouts) >= _MAX_CHECKED_LAYOUTS:
-                self._checked_layouts.clear()
-            self._checked_layouts.add(layout)
+        self._check_outputs(theta, plan, out, n)
+        self._write_back(state)  # after the check: a call that raises changes no running statistics
         return out
 
+    def _check_outputs(self, theta: ParamDict, plan: Any, out: Any, n: int) -> None:
+        """Once per argument layout, compare the stacked output shapes with a shared call of the same batch."""
+        if not self.check_outputs or _is_compiling() or n < 2 or all(d is None for d in plan.dims):
+            return  # a batch of one cannot tell the sample dimension apart; nothing batched: nothing to compare
+        layout = (plan.signature, self.per_sample_mode, n, tuple(m.training for m in self.primary.modules()))
+        if layout in self._checked_layouts:
+            return
+        check_against_shared(theta, plan, out, self._shared_dry_run)
+        if len(self._checked_layouts) >= _MAX_CHECKED_LAYOUTS:
+            self._checked_layouts.clear()
+        self._checked_layouts.add(layout)
+
     def _shared_dry_run(self, theta: ParamDict, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """A shared call that changes nothing: copies of the buffers, the random state restored."""
+        """A shared call that leaves the model and the random streams as they were.
+
+        Copies of the buffers, torch's, Python's and numpy's random states restored; forward hooks do see
+        it, and a model that writes into its inputs in place writes once more (``check_outputs = False``
+        turns the check off).
+        """
         bufs = {k: v.clone() for k, v in self.primary.named_buffers()}
         dev = self.hypernet.device
-        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-            return functional_call(self.primary, {**theta, **bufs}, args, kwargs, tie_weights=False, strict=False)
+        py_state = random.getstate()
+        np = sys.modules.get("numpy")
+        np_state = np.random.get_state() if np is not None else None
+        try:
+            with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+                return functional_call(self.primary, {**theta, **bufs}, args, kwargs, tie_weights=False, strict=False)
+        finally:
+            random.setstate(py_state)
+            if np is not None:
+                np.random.set_state(np_state)
 
     def _bn_state(self, n: int) -> dict[str, torch.Tensor]:
         """Per-sample copies of the running statistics of BatchNorm layers in training mode."""

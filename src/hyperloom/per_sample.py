@@ -9,9 +9,11 @@ Which arguments carry the batch (the rule, as for ``vmap``'s ``in_dims``):
 every tensor argument, positional or keyword, and every tensor inside a
 nested argument (a tuple, a dict, ...) is batched along ``batch_dim``,
 unless ``in_dims`` says otherwise for that argument: ``in_dims`` maps a
-positional index (``int``) or a keyword name (``str``) to the argument's batch
-dimension, or to ``None`` for an argument shared by all samples (a causal
-mask, a lookup table), which is passed unchanged. Every batched tensor must
+positional index (``int``) or an argument name (``str``) to the argument's
+batch dimension, or to ``None`` for an argument shared by all samples (a
+causal mask, a lookup table), which is passed unchanged. An entry applies
+however the argument is passed (by name or by position), and keys that are
+not arguments of the model's ``forward`` are refused when wrapping. Every batched tensor must
 have exactly ``B`` entries along its batch dimension, ``B`` being the number
 of per-sample conditioning values; anything else raises
 :class:`~hyperloom.HyperloomError` naming the argument. Non-tensor arguments
@@ -29,19 +31,31 @@ shared call, with
   from ``labels=``) stacked into shape ``(B,)``: the per-sample values;
 * plain constants (``None``, numbers, strings, dtypes) kept as they are when
   every sample gives the same one, else a list of the per-sample values;
-* any other object (e.g. the ``DynamicCache`` GPT-2 returns as
-  ``past_key_values``) replaced by ``None``: it cannot be stacked, and
-  under ``vmap`` it would hold tensors that are only valid inside the call.
+* a Hugging Face key/value cache (a ``transformers`` ``Cache``, e.g. the
+  ``DynamicCache`` GPT-2 returns as ``past_key_values``) replaced by
+  ``None``: it cannot be stacked, and under ``vmap`` it would hold tensors
+  that are only valid inside the call;
+* any other object raises :class:`~hyperloom.HyperloomError` naming the
+  output and its type (register the type as a pytree node, e.g. with
+  ``torch.utils._pytree.register_dataclass``, and its tensors are stacked).
 
-The first per-sample call with a new argument layout also checks the stacked
-output shapes against a shared call of the same batch (run without gradients,
-on copies of the buffers and with the random state restored), so an output
+The first per-sample call with a new argument layout (argument structure,
+ranks and dtypes, flag values, ``B``, train/eval mode) also checks the
+stacked output shapes against a shared call of the same batch, so an output
 whose sample dimension is not ``out_dims`` (``nn.GRU``'s ``h_n`` is
-``(layers, B, H)``) raises instead of coming back silently transposed.
+``(layers, B, H)``) raises instead of coming back silently transposed. That
+call runs without gradients, on copies of the buffers, with torch's, Python's
+and numpy's random states restored; forward hooks see it, and a model that
+writes into its inputs in place does so once more. It is skipped for
+``B = 1`` (a batch of one cannot tell the sample dimension apart), when no
+argument is batched, and under ``torch.compile``; ``hnet.check_outputs =
+False`` turns it off.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
@@ -79,12 +93,17 @@ def batchnorm_hint(e: BaseException) -> str:
     )
 
 
-def validate_in_dims(in_dims: InDims | None, input_names: Sequence[str]) -> dict[int | str, int | None]:
-    """Check an ``in_dims`` mapping when wrapping; return it as a dict.
+def validate_in_dims(
+    in_dims: InDims | None, input_names: Sequence[str], signature: inspect.Signature | None = None
+) -> dict[int | str, int | None]:
+    """Check an ``in_dims`` mapping when wrapping; return it keyed both ways.
+
+    With the model's ``forward`` signature, an entry given by name also applies when that argument is
+    passed by position and vice versa, and keys that are not arguments of ``forward`` are refused.
 
     Raises:
-        HyperloomError: On a key that is not a positional index or an argument name, a key that is a
-            conditioning input, or a value that is not an int or None.
+        HyperloomError: On a key that is not a positional index or an argument name of ``forward``, a key
+            that is a conditioning input, a value that is not an int or None, or one argument given twice.
     """
     if in_dims is None:
         return {}
@@ -101,7 +120,33 @@ def validate_in_dims(in_dims: InDims | None, input_names: Sequence[str]) -> dict
         if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
             raise HyperloomError(f"in_dims[{k!r}]: expected an int (the batch dimension) or None (shared), got {v!r}")
         out[k] = v
-    return out
+    if signature is None:
+        return out
+    params = list(signature.parameters.values())
+    var_pos = any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params)
+    var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+    positional = [p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    named = [p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    both: dict[int | str, int | None] = {}
+    for k, v in out.items():
+        if isinstance(k, str) and k not in named and not var_kw:
+            raise HyperloomError(f"in_dims key {k!r} is not an argument of forward{signature}; its arguments are {named}")
+        if isinstance(k, int) and k >= len(positional) and not var_pos:
+            raise HyperloomError(f"in_dims key {k}: forward{signature} takes {len(positional)} positional argument(s)")
+        alias: int | str | None = None
+        if isinstance(k, str) and k in positional:
+            alias = positional.index(k)
+        elif isinstance(k, int) and k < len(positional) and positional[k] in named:
+            alias = positional[k]
+        for key in (k, alias):
+            if key is None:
+                continue
+            if key in both and both[key] != v:
+                raise HyperloomError(
+                    f"in_dims gives argument {positional[k] if isinstance(k, int) else k!r} twice: {both[key]!r} and {v!r}"
+                )
+            both[key] = v
+    return both
 
 
 def _describe_arg(key: int | str) -> str:
@@ -139,7 +184,8 @@ def plan_arguments(
             leaves.append(leaf)
             if not isinstance(leaf, torch.Tensor) or d is None:
                 dims.append(None)
-                sig.append(None)
+                # a flag such as return_state=True can change the output's structure: it is part of the layout
+                sig.append(leaf if isinstance(leaf, (type(None), bool, int, str)) else type(leaf).__name__)
                 continue
             where = _describe_arg(key) + (f" (tensor {j} inside it)" if len(sub) > 1 or not isinstance(value, torch.Tensor) else "")
             dd = d + leaf.dim() if d < 0 else d
@@ -184,9 +230,10 @@ def _leaf_path(out_spec: TreeSpec, i: int) -> str:
         from torch.utils._pytree import keystr, tree_flatten_with_path
 
         paths = tree_flatten_with_path(tree_unflatten(list(range(out_spec.num_leaves)), out_spec))[0]
-        return keystr(paths[i][0]) or "the output"
+        key = keystr(paths[i][0])
     except Exception:  # pragma: no cover - older torch without paths
-        return f"output leaf {i}"
+        key = f"leaf {i}"
+    return f"Per-sample output {key}" if key else "The per-sample output"
 
 
 def _sample_dim(t: torch.Tensor, od: int, out_spec: TreeSpec, i: int) -> int | None:
@@ -196,7 +243,7 @@ def _sample_dim(t: torch.Tensor, od: int, out_spec: TreeSpec, i: int) -> int | N
     d = od + t.dim() if od < 0 else od
     if not 0 <= d < t.dim() or t.shape[d] != 1:
         raise HyperloomError(
-            f"Per-sample output {_leaf_path(out_spec, i)} has shape {tuple(t.shape)} for a single sample: its dimension "
+            f"{_leaf_path(out_spec, i)} has shape {tuple(t.shape)} for a single sample: its dimension "
             f"{od} is not the sample (size 1); pass out_dims to hypernetize with the sample dimension of each output "
             "(an int, or a tuple/dict shaped like the output)"
         )
@@ -213,6 +260,34 @@ class _OutPlan:
 
 def _is_constant(x: Any) -> bool:
     return isinstance(x, _CONSTANTS)
+
+
+def _same_constant(a: Any, b: Any) -> bool:
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float) and a != a:
+        return b != b  # NaN equals NaN here
+    return bool(a == b)
+
+
+def is_dropped_cache(x: Any) -> bool:
+    """Whether an output object is a Hugging Face key/value cache (``transformers.Cache``), which per-sample mode drops."""
+    return any(c.__name__ == "Cache" and c.__module__.startswith("transformers") for c in type(x).__mro__)
+
+
+def _other_leaf(x: Any, spec: TreeSpec, i: int) -> None:
+    """The rule for output leaves that are neither tensors nor constants: a cache becomes None, anything else raises."""
+    if is_dropped_cache(x):
+        return None
+    hint = (
+        "register it with torch.utils._pytree.register_dataclass"
+        if dataclasses.is_dataclass(x)
+        else "register its type with torch.utils._pytree.register_pytree_node"
+    )
+    raise HyperloomError(
+        f"{_leaf_path(spec, i)} is a {type(x).__module__}.{type(x).__qualname__}, which per-sample mode cannot stack "
+        f"(it is not a tensor, a constant or a pytree node): {hint} so that its tensors are stacked, or return tensors"
+    )
 
 
 def run_vmap(primary: nn.Module, theta: ParamDict, state: ParamDict, plan: _Plan, out_dims: OutDims) -> tuple[list[Any], _OutPlan]:
@@ -239,6 +314,8 @@ def run_vmap(primary: nn.Module, theta: ParamDict, state: ParamDict, plan: _Plan
             else:
                 kinds.append("const" if _is_constant(x) else "other")
                 dims.append(None)
+                if not _is_constant(x):
+                    _other_leaf(x, spec, i)  # a cache is dropped (None); anything else raises
                 consts.append(x if _is_constant(x) else None)
         info["plan"] = _OutPlan(spec, kinds, dims, consts)
         return tuple(tensors)
@@ -291,21 +368,26 @@ def run_loop(primary: nn.Module, theta: ParamDict, state: ParamDict, plan: _Plan
     for j, od in enumerate(ods):
         col = [o[j] for o in outs]
         first = col[0]
-        if isinstance(first, torch.Tensor):
+        if any(isinstance(c, torch.Tensor) for c in col):
             if not all(isinstance(c, torch.Tensor) for c in col):
-                raise HyperloomError(f"Per-sample output {_leaf_path(spec, j)} is a tensor for some samples and not for others")
+                kinds = sorted({type(c).__name__ for c in col})
+                raise HyperloomError(f"{_leaf_path(spec, j)} is a tensor for some samples and not for others ({kinds})")
             d = _sample_dim(first, od, spec, j)
             for c in col[1:]:
-                if c.dim() != first.dim():
+                same = c.dim() == first.dim() and all(a == b for k, (a, b) in enumerate(zip(c.shape, first.shape)) if k != d)
+                if not same:
                     raise HyperloomError(
-                        f"Per-sample output {_leaf_path(spec, j)} has shapes {tuple(first.shape)} and {tuple(c.shape)} "
-                        "for different samples"
+                        f"{_leaf_path(spec, j)} has shapes {tuple(first.shape)} and {tuple(c.shape)} for different samples: "
+                        "per-sample outputs can only be stacked when they agree outside the sample dimension"
                     )
                 _sample_dim(c, od, spec, j)
             combined.append(torch.stack(col) if d is None else torch.cat(col, dim=d))
-        elif _is_constant(first) and all(_is_constant(c) for c in col):
-            combined.append(first if all(type(c) is type(first) and c == first for c in col) else list(col))
+        elif all(_is_constant(c) for c in col):
+            combined.append(first if all(_same_constant(c, first) for c in col) else list(col))
         else:
+            for c in col:
+                if not _is_constant(c):
+                    _other_leaf(c, spec, j)
             combined.append(None)
     return tree_unflatten(combined, spec)
 
@@ -336,7 +418,7 @@ def check_against_shared(theta: ParamDict, plan: _Plan, per_sample_out: Any, run
             continue  # a per-sample scalar (a loss): (B,) per sample, () shared
         if tuple(g.shape) != tuple(r.shape):
             raise HyperloomError(
-                f"Per-sample output {_leaf_path(got_spec, i)} came out as {tuple(g.shape)} but a shared call of the same batch "
+                f"{_leaf_path(got_spec, i)} came out as {tuple(g.shape)} but a shared call of the same batch "
                 f"gives {tuple(r.shape)}: its sample dimension is not the one out_dims says; pass out_dims to hypernetize "
                 "with the sample dimension of each output (e.g. out_dims=(0, 1) for nn.GRU's (output, h_n) with batch_first=True)"
             )
