@@ -119,6 +119,12 @@ class HyperModel(nn.Module):
             tuple/list/dict of ints shaped like the output); defaults to
             ``batch_dim``.
 
+    Attributes:
+        check_outputs: Compare the first per-sample output of each argument
+            layout with a shared call (default ``True``; see
+            :mod:`hyperloom.per_sample`).
+        in_dims: The validated ``in_dims``, keyed by position and by name.
+
     Shapes:
         ``forward(*args, **conditioning)``: conditioning values are numbers
         (one weight set for the batch) or tensors of shape ``(B,)`` /
