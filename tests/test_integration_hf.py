@@ -437,8 +437,9 @@ def test_mismatched_kwarg_batch_names_it(case, mode):
 def test_vmap_data_dependent_control_flow_points_to_loop(build, inputs, predict):
     hnet = hl.hypernetize(build(), inputs={"lam": (0.0, 1.0)}, predict=predict, hidden=HIDDEN, per_sample="vmap").eval()
     args, kwargs = inputs(B)
-    with pytest.raises(hl.HyperloomError, match=re.escape("per_sample='loop'")):
+    with pytest.raises(hl.HyperloomError, match=re.escape("per_sample='loop'")) as e:
         hnet(*args, **kwargs, lam=torch.rand(B))
+    assert "attn_implementation='eager'" in str(e.value)  # the model's own switch is named too
 
 
 # ------------------------------------------------------------------------------------------------

@@ -364,9 +364,16 @@ class HyperModel(nn.Module):
                 raise
             except Exception as e:
                 msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                hf = ""
+                if type(self.primary).__module__.startswith("transformers"):
+                    hf = (
+                        "; in Hugging Face models a 2-D attention_mask leads to such a branch: causal models run under vmap "
+                        "with attn_implementation='eager', encoders (BERT) with a prepared additive float mask of shape "
+                        "(B, 1, 1, L) and attn_implementation='eager'"
+                    )
                 raise HyperloomError(
                     f"Per-sample mode could not run {type(self.primary).__name__} under torch.func.vmap "
-                    f"({type(e).__name__}: {msg}){batchnorm_hint(e)}; {_VMAP_HINT}"
+                    f"({type(e).__name__}: {msg}){batchnorm_hint(e)}; {_VMAP_HINT}{hf}"
                 ) from e
             out = rebuild_vmap(stacked, out_plan)
         self._check_outputs(theta, plan, out, n)
