@@ -162,3 +162,44 @@ def test_log_input_gradient_is_finite_at_the_ends(dtype):
         lam_t = torch.tensor(lam, dtype=dtype, requires_grad=True)
         h({"lr": lr_t, "lam": lam_t})["w"].sum().backward()
         assert torch.isfinite(lr_t.grad) and torch.isfinite(lam_t.grad), (dtype, lr, lam)
+
+
+@pytest.mark.parametrize(
+    ("rng", "value", "u"),
+    [((0.0, 1e-46), 5e-47, 0.5), ((1e39, 1e40), 5e39, 5 / 9 - 1 / 9), ((0.0, 0.3), 0.3, 1.0), ((-1e300, 1e300), 0.0, 0.5)],
+)
+def test_float64_mapping_uses_exact_range_constants(rng, value, u):
+    # the constants used to be built in float32 and then cast: u was 1.0, 0.0, 0.99999998 and nan
+    h = HyperNetwork({"a": rng}, {"w": (2,)}, hidden=(2,), encoding="identity", dtype=torch.float64)
+    raw, _ = h.prepare({"a": value})
+    assert h.features(raw).item() == pytest.approx(u, rel=1e-12, abs=1e-12)
+    assert h.features(raw).item() == pytest.approx(h.input_set.normalize(raw).item(), rel=1e-12, abs=1e-12)
+    assert h.double()._in_lo.dtype == torch.float64 and h.float()._in_lo.dtype == torch.float64  # casts keep them
+
+
+def test_half_precision_log_range_below_the_smallest_normal():
+    # the low end of a (1e-8, 1) log range used to map to 0.47 in float16
+    h = HyperNetwork({"a": (1e-8, 1.0, "log")}, {"w": (2,)}, hidden=(2,), encoding="identity", dtype=torch.float16)
+    for v, u in ((1e-8, 0.0), (1e-6, 0.25), (1.0, 1.0)):
+        raw, _ = h.prepare({"a": v})
+        assert h.features(raw).item() == pytest.approx(u, abs=2e-3)
+
+
+@pytest.mark.parametrize(("rng", "dtype"), [((-1e300, 1e300), torch.float32), ((0.0, 1e-46), torch.float32), ((0.0, 1e-46), torch.float16)])
+def test_ranges_that_do_not_fit_the_dtype_are_refused(rng, dtype):
+    # a float32 model with a (-1e300, 1e300) range returned NaN weights, silently
+    with pytest.raises(
+        HyperloomError, match=re.escape(f"Input 'a': the range [{rng[0]}, {rng[1]}] cannot be mapped to [0, 1] in torch.float")
+    ):
+        HyperNetwork({"a": rng}, {"w": (2,)}, hidden=(2,), dtype=dtype)
+
+
+def test_under_compile_raise_mode_inputs_clamp_for_every_encoding():
+    # prepare(check=False) only clamped clamp-mode inputs: raw/l2 encodings extrapolated under torch.compile
+    h = HyperNetwork({"g": (0.0, 1.0)}, {"w": (3,)}, hidden=(4,), formulation="default")
+    raw, _ = h.input_set.prepare({"g": torch.tensor(5.0)}, dtype=torch.float32, check=False)
+    assert raw.item() == 1.0
+    m = hl.hypernetize(torch.nn.Linear(2, 1), inputs={"g": (0.0, 1.0)}, hidden=(4,), formulation="default")
+    c = torch.compile(m, backend="aot_eager")
+    x = torch.ones(1, 2)
+    torch.testing.assert_close(c(x, g=torch.tensor(5.0)), m(x, g=1.0))

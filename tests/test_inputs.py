@@ -338,3 +338,19 @@ def test_zero_d_and_one_d_agree():
     a, pa = s.prepare({"lam": torch.tensor(1e-30)}, dtype=torch.float32)
     b, pb = s.prepare({"lam": torch.tensor([1e-30])}, dtype=torch.float32)
     assert not pa and pb and torch.equal(a, b)
+
+
+def test_bool_and_string_ranges_are_refused():
+    np = pytest.importorskip("numpy")
+    for low, high in ((False, True), (np.bool_(False), 1), (torch.tensor(False), 1), ("0", "1e-1")):
+        with pytest.raises(HyperloomError, match=re.escape("Input range must be real numbers")):
+            hl.Input(low, high)
+
+
+def test_integer_endpoint_beyond_float_precision_is_accepted():
+    # Input(0, 10**23) refused 10**23: the int was compared exactly with the endpoint rounded to a float
+    s = hl.InputSet({"n": hl.Input(0, 10**23)})
+    raw, _ = s.prepare({"n": 10**23}, dtype=torch.float64)
+    assert raw.item() == 1e23
+    with pytest.raises(HyperloomError, match=re.escape("out of its declared range")):
+        s.prepare({"n": 2 * 10**23}, dtype=torch.float64)

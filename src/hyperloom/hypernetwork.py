@@ -167,24 +167,50 @@ class HyperNetwork(nn.Module):
         if self.additive:
             base = {k: values[k] if k in values else init_theta0(k, s, dtype=dtype) for k, s in shapes.items()}
             self.theta0 = ParamStore(base)
-        self._register_input_map()
+        self._register_input_map(dtype)
         self.to(dtype=dtype, device=device)
 
-    def _register_input_map(self) -> None:
-        """Per-coordinate constants so that the range mapping is a few vectorised ops (non-persistent buffers)."""
+    def _register_input_map(self, dtype: torch.dtype) -> None:
+        """Per-coordinate constants so that the range mapping is a few vectorised ops (non-persistent buffers).
+
+        The constants are float64 whatever the model's dtype (``_apply`` keeps them so) and the mapping
+        runs in at least float32, so a float64 model maps exactly and a half-precision one does not lose
+        a log range's low end; a range whose constants do not fit that precision is refused here.
+        """
+        ct = torch.promote_types(dtype, torch.float32)
         lo, inv, floor, is_log = [], [], [], []
-        for spec in self.input_set.specs.values():
+        for name, spec in self.input_set.specs.items():
             log = spec.scale == "log"
             a, b = (math.log(spec.low), math.log(spec.high)) if log else (spec.low, spec.high)
+            span = 1.0 / (b - a) if b - a > 0 else math.inf
+            consts = torch.tensor([a, b, b - a, span], dtype=torch.float64).to(ct)
+            if not bool(torch.isfinite(consts).all()) or float(consts[2]) <= 0 or float(consts[3]) == 0:
+                raise HyperloomError(
+                    f"Input {name!r}: the range [{spec.low}, {spec.high}]{' (log)' if log else ''} cannot be mapped to [0, 1] "
+                    f"in {ct} (its ends or its span overflow or underflow); rescale the input or use float64"
+                )
             lo += [a] * spec.dim
-            inv += [1.0 / (b - a)] * spec.dim
+            inv += [span] * spec.dim
             floor += [spec.low if log else 1.0] * spec.dim
             is_log += [log] * spec.dim
         self._has_log = any(is_log)
-        self.register_buffer("_in_lo", torch.tensor(lo), persistent=False)
-        self.register_buffer("_in_inv_span", torch.tensor(inv), persistent=False)
-        self.register_buffer("_in_floor", torch.tensor(floor), persistent=False)
+        f64 = torch.float64
+        self.register_buffer("_in_lo", torch.tensor(lo, dtype=f64), persistent=False)
+        self.register_buffer("_in_inv_span", torch.tensor(inv, dtype=f64), persistent=False)
+        self.register_buffer("_in_floor", torch.tensor(floor, dtype=f64), persistent=False)
         self.register_buffer("_in_is_log", torch.tensor(is_log), persistent=False)
+
+    _MAP_BUFFERS = ("_in_lo", "_in_inv_span", "_in_floor")
+
+    def _apply(self, fn: Any, recurse: bool = True) -> HyperNetwork:
+        """Move and cast as usual, but keep the range constants in float64 (only their device follows)."""
+        keep = {n: t for n in self._MAP_BUFFERS if (t := self._buffers.get(n)) is not None}
+        out = super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
+        for n, t in keep.items():
+            moved = self._buffers[n]
+            assert moved is not None
+            self._buffers[n] = t.to(device=moved.device)
+        return out  # type: ignore[no-any-return]
 
     @staticmethod
     def _targets(
@@ -230,16 +256,21 @@ class HyperNetwork(nn.Module):
 
     # -- the functional core ------------------------------------------------------------
     def features(self, raw: torch.Tensor) -> torch.Tensor:
-        """Encode raw ``(N, K)`` conditioning values into trunk inputs ``(N, D)`` (branch-free)."""
+        """Encode raw ``(N, K)`` conditioning values into trunk inputs ``(N, D)`` (branch-free).
+
+        The mapping to ``u`` runs in at least float32 (see :meth:`_register_input_map`).
+        """
+        ct = torch.promote_types(raw.dtype, torch.float32)
+        r = raw.to(ct)
         if self._has_log:
             # linear coordinates take log(1) in the unused branch (a log of 0 there would make the gradient NaN);
-            # the floor never underflows to 0 in half precision
-            floor = self._in_floor.clamp_min(torch.finfo(raw.dtype).tiny)
-            t = torch.where(self._in_is_log, torch.where(self._in_is_log, raw, 1.0).clamp_min(floor).log(), raw)
+            # the floor never underflows to 0
+            floor = self._in_floor.to(ct).clamp_min(torch.finfo(ct).tiny)
+            t = torch.where(self._in_is_log, torch.where(self._in_is_log, r, 1.0).clamp_min(floor).log(), r)
         else:
-            t = raw
-        u = ((t - self._in_lo) * self._in_inv_span).clamp(0.0, 1.0)  # = InputSet.normalize(raw), vectorised
-        return self.encoding(raw, u)
+            t = r
+        u = ((t - self._in_lo.to(ct)) * self._in_inv_span.to(ct)).clamp(0.0, 1.0)  # = InputSet.normalize(raw), vectorised
+        return self.encoding(raw, u.to(raw.dtype))
 
     def delta_from_raw(self, raw: torch.Tensor) -> ParamDict:
         """``Delta`` for raw ``(N, K)`` values: ``{name: (N, *shape)}`` (branch-free)."""

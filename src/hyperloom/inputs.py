@@ -70,6 +70,14 @@ class Input:
     out_of_range: OutOfRange = "raise"
 
     def __post_init__(self) -> None:
+        for v in (self.low, self.high):
+            is_bool = (
+                isinstance(v, bool)
+                or getattr(getattr(v, "dtype", None), "kind", None) == "b"  # numpy bools, without importing numpy
+                or (isinstance(v, torch.Tensor) and v.dtype == torch.bool)
+            )
+            if is_bool or isinstance(v, (str, bytes)):
+                raise HyperloomError(f"Input range must be real numbers, got low={self.low!r}, high={self.high!r}")
         try:
             low, high = float(self.low), float(self.high)
         except OverflowError:
@@ -235,8 +243,9 @@ class InputSet:
             device: Device the tensors must already be on (CPU numbers are
                 moved; tensors on another device are an error).
             check: Run the value checks (finite, in range). Skipped while
-                ``torch.compile`` traces (the normalised values ``u`` are
-                clamped all the same). A value is in range when it lies in
+                ``torch.compile`` traces; then every input's raw values are
+                clamped to its range instead (so every encoding, ``raw``
+                included, sees an in-range value). A value is in range when it lies in
                 ``[low, high]`` in its own precision: Python numbers exactly,
                 tensors and NumPy values against the endpoints rounded
                 outwards to their dtype.
@@ -245,7 +254,8 @@ class InputSet:
             ``(raw, per_sample)``: raw values of shape ``(N, K)`` with ``N = 1``
             when shared, and whether they are per sample. The columns of
             ``out_of_range="clamp"`` inputs are clamped to ``[low, high]``
-            (always, with or without ``check``).
+            (always, with or without ``check``); without ``check``, those of
+            every input.
 
         Raises:
             HyperloomError: Naming the input, on unknown or missing names, a
@@ -303,16 +313,16 @@ class InputSet:
         if per_sample_n is not None:
             cols = [c.expand(per_sample_n, -1) if c.shape[0] == 1 and per_sample_n != 1 else c for c in cols]
         raw = torch.cat(cols, dim=1)
-        if any(s.out_of_range == "clamp" for s in self.specs.values()):
-            raw = self._clamp(raw)
+        if not check or any(s.out_of_range == "clamp" for s in self.specs.values()):
+            raw = self._clamp(raw, every=not check)
         return raw, per_sample_n is not None
 
-    def _clamp(self, raw: torch.Tensor) -> torch.Tensor:
-        """Clamp the columns of ``out_of_range='clamp'`` inputs to their range (one branch-free op)."""
+    def _clamp(self, raw: torch.Tensor, *, every: bool = False) -> torch.Tensor:
+        """Clamp the columns of ``out_of_range='clamp'`` inputs (all inputs when ``every``: checks skipped) to their range."""
         lo: list[float] = []
         hi: list[float] = []
         for spec in self.specs.values():
-            clamp = spec.out_of_range == "clamp"
+            clamp = every or spec.out_of_range == "clamp"
             lo += [spec.low if clamp else -math.inf] * spec.dim
             hi += [spec.high if clamp else math.inf] * spec.dim
         lo_t = torch.tensor(lo, dtype=raw.dtype, device=raw.device)
@@ -371,7 +381,8 @@ def _number_problem(name: str, spec: Input, value: int | float, x: float, dtype:
     """What is wrong with a Python number given for ``name``, if anything (compared exactly, in Python)."""
     if not math.isfinite(x) and isinstance(value, float):
         return f"Conditioning input {name!r} has a non-finite value {value} at sample 0"
-    if spec.out_of_range == "raise" and not spec.low <= value <= spec.high:
+    # compared after rounding to a float, as the declared endpoints were: Input(0, 10**23) accepts 10**23
+    if spec.out_of_range == "raise" and not spec.low <= x <= spec.high:
         return (
             f"Conditioning input {name!r} out of its declared range [{spec.low}, {spec.high}]: "
             f"got values in [{value}, {value}] (declare out_of_range='clamp' to clamp instead)"
