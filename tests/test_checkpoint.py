@@ -519,3 +519,397 @@ def test_a_flipped_data_byte_raises_naming_the_file_and_tensor(tmp_path):
         hl.load_safetensors(p)  # a reshaped tensor is caught too
     with pytest.raises(CheckpointError, match=re.escape("metadata key 'hyperloom.sha256' is reserved")):
         hl.save_safetensors({"a": torch.randn(2)}, p, metadata={"hyperloom.sha256": "{}"})
+
+
+# ------------------------------------------------------------------------------------------------
+# second review: regressions
+# ------------------------------------------------------------------------------------------------
+
+
+def _rewrite_header(p, edit):
+    """Edit the raw JSON header of a safetensors file (``__metadata__`` included), keeping the data section."""
+    import json
+
+    blob = p.read_bytes()
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + n])
+    edit(header)
+    h = json.dumps(header, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)
+    p.write_bytes(len(h).to_bytes(8, "little") + h + blob[8 + n :])
+
+
+def test_load_model_refuses_values_that_overflow_in_the_models_dtype(tmp_path):
+    m = nn.Linear(2, 1)
+    with torch.no_grad():
+        m.weight.fill_(1e5)
+    p = tmp_path / "m.safetensors"
+    hl.save_model(m, p)
+    m16 = nn.Linear(2, 1).half()
+    before = {k: v.clone() for k, v in m16.state_dict().items()}
+    msg = (
+        f"{p}: weight: finite values overflow when cast to the model's dtype: checkpoint torch.float32 with magnitudes up to "
+        "100000, model torch.float16 whose largest finite value is 65504"
+    )
+    with pytest.raises(CheckpointError, match=re.escape(msg)):
+        hl.load_model(m16, p)
+    assert all(torch.equal(before[k], v) for k, v in m16.state_dict().items())
+    m.weight.data.fill_(3.0)
+    hl.save_model(m, p)
+    hl.load_model(m16, p)  # narrowing without overflow is fine
+    assert torch.equal(m16.weight, torch.full((1, 2), 3.0, dtype=torch.float16))
+
+
+def test_load_training_refuses_values_that_overflow_in_the_models_dtype(tmp_path):
+    model = nn.Linear(2, 1)
+    opt = torch.optim.Adam(model.parameters())
+    (model(torch.ones(1, 2)) * 1e4).sum().backward()  # exp_avg_sq ~ 1e5 overflows float16, the weights do not
+    opt.step()
+    p = tmp_path / "run.safetensors"
+    hl.save_training(p, model=model, optimizer=opt, step=1)
+    m16 = nn.Linear(2, 1).half()
+    o16 = torch.optim.Adam(m16.parameters())
+    snap = _snapshot(m16, o16)
+    msg = f"{p}: optimiser state 'exp_avg_sq' of weight: finite values overflow when cast to the model's dtype: checkpoint torch.float32"
+    with pytest.raises(CheckpointError, match=re.escape(msg)):
+        hl.load_training(p, model=m16, optimizer=o16)
+    _assert_untouched(m16, o16, snap)
+    with torch.no_grad():
+        model.weight.fill_(1e6)
+    hl.save_training(p, model=model, step=1)
+    with pytest.raises(CheckpointError, match=re.escape(f"{p}: weight: finite values overflow when cast to the model's dtype")):
+        hl.load_training(p, model=m16)
+    _assert_untouched(m16, o16, snap)
+
+
+def _chained(opt, *, exp=True):
+    subs = [torch.optim.lr_scheduler.StepLR(opt, 2, 0.5)] + ([torch.optim.lr_scheduler.ExponentialLR(opt, 0.9)] if exp else [])
+    return torch.optim.lr_scheduler.ChainedScheduler(subs)
+
+
+def test_load_training_refuses_a_scheduler_of_another_structure_untouched(tmp_path):
+    model, opt = _trained()
+    sched = _chained(opt)
+    opt.step()
+    sched.step()
+    p = tmp_path / "run.safetensors"
+    hl.save_training(p, model=model, optimizer=opt, scheduler=sched, step=1)
+    torch.rand(3)
+    m2 = hnet()
+    o2 = torch.optim.Adam(m2.parameters())
+    s2 = _chained(o2, exp=False)
+    snap, sched_before = _snapshot(m2, o2), repr(s2.state_dict())
+    msg = (
+        f"{p}: scheduler structure: checkpoint ['torch.optim.lr_scheduler.StepLR', 'torch.optim.lr_scheduler.ExponentialLR'], "
+        "given ['torch.optim.lr_scheduler.StepLR']"
+    )
+    with pytest.raises(CheckpointError, match=re.escape(msg)):
+        hl.load_training(p, model=m2, optimizer=o2, scheduler=s2)
+    _assert_untouched(m2, o2, snap)
+    assert repr(s2.state_dict()) == sched_before
+    # a file without the structure (older): the scheduler fails inside torch, everything is rolled back
+    _rewrite_training_meta(p, lambda h, t: h.pop("scheduler_structure"))
+    with pytest.raises(CheckpointError, match=re.escape(f"{p}: the checkpoint could not be restored (IndexError: ")) as e:
+        hl.load_training(p, model=m2, optimizer=o2, scheduler=s2)
+    assert "the model, optimiser, scheduler, generators and RNG states were left as they were" in str(e.value)
+    assert isinstance(e.value.__cause__, IndexError)
+    _assert_untouched(m2, o2, snap)
+    assert repr(s2.state_dict()) == sched_before
+    s3 = _chained(o2)
+    assert hl.load_training(p, model=m2, optimizer=o2, scheduler=s3)["step"] == 1
+    assert repr(s3.state_dict()) == repr(sched.state_dict())
+
+
+def test_load_training_rolls_everything_back_when_a_late_restore_fails(tmp_path, monkeypatch):
+    import random
+
+    model, opt = _trained()
+    sched = torch.optim.lr_scheduler.StepLR(opt, 2, 0.5)
+    opt.step()
+    sched.step()
+    gen = torch.Generator().manual_seed(5)
+    p = tmp_path / "run.safetensors"
+    hl.save_training(p, model=model, optimizer=opt, scheduler=sched, step=1, generators={"g": gen})
+    m2 = hnet()
+    o2 = torch.optim.Adam(m2.parameters())
+    s2 = torch.optim.lr_scheduler.StepLR(o2, 2, 0.5)
+    g2 = torch.Generator().manual_seed(7)
+    torch.rand(3)
+    snap, sched_before, gen_before, py_before = _snapshot(m2, o2), repr(s2.state_dict()), g2.get_state(), random.getstate()
+    real, calls = random.setstate, []
+
+    def fail_once(state):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        real(state)
+
+    monkeypatch.setattr(random, "setstate", fail_once)
+    with pytest.raises(CheckpointError, match=re.escape(f"{p}: the checkpoint could not be restored (RuntimeError: boom)")):
+        hl.load_training(p, model=m2, optimizer=o2, scheduler=s2, generators={"g": g2})
+    _assert_untouched(m2, o2, snap)
+    assert repr(s2.state_dict()) == sched_before and torch.equal(g2.get_state(), gen_before) and random.getstate() == py_before
+
+
+def test_metadata_is_checksummed(tmp_path):
+    model, _ = _trained()
+    opt = torch.optim.Adam(model.parameters(), lr=0.001)
+    p = tmp_path / "run.safetensors"
+    hl.save_training(p, model=model, optimizer=opt, step=1)
+    blob = p.read_bytes()
+    assert blob.count(b"0.001") == 1
+    p.write_bytes(blob.replace(b"0.001", b"0.901"))
+    with pytest.raises(CheckpointError, match=re.escape(f"{p}: metadata checksum mismatch (tampered or corrupt file)")):
+        hl.load_training(p, model=hnet(), optimizer=torch.optim.Adam(hnet().parameters()))
+    q = tmp_path / "t.safetensors"
+    hl.save_safetensors({"a": torch.ones(2)}, q, metadata={"k": "v"})
+    q.write_bytes(q.read_bytes().replace(b'"k":"v"', b'"k":"w"'))
+    with pytest.raises(CheckpointError, match=re.escape(f"{q}: metadata checksum mismatch")):
+        hl.load_safetensors(q)
+
+
+_SUMS = ("hyperloom.sha256", "hyperloom.metadata_sha256")
+
+
+def _strip(keys, rename):
+    def edit(h):
+        for k in keys:
+            v = h["__metadata__"].pop(k)
+            if rename:
+                h["__metadata__"][k + "x"] = v
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("keys", "rename", "msg"),
+    [
+        (_SUMS[:1], False, "the metadata has a checksum but the tensors have none (tampered file)"),
+        (_SUMS[:1], True, "metadata checksum mismatch (tampered or corrupt file)"),
+        # a plain file without the metadata's checksum is one of an earlier version: only refused on demand
+        (_SUMS[1:], True, "checksums required, but the file has none for its metadata"),
+    ],
+)
+def test_removing_or_renaming_a_checksum_is_caught(tmp_path, keys, rename, msg):
+    p = tmp_path / "m.safetensors"
+    hl.save_safetensors({"a": torch.ones(2)}, p, metadata={"k": "v"})
+    _rewrite_header(p, _strip(keys, rename))
+    with pytest.raises(CheckpointError, match=re.escape(f"{p}: {msg}")):
+        hl.load_safetensors(p, require_checksums=keys == _SUMS[1:])
+    hl.save_model(hnet(), p)
+    _rewrite_header(p, _strip(keys, rename))
+    with pytest.raises(CheckpointError, match=re.escape(str(p))):
+        hl.load_model(hnet(), p)
+
+
+@pytest.mark.parametrize("rename", [False, True])
+def test_new_files_without_checksums_are_refused(tmp_path, rename):
+    p = tmp_path / "m.safetensors"
+    hl.save_model(hnet(), p)
+    _rewrite_header(p, _strip(_SUMS, rename))
+    assert hl.load_safetensors(p)[0]  # a plain safetensors file: no checksums to check
+    msg = f"{p}: the file claims format 'hyperloom.model/2', which carries checksums, but it has none for its tensors and metadata"
+    with pytest.raises(CheckpointError, match=re.escape(msg)):
+        hl.load_model(hnet(), p)
+    msg = f"{p}: checksums required, but the file has none for its tensors and metadata"
+    with pytest.raises(CheckpointError, match=re.escape(msg)):
+        hl.load_safetensors(p, require_checksums=True)
+    model, opt = _trained()
+    hl.save_training(p, model=model, optimizer=opt, step=1)
+    _rewrite_header(p, _strip(_SUMS, rename))
+    with pytest.raises(CheckpointError, match=re.escape(f"{p}: the file claims format 'hyperloom.training/2', which carries checksums")):
+        hl.load_training(p, model=hnet())
+
+
+def test_version_1_files_still_load(tmp_path):
+    import json
+
+    model, opt = _trained()
+    p = tmp_path / "run.safetensors"
+    hl.save_training(p, model=model, optimizer=opt, step=3)
+
+    def as_v1(h):  # as the previous version wrote it: tensor checksums only, format /1
+        meta = h["__metadata__"]
+        del meta["hyperloom.metadata_sha256"]
+        inner = json.loads(meta["hyperloom"])
+        inner["format"] = "hyperloom.training/1"
+        inner.pop("scheduler_structure", None)
+        meta["hyperloom"] = json.dumps(inner)
+
+    _rewrite_header(p, as_v1)
+    assert hl.load_training(p, model=hnet(), optimizer=torch.optim.Adam(hnet().parameters()))["step"] == 3
+    _rewrite_header(p, lambda h: h["__metadata__"].pop("hyperloom.sha256"))  # or none at all (other tools)
+    assert hl.load_training(p, model=hnet())["step"] == 3
+    q = tmp_path / "m.safetensors"
+    hl.save_model(model, q)
+    _rewrite_header(q, _strip(_SUMS, False))
+    _rewrite_header(q, lambda h: h["__metadata__"].update(format="hyperloom.model/1"))
+    hl.load_model(hnet(), q)
+    assert json.loads(hl.load_safetensors(tmp_path / "run.safetensors")[1]["hyperloom"])["format"] == "hyperloom.training/1"
+    hl.save_model(model, q)
+    assert hl.load_safetensors(q, require_checksums=True)[1]["format"] == "hyperloom.model/2"
+
+
+def test_a_negated_or_conjugated_view_is_saved_with_its_values(tmp_path):
+    c = torch.tensor([1 + 2j, 3 - 4j])
+    t = {"neg": c.conj().imag, "conj": c.conj()}
+    assert t["neg"].is_neg() and t["conj"].is_conj()
+    p = tmp_path / "t.safetensors"
+    hl.save_safetensors(t, p)
+    out, _ = hl.load_safetensors(p)
+    assert out["neg"].tolist() == [-2.0, 4.0] and out["conj"].tolist() == [1 - 2j, 3 + 4j]
+
+
+_EXTRA = ["U16", "U32", "U64", "F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "C64"]
+_TORCH = {
+    "U16": "uint16",
+    "U32": "uint32",
+    "U64": "uint64",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz",
+    "C64": "complex64",
+}
+
+
+def _bits(t):
+    return t.contiguous().view(torch.uint8).tolist() if t.numel() else []
+
+
+@pytest.mark.parametrize("name", _EXTRA)
+def test_every_safetensors_dtype_torch_has_roundtrips(tmp_path, name):
+    st = pytest.importorskip("safetensors.torch")
+    dtype = getattr(torch, _TORCH[name], None)
+    if dtype is None:
+        pytest.skip(f"this torch has no {_TORCH[name]}")
+    src = torch.arange(12, dtype=torch.float32).reshape(3, 4) * 1.5
+    t = src.to(torch.int64).to(dtype) if name.startswith("U") else src.to(dtype)
+    tensors = {"t": t, "empty": torch.zeros(0, 2).to(dtype)}
+    ref = tmp_path / "ref.safetensors"
+    st.save_file(tensors, str(ref))
+    back, _ = hl.load_safetensors(ref)
+    assert back["t"].dtype == dtype and _bits(back["t"]) == _bits(t) and back["empty"].shape == (0, 2)
+    ours = tmp_path / "ours.safetensors"
+    hl.save_safetensors(tensors, ours)
+    theirs = st.load_file(str(ours))
+    assert theirs["t"].dtype == dtype and _bits(theirs["t"]) == _bits(t)
+    assert _bits(hl.load_safetensors(ours)[0]["t"]) == _bits(t)
+
+
+def test_an_unknown_dtype_is_unsupported_not_corrupt(tmp_path):
+    p = tmp_path / "t.safetensors"
+    hl.save_safetensors({"a": torch.ones(4, dtype=torch.uint8)}, p)
+    _rewrite_header(p, lambda h: h["a"].update(dtype="F4"))
+    with pytest.raises(CheckpointError, match=re.escape(f"{p}: a: unsupported dtype 'F4'")):
+        hl.load_safetensors(p)
+    with pytest.raises(CheckpointError, match=re.escape(f"{p}: c: dtype torch.complex128 cannot be stored in a safetensors checkpoint")):
+        hl.save_safetensors({"c": torch.ones(2, dtype=torch.complex128)}, p)
+
+
+@pytest.mark.parametrize(
+    ("tensors", "msg"),
+    [
+        ({"__metadata__": torch.ones(1)}, "tensor name '__metadata__' is reserved for the metadata"),
+        ({1: torch.ones(1), "1": torch.ones(1)}, "tensor names must be strings, got int 1"),
+        ({"a": [1.0]}, "a: expected a torch.Tensor, got list"),
+        ({"w": torch.empty(2, device="meta")}, "w: tensor on the meta device has no data to save"),
+        ({"s": torch.eye(2).to_sparse()}, "s: tensors of layout torch.sparse_coo cannot be stored (convert with .to_dense())"),
+    ],
+)
+def test_save_safetensors_refuses_what_it_cannot_load(tmp_path, tensors, msg):
+    p = tmp_path / "t.safetensors"
+    with pytest.raises(CheckpointError, match=re.escape(f"{p}: {msg}")):
+        hl.save_safetensors(tensors, p)
+    assert not p.exists()
+
+
+def test_save_model_refuses_meta_tensors_and_non_json_configs(tmp_path):
+    p = tmp_path / "m.safetensors"
+    with pytest.raises(CheckpointError, match=re.escape(f"{p}: weight: tensor on the meta device has no data to save")):
+        hl.save_model(nn.Linear(2, 1, device="meta"), p)
+    with pytest.raises(CheckpointError, match=re.escape(f"{p}: weight: tensor on the meta device has no data to save")):
+        hl.save_training(p, model=nn.Linear(2, 1, device="meta"), step=0)
+    msg = f"{p}: config is not JSON-serialisable (Object of type Tensor is not JSON serializable)"
+    with pytest.raises(CheckpointError, match=re.escape(msg)):
+        hl.save_model(nn.Linear(2, 1), p, config={"a": torch.ones(1)})
+    with pytest.raises(CheckpointError, match=re.escape(msg)):
+        hl.save_training(p, model=nn.Linear(2, 1), step=0, config={"a": torch.ones(1)})
+    assert not p.exists()
+
+
+def test_long_file_names(tmp_path):
+    p = tmp_path / ("a" * 250)
+    hl.save_safetensors({"a": torch.ones(2)}, p)
+    assert torch.equal(hl.load_safetensors(p)[0]["a"], torch.ones(2))
+    assert sorted(f.name for f in tmp_path.iterdir()) == [p.name]
+    q = tmp_path / ("b" * 260)
+    with pytest.raises(CheckpointError, match=re.escape(f"{q}: cannot write checkpoint (File name too long)")):
+        hl.save_safetensors({"a": torch.ones(2)}, q)
+    with pytest.raises(CheckpointError, match=re.escape(f"{q}: cannot read checkpoint (File name too long)")):
+        hl.load_safetensors(q)
+
+
+def test_bad_path_arguments(tmp_path):
+    bad = str(tmp_path / "a\0b.safetensors")
+    with pytest.raises(CheckpointError, match=re.escape(f"{bad!r}: invalid checkpoint path (it contains a NUL byte)")):
+        hl.save_safetensors({"a": torch.ones(2)}, bad)
+    with pytest.raises(CheckpointError, match=re.escape(f"{bad!r}: invalid checkpoint path (it contains a NUL byte)")):
+        hl.load_safetensors(bad)
+    with pytest.raises(CheckpointError, match=re.escape("checkpoint path must be a str or os.PathLike, got int 3")):
+        hl.load_model(nn.Linear(2, 1), 3)
+    with pytest.raises(CheckpointError, match=re.escape("checkpoint path must be a str or os.PathLike, got int 3")):
+        hl.save_model(nn.Linear(2, 1), 3)
+    assert sorted(f.name for f in tmp_path.iterdir()) == []
+
+
+def test_a_deeply_nested_header_is_corrupt(tmp_path):
+    p = tmp_path / "t.safetensors"
+    h = b"[" * 100000
+    p.write_bytes(len(h).to_bytes(8, "little") + h)
+    with pytest.raises(CheckpointError, match=re.escape(f"{p}: corrupt checkpoint header (nested too deeply)")):
+        hl.load_safetensors(p)
+    import json
+
+    hl.save_safetensors({}, p, metadata={"hyperloom": json.dumps({"format": "hyperloom.training/2"})[:-1] + ',"x":' + "[" * 100000})
+    with pytest.raises(CheckpointError, match=re.escape(f"{p}: not a hyperloom training checkpoint")):
+        hl.load_training(p, model=hnet())
+
+
+def _adam_step_as_dict(h, t):
+    import json
+
+    s = json.dumps(h["optimizer"])
+    assert '{"__tensor__": "optimizer.state.0.step"}' in s
+    h["optimizer"] = json.loads(s.replace('{"__tensor__": "optimizer.state.0.step"}', '{"__dict__": []}'))
+
+
+@pytest.mark.parametrize(
+    ("edit", "msg"),
+    [
+        (lambda h, t: h["rng"].update(python={"__tuple__": 1}), "corrupt training checkpoint: invalid Python RNG state"),
+        (lambda h, t: h["rng"].update(python=[]), "corrupt training checkpoint: invalid Python RNG state"),
+        (lambda h, t: h["rng"].update(python={"a": 1}), "corrupt training checkpoint: invalid Python RNG state"),
+        (lambda h, t: h["rng"].update(python={"__tuple__": [[]] * 3}), "corrupt training checkpoint: invalid Python RNG state"),
+        (_adam_step_as_dict, "the checkpoint could not be restored (TypeError: "),
+        (lambda h, t: h.update(optimizer={"__dict__": 5}), "corrupt training checkpoint: malformed optimiser state"),
+        (
+            lambda h, t: h.update(optimizer={"__dict__": [[{"__tuple__": [{}]}, 1]]}),
+            "corrupt training checkpoint: malformed optimiser state",
+        ),
+        (lambda h, t: h.update(optimizer={"__tensor__": 3}), "corrupt training checkpoint: optimiser state refers to a missing tensor"),
+        (lambda h, t: h["optimizer_shapes"][0].append([float("inf")]), "corrupt training checkpoint: malformed optimiser parameter shapes"),
+        (lambda h, t: h.update(format={}), "not a hyperloom training checkpoint"),
+    ],
+)
+def test_load_training_with_fuzzed_metadata_raises_checkpoint_error(tmp_path, edit, msg):
+    model, opt = _trained()
+    p = tmp_path / "run.safetensors"
+    hl.save_training(p, model=model, optimizer=opt, step=1)
+    _rewrite_training_meta(p, edit)
+    m2 = hnet()
+    o2 = torch.optim.Adam(m2.parameters())
+    snap = _snapshot(m2, o2)
+    with pytest.raises(CheckpointError, match=re.escape(f"{p}: {msg}")):
+        hl.load_training(p, model=m2, optimizer=o2)
+    _assert_untouched(m2, o2, snap)

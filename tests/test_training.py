@@ -120,3 +120,84 @@ def test_trainer_rejects_a_loss_fn_that_does_not_return_a_pair():
         hl.Trainer(model, opt, lambda m, s: m(torch.randn(2, 4), lam=0.5).sum()).fit(1)
     with pytest.raises(HyperloomError, match=re.escape("loss_fn must return a mapping as conditioning, got list at step 0")):
         hl.Trainer(model, opt, lambda m, s: (m(torch.randn(2, 4), lam=0.5).sum(), [0.5])).fit(1)
+
+
+# ------------------------------------------------------------------------------------------------
+# second review: regressions
+# ------------------------------------------------------------------------------------------------
+
+
+def test_non_finite_loss_error_pickles_and_copies():
+    import copy
+    import pickle
+
+    e = hl.NonFiniteLossError("x", step=1, conditioning={"lam": 0.5}, parameters=["w"])
+    e.add_note("note")
+    for back in (pickle.loads(pickle.dumps(e)), copy.copy(e), copy.deepcopy(e)):
+        assert type(back) is hl.NonFiniteLossError and str(back) == "x"
+        assert (back.step, back.conditioning, back.parameters, back.__notes__) == (1, {"lam": 0.5}, ["w"], ["note"])
+
+
+def test_trainer_with_reduce_lr_on_plateau(tmp_path):
+    model = hnet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, factor=0.5)
+
+    def loss_fn(model, step):  # a constant loss never improves: the rate halves after every step but the first
+        return model(torch.randn(2, 4), lam=0.5).sum() * 0 + 1.0, {}
+
+    ck = tmp_path / "run.safetensors"
+    hl.Trainer(model, opt, loss_fn, checkpoint=ck, every=1, scheduler=sched).fit(3)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.025)
+    m2 = hnet()
+    o2 = torch.optim.SGD(m2.parameters(), lr=0.1)
+    s2 = torch.optim.lr_scheduler.ReduceLROnPlateau(o2, patience=0, factor=0.5)
+    t2 = hl.Trainer(m2, o2, loss_fn, checkpoint=ck, every=1, scheduler=s2)
+    t2.fit(4)
+    assert t2.step == 4 and o2.param_groups[0]["lr"] == pytest.approx(0.0125) and s2.best == 1.0
+
+
+def test_trainer_rejects_a_complex_loss():
+    model = hnet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def loss_fn(model, step):
+        return model(torch.randn(2, 4), lam=0.5).sum() * (1 + 1j), {}
+
+    with pytest.raises(HyperloomError, match=re.escape("loss_fn must return a real loss, got a tensor of torch.complex64 at step 0")):
+        hl.Trainer(model, opt, loss_fn).fit(2)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    ("every", "msg"),
+    [
+        ("3", "every must be a positive int, got str '3'"),
+        (1.5, "every must be a positive int, got float 1.5"),
+        (True, "every must be a positive int, got bool True"),
+        (0, "every must be a positive int, got int 0"),
+    ],
+)
+def test_trainer_every_must_be_a_positive_int(every, msg):
+    model = hnet()
+    with pytest.raises(HyperloomError, match=re.escape(msg)):
+        hl.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda m, s: (m(torch.randn(2, 4), lam=0.5).sum(), {}), every=every)
+
+
+def test_trainer_fit_steps_must_be_an_int():
+    model = hnet()
+    trainer = hl.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda m, s: (m(torch.randn(2, 4), lam=0.5).sum(), {}))
+    with pytest.raises(HyperloomError, match=re.escape("steps must be a non-negative int, got float 2.5")):
+        trainer.fit(2.5)
+    assert trainer.step == 0
+
+
+def test_trainer_refuses_a_non_json_config(tmp_path):
+    model = hnet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ck = tmp_path / "run.safetensors"
+    msg = f"{ck}: config is not JSON-serialisable (Object of type Tensor is not JSON serializable)"
+    with pytest.raises(CheckpointError, match=re.escape(msg)):
+        hl.Trainer(model, opt, lambda m, s: (m(torch.randn(2, 4), lam=0.5).sum(), {}), checkpoint=ck, config={"a": torch.ones(1)})
+    assert not ck.exists()

@@ -8,8 +8,12 @@ core keeps no dependency beyond torch; files interoperate with the
 ``safetensors`` package (checked in the tests).
 
 Every tensor's SHA-256 (over its dtype, shape and bytes) is stored in the
-``__metadata__`` under ``hyperloom.sha256``, so a flipped data byte is caught
-on load; files without checksums (written by other tools) still load.
+``__metadata__`` under ``hyperloom.sha256``, and the SHA-256 of the rest of the
+metadata under ``hyperloom.metadata_sha256``, so a flipped byte in the data or
+the metadata is caught on load. Files without checksums (written by other
+tools) still load, but model and training checkpoints in the formats this
+version writes (``hyperloom.model/2``, ``hyperloom.training/2``) must carry
+both; the ``/1`` files of earlier versions load without.
 
 Writes go to a temporary file in the same directory, are fsynced, then
 renamed over the target: a crash leaves either the old file or the new one,
@@ -20,9 +24,11 @@ naming the file.
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import hashlib
 import json
+import numbers
 import os
 import random
 import sys
@@ -48,10 +54,26 @@ _DTYPES: dict[str, torch.dtype] = {
     "I8": torch.int8,
     "U8": torch.uint8,
     "BOOL": torch.bool,
+    "C64": torch.complex64,
 }
+for _name, _attr in (
+    ("U16", "uint16"),
+    ("U32", "uint32"),
+    ("U64", "uint64"),
+    ("F8_E4M3", "float8_e4m3fn"),
+    ("F8_E5M2", "float8_e5m2"),
+    ("F8_E4M3FNUZ", "float8_e4m3fnuz"),
+    ("F8_E5M2FNUZ", "float8_e5m2fnuz"),
+    ("F8_E8M0", "float8_e8m0fnu"),
+):
+    if isinstance(getattr(torch, _attr, None), torch.dtype):  # newer dtypes: only where this torch has them
+        _DTYPES[_name] = getattr(torch, _attr)
 _NAMES = {v: k for k, v in _DTYPES.items()}
 _MAX_HEADER = 100 * 2**20
 _CHECKSUMS = "hyperloom.sha256"
+_META_CHECKSUM = "hyperloom.metadata_sha256"  # a key of its own: earlier versions read it as plain metadata
+_MODEL_FORMATS = {"hyperloom.model/1": False, "hyperloom.model/2": True}  # format -> carries checksums
+_TRAINING_FORMATS = {"hyperloom.training/1": False, "hyperloom.training/2": True}
 _INPUT_FIELDS = ("low", "high", "scale", "dim", "out_of_range")
 
 
@@ -73,6 +95,24 @@ def _cannot_write(target: Path, why: str) -> CheckpointError:
     return CheckpointError(f"{target}: cannot write checkpoint ({why})")
 
 
+def _short(x: Any) -> str:
+    r = repr(x)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def _as_path(path: Any) -> Path:
+    """``path`` as a :class:`~pathlib.Path`, or a :class:`CheckpointError` for what no file system takes."""
+    if not isinstance(path, str | os.PathLike):
+        raise CheckpointError(f"checkpoint path must be a str or os.PathLike, got {type(path).__name__} {_short(path)}")
+    try:
+        p = Path(path)
+    except TypeError:  # an os.PathLike of bytes
+        raise CheckpointError(f"checkpoint path must be a str or os.PathLike of str, got {_short(path)}") from None
+    if "\0" in str(p):
+        raise CheckpointError(f"{str(p)!r}: invalid checkpoint path (it contains a NUL byte)")
+    return p
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], chunks: list[bytes]) -> None:
     """Write ``chunks`` to ``path`` atomically (temporary file, fsync, rename, fsync of the directory).
 
@@ -80,17 +120,18 @@ def atomic_write_bytes(path: str | os.PathLike[str], chunks: list[bytes]) -> Non
         CheckpointError: Naming the file, if it cannot be written (its directory is a file, it is a
             directory, no permission, disk full); a file already there is left as it was.
     """
-    target = Path(path)
-    if target.is_dir():
-        raise _cannot_write(target, "it is a directory")
-    for parent in target.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise _cannot_write(target, f"{parent} is a file, not a directory")
-            break
+    target = _as_path(path)
     try:
+        if target.is_dir():
+            raise _cannot_write(target, "it is a directory")
+        for parent in target.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise _cannot_write(target, f"{parent} is a file, not a directory")
+                break
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        # a short prefix: the temporary name must fit the file system wherever the target's name does
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name[:32]}.", suffix=".tmp", dir=target.parent)
     except OSError as e:
         raise _cannot_write(target, e.strerror or str(e)) from e
     try:
@@ -117,6 +158,25 @@ def _digest(dtype: str, shape: list[int], data: bytes | memoryview) -> str:
     return h.hexdigest()
 
 
+def _meta_digest(meta: Mapping[str, str]) -> str:
+    """The checksum of the metadata (all of it but the checksums), independent of its order and JSON spelling."""
+    return hashlib.sha256(json.dumps(sorted(meta.items()), separators=(",", ":")).encode()).hexdigest()
+
+
+def _check_storable(path: Path, name: str, t: Any) -> None:
+    """Raise naming the file and the tensor if ``t`` is not a tensor this format can store."""
+    if not isinstance(t, torch.Tensor):
+        raise CheckpointError(f"{path}: {name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.is_meta:
+        raise CheckpointError(f"{path}: {name}: tensor on the meta device has no data to save")
+    if t.is_nested:
+        raise CheckpointError(f"{path}: {name}: nested tensors cannot be stored (unbind them into separate tensors)")
+    if t.layout != torch.strided:
+        raise CheckpointError(f"{path}: {name}: tensors of layout {t.layout} cannot be stored (convert with .to_dense())")
+    if t.dtype not in _NAMES:
+        raise CheckpointError(f"{path}: {name}: dtype {t.dtype} cannot be stored in a safetensors checkpoint")
+
+
 def save_safetensors(
     tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str], *, metadata: Mapping[str, str] | None = None
 ) -> None:
@@ -131,17 +191,25 @@ def save_safetensors(
         (torch.Size([2, 3]), '7')
 
     Raises:
-        CheckpointError: On a dtype the format cannot store, a non-string metadata value, the reserved
-            metadata key ``hyperloom.sha256`` or a path that cannot be written.
+        CheckpointError: Naming the file (and the tensor), before anything is written, on a name that is not
+            a string or is ``__metadata__``, a value that is not a dense tensor with data (sparse, nested and
+            meta-device tensors are refused), a dtype the format cannot store, a non-string metadata key or
+            value, the metadata keys reserved for the checksums (``hyperloom.sha256``,
+            ``hyperloom.metadata_sha256``), or a path that cannot be written.
     """
+    target = _as_path(path)
     header: dict[str, Any] = {}
     sums: dict[str, str] = {}
     blobs: list[bytes] = []
     offset = 0
     for name, t in tensors.items():
-        if t.dtype not in _NAMES:
-            raise CheckpointError(f"{name}: dtype {t.dtype} cannot be stored in a safetensors checkpoint")
-        data = t.detach().to("cpu").contiguous()
+        if not isinstance(name, str):
+            raise CheckpointError(f"{target}: tensor names must be strings, got {type(name).__name__} {_short(name)}")
+        if name == "__metadata__":
+            raise CheckpointError(f"{target}: tensor name '__metadata__' is reserved for the metadata")
+        _check_storable(target, name, t)
+        # resolve the lazy negation and conjugation bits: data_ptr() shows the bytes before them
+        data = t.detach().to("cpu").resolve_neg().resolve_conj().contiguous()
         if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
             raise CheckpointError("big-endian hosts are not supported")
         n = data.numel() * data.element_size()
@@ -151,34 +219,31 @@ def save_safetensors(
         sums[name] = _digest(_NAMES[t.dtype], list(t.shape), blob)
         offset += n
     meta = dict(metadata or {})
-    bad = [k for k, v in meta.items() if not isinstance(v, str)]
+    bad = [k for k, v in meta.items() if not isinstance(k, str) or not isinstance(v, str)]
     if bad:
-        raise CheckpointError(f"metadata values must be strings, not for {bad}")
-    if _CHECKSUMS in meta:
-        raise CheckpointError(f"metadata key {_CHECKSUMS!r} is reserved for the tensors' checksums")
+        raise CheckpointError(f"{target}: metadata keys and values must be strings, not for {bad}")
+    for key in (_CHECKSUMS, _META_CHECKSUM):
+        if key in meta:
+            raise CheckpointError(f"{target}: metadata key {key!r} is reserved for the checksums")
+    meta_sum = _meta_digest(meta)
     meta[_CHECKSUMS] = json.dumps(sums, separators=(",", ":"))
+    meta[_META_CHECKSUM] = meta_sum
     header["__metadata__"] = meta
     hbytes = json.dumps(header, separators=(",", ":")).encode()
     hbytes += b" " * (-len(hbytes) % 8)  # align the data section to 8 bytes
-    atomic_write_bytes(path, [len(hbytes).to_bytes(8, "little"), hbytes, *blobs])
+    atomic_write_bytes(target, [len(hbytes).to_bytes(8, "little"), hbytes, *blobs])
 
 
-def load_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Load a safetensors file after validating its header against the file size (no pickle).
+def _read(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
+    """Load and validate a safetensors file; return ``(tensors, metadata, unchecked)``.
 
-    Returns:
-        ``(tensors, metadata)``.
-
-    Raises:
-        CheckpointError: Naming the file, if it is missing, truncated, or its header is malformed,
-            inconsistent, overlapping or has trailing bytes, or naming the tensor too, if its checksum
-            does not match its data (a tampered or corrupt file).
+    ``unchecked`` names what the file carries no checksum for (``tensors``, ``metadata``): empty for the
+    files this version writes, ``["metadata"]`` for those of earlier versions, both for other tools'.
     """
-    p = Path(path)
     try:
         blob = p.read_bytes()
     except OSError as e:
-        raise CheckpointError(f"{p}: cannot read checkpoint ({e.strerror})") from None
+        raise CheckpointError(f"{p}: cannot read checkpoint ({e.strerror or e})") from None
     if len(blob) < 8:
         raise CheckpointError(f"{p}: truncated checkpoint ({len(blob)} bytes, no header)")
     n = int.from_bytes(blob[:8], "little")
@@ -188,6 +253,8 @@ def load_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tens
         header = json.loads(blob[8 : 8 + n])
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{p}: corrupt checkpoint header ({e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{p}: corrupt checkpoint header (nested too deeply)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{p}: corrupt checkpoint header (not a JSON object)")
     meta = header.pop("__metadata__", {}) or {}
@@ -195,10 +262,20 @@ def load_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tens
         raise CheckpointError(f"{p}: corrupt checkpoint metadata")
     meta = dict(meta)
     sums: dict[str, Any] | None = None
-    if _CHECKSUMS in meta:
+    unchecked = []
+    raw_sums, meta_sum = meta.pop(_CHECKSUMS, None), meta.pop(_META_CHECKSUM, None)
+    if meta_sum is None:  # written before the metadata was checksummed, or by another tool
+        unchecked.append("metadata")
+    elif meta_sum != _meta_digest(meta):
+        raise CheckpointError(f"{p}: metadata checksum mismatch (tampered or corrupt file)")
+    if raw_sums is None:
+        if meta_sum is not None:  # hyperloom writes both or (earlier versions) the tensors' alone
+            raise CheckpointError(f"{p}: the metadata has a checksum but the tensors have none (tampered file)")
+        unchecked.insert(0, "tensors")
+    else:
         try:
-            sums = json.loads(meta.pop(_CHECKSUMS))
-        except json.JSONDecodeError:
+            sums = json.loads(raw_sums)
+        except (json.JSONDecodeError, RecursionError):
             sums = None
         if not isinstance(sums, dict):
             raise CheckpointError(f"{p}: corrupt checksums in the checkpoint metadata (tampered file)")
@@ -212,12 +289,17 @@ def load_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tens
     spans = []
     out: dict[str, torch.Tensor] = {}
     for name, info in header.items():
-        try:
-            dtype = _DTYPES[info["dtype"]]
-            shape = [int(d) for d in info["shape"]]
-            start, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{p}: corrupt header entry for {name!r}: {info!r}") from None
+        if not isinstance(info, dict) or not isinstance(info.get("dtype"), str):
+            raise CheckpointError(f"{p}: corrupt header entry for {name!r}: {_short(info)}")
+        if info["dtype"] not in _DTYPES:
+            raise CheckpointError(f"{p}: {name}: unsupported dtype {info['dtype']!r} (this torch reads {sorted(_DTYPES)})")
+        dtype = _DTYPES[info["dtype"]]
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not isinstance(shape, list) or not isinstance(offsets, list) or len(offsets) != 2:
+            raise CheckpointError(f"{p}: corrupt header entry for {name!r}: {_short(info)}")
+        if not all(isinstance(d, int) and not isinstance(d, bool) for d in [*shape, *offsets]):
+            raise CheckpointError(f"{p}: corrupt header entry for {name!r}: {_short(info)}")
+        start, end = offsets
         numel = 1
         for d in shape:
             if d < 0:
@@ -242,7 +324,39 @@ def load_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tens
         pos = end
     if pos != len(data):
         raise CheckpointError(f"{p}: {len(data) - pos} trailing bytes after the last tensor (tampered file)")
-    return out, meta
+    return out, meta, unchecked
+
+
+def load_safetensors(path: str | os.PathLike[str], *, require_checksums: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Load a safetensors file after validating its header against the file size (no pickle).
+
+    Args:
+        path: The file.
+        require_checksums: Refuse a file without hyperloom's checksums of its tensors and metadata (one
+            written by another tool or an earlier version, or one whose checksums were removed).
+
+    Returns:
+        ``(tensors, metadata)``.
+
+    Raises:
+        CheckpointError: Naming the file, if it is missing, truncated, or its header is malformed,
+            inconsistent, overlapping or has trailing bytes, or holds a dtype this torch does not have,
+            if the checksum of its metadata or (naming the tensor too) of a tensor does not match (a tampered
+            or corrupt file), or if checksums are required and missing.
+    """
+    p = _as_path(path)
+    tensors, meta, unchecked = _read(p)
+    if require_checksums and unchecked:
+        raise CheckpointError(f"{p}: checksums required, but the file has none for its {' and '.join(unchecked)}")
+    return tensors, meta
+
+
+def _require_checksums(p: Path, fmt: str, formats: Mapping[str, bool], unchecked: list[str]) -> None:
+    if formats[fmt] and unchecked:
+        raise CheckpointError(
+            f"{p}: the file claims format {fmt!r}, which carries checksums, but it has none for its "
+            f"{' and '.join(unchecked)} (tampered or corrupt file)"
+        )
 
 
 def _hypernetworks(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -290,8 +404,22 @@ def _load_json(path: str | os.PathLike[str], meta: Mapping[str, str], key: str) 
         return None
     try:
         return json.loads(meta[key])
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         raise CheckpointError(f"{path}: corrupt checkpoint metadata {key!r} (not JSON)") from None
+
+
+def _config_json(path: str | os.PathLike[str], config: Any) -> dict[str, Any]:
+    """``config`` as a plain dict, checked to be JSON-serialisable (a :class:`CheckpointError` naming ``path`` if not)."""
+    if config is None:
+        return {}
+    if not isinstance(config, Mapping):
+        raise CheckpointError(f"{path}: config must be a mapping, got {type(config).__name__}")
+    out = dict(config)
+    try:
+        json.dumps(out)
+    except (TypeError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path}: config is not JSON-serialisable ({e})") from None
+    return out
 
 
 def _check_state(path: str | os.PathLike[str], state: Mapping[str, torch.Tensor], own: Mapping[str, Any], *, strict: bool) -> None:
@@ -301,8 +429,42 @@ def _check_state(path: str | os.PathLike[str], state: Mapping[str, torch.Tensor]
         if missing or unexpected:
             raise CheckpointError(f"{path}: keys do not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
     for k, v in state.items():
-        if k in own and tuple(own[k].shape) != tuple(v.shape):
+        if k in own and isinstance(own[k], torch.Tensor) and tuple(own[k].shape) != tuple(v.shape):
             raise CheckpointError(f"{path}: {k}: checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)}")
+    for k, v in state.items():
+        if k in own and isinstance(own[k], torch.Tensor):
+            _check_cast(path, k, v, own[k].dtype)
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a float32 copy for the one-byte float dtypes that ``torch.isfinite`` does not take."""
+    return t.float() if t.is_floating_point() and t.element_size() == 1 else t
+
+
+def _check_cast(path: str | os.PathLike[str], label: str, v: torch.Tensor, dtype: torch.dtype) -> None:
+    """Raise if finite values of ``v`` would become infinite or NaN when cast to ``dtype`` (a narrower model)."""
+    floating = v.is_floating_point() or v.is_complex()
+    if v.dtype == dtype or not floating or not (dtype.is_floating_point or dtype.is_complex) or (v.is_complex() and not dtype.is_complex):
+        return
+    src = _wide(v)
+    bad = torch.isfinite(src) & ~torch.isfinite(_wide(v.to(dtype)))
+    if bool(bad.any()):
+        worst = float(src[bad].abs().max())
+        raise CheckpointError(
+            f"{path}: {label}: finite values overflow when cast to the model's dtype: checkpoint {v.dtype} with magnitudes up to "
+            f"{worst:g}, model {dtype} whose largest finite value is {torch.finfo(dtype).max:g}"
+        )
+
+
+def _cpu_copy(state: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a module's state on the CPU (the model's own memory is left for the model)."""
+    out: dict[str, Any] = {}
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v if v.is_meta else v.detach().to("cpu", copy=True)  # a meta tensor has no data to lose
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
 
 
 def save_model(model: nn.Module, path: str | os.PathLike[str], *, config: Mapping[str, Any] | None = None) -> None:
@@ -310,36 +472,63 @@ def save_model(model: nn.Module, path: str | os.PathLike[str], *, config: Mappin
 
     The input declarations (and formulation, encoding, additivity) of every
     :class:`~hyperloom.HyperNetwork` in the model are stored with it and checked by :func:`load_model`.
+    The file (format ``hyperloom.model/2``) carries checksums of its tensors and metadata.
 
     Raises:
-        CheckpointError: On a state entry that is not a tensor, an unstorable dtype or a path that
-            cannot be written.
+        CheckpointError: Naming the file, before anything is written, on a state entry that is not a
+            tensor or cannot be stored (meta device, sparse, an unstorable dtype), a config that is not
+            JSON-serialisable, or a path that cannot be written.
     """
+    target = _as_path(path)
     state = model.state_dict()
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise CheckpointError(f"state_dict entries {bad} are not tensors")
-    meta = {"format": "hyperloom.model/1", "config": json.dumps(config or {}), "hypernetworks": json.dumps(_hypernetworks(model))}
-    save_safetensors(state, path, metadata=meta)
+        raise CheckpointError(f"{target}: state_dict entries {bad} are not tensors")
+    meta = {
+        "format": "hyperloom.model/2",
+        "config": json.dumps(_config_json(target, config)),
+        "hypernetworks": json.dumps(_hypernetworks(model)),
+    }
+    save_safetensors(state, target, metadata=meta)
 
 
 def load_model(model: nn.Module, path: str | os.PathLike[str], *, strict: bool = True) -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_model` into ``model``; return its config.
 
-    The file is fully validated first, so a bad file never leaves a half-loaded model.
+    The file is fully validated first, so a bad file never leaves a half-loaded model (should the
+    load fail inside torch all the same, the model's state is rolled back).
 
     Raises:
-        CheckpointError: Naming the file, on a bad file, keys or shapes that do not match the model,
-            or hypernetwork input declarations (name, range, scale, dim, out_of_range) or formulation
-            that differ from the model's (files written before these were recorded skip that check).
+        CheckpointError: Naming the file, on a bad file (a file claiming the format ``hyperloom.model/2``
+            must carry checksums), keys or shapes that do not match the model, finite values that overflow
+            in the model's narrower dtype (naming the tensor), or hypernetwork input declarations (name,
+            range, scale, dim, out_of_range) or formulation that differ from the model's (files written
+            before these were recorded skip that check).
     """
-    tensors, meta = load_safetensors(path)
-    config = _load_json(path, meta, "config")
+    p = _as_path(path)
+    tensors, meta, unchecked = _read(p)
+    fmt = meta.get("format")
+    if fmt is not None and fmt.startswith("hyperloom."):  # other tools' files ("pt", none) load as they are
+        if fmt not in _MODEL_FORMATS:
+            hint = "; load it with load_training" if fmt.startswith("hyperloom.training/") else " (written by a newer hyperloom?)"
+            raise CheckpointError(f"{p}: not a hyperloom model checkpoint: format {fmt!r}, expected one of {sorted(_MODEL_FORMATS)}{hint}")
+        _require_checksums(p, fmt, _MODEL_FORMATS, unchecked)
+    config = _load_json(p, meta, "config")
     if not isinstance(config, dict | None):
-        raise CheckpointError(f"{path}: corrupt checkpoint metadata 'config': a JSON object expected, got {config!r}")
-    _check_hypernetworks(path, _load_json(path, meta, "hypernetworks"), model, strict=strict)
-    _check_state(path, tensors, model.state_dict(), strict=strict)
-    model.load_state_dict(tensors, strict=strict)
+        raise CheckpointError(f"{p}: corrupt checkpoint metadata 'config': a JSON object expected, got {_short(config)}")
+    _check_hypernetworks(p, _load_json(p, meta, "hypernetworks"), model, strict=strict)
+    _check_state(p, tensors, model.state_dict(), strict=strict)
+    before = _cpu_copy(model.state_dict())
+    try:
+        model.load_state_dict(tensors, strict=strict)
+    except Exception as e:
+        try:
+            model.load_state_dict(before)
+        except Exception as e2:  # pragma: no cover - the state was just read from this very model
+            raise CheckpointError(
+                f"{p}: the checkpoint could not be loaded ({type(e).__name__}: {e}); rolling back failed too ({e2})"
+            ) from e
+        raise CheckpointError(f"{p}: the checkpoint could not be loaded ({type(e).__name__}: {e}); the model was left as it was") from e
     return dict(config or {})
 
 
@@ -386,10 +575,11 @@ def _parse_rng_state(path: str | os.PathLike[str], tensors: Mapping[str, torch.T
         raise CheckpointError(f"{corrupt} no RNG state")
     if "rng.torch" not in tensors:
         raise CheckpointError(f"{corrupt} no tensor 'rng.torch'")
-    out: dict[str, Any] = {"torch": tensors["rng.torch"], "python": _unjson(rng["python"])}
-    try:
+    out: dict[str, Any] = {"torch": tensors["rng.torch"]}
+    try:  # anything goes wrong on malformed state: it is tried on a throw-away generator
+        out["python"] = _unjson(rng["python"])
         random.Random().setstate(out["python"])
-    except (TypeError, ValueError, OverflowError):
+    except Exception:
         raise CheckpointError(f"{corrupt} invalid Python RNG state") from None
     try:
         torch.Generator().set_state(out["torch"])
@@ -405,7 +595,7 @@ def _parse_rng_state(path: str | os.PathLike[str], tensors: Mapping[str, torch.T
             name, pos, has_gauss, gauss = rng["numpy"]
             state = (name, tensors["rng.numpy.keys"].numpy().astype("uint32"), pos, has_gauss, gauss)
             np.random.RandomState().set_state(state)
-        except (TypeError, ValueError):
+        except Exception:
             raise CheckpointError(f"{corrupt} invalid numpy RNG state") from None
         out["numpy"] = state
     return out
@@ -455,7 +645,7 @@ def _join(path: str | os.PathLike[str], obj: Any, tensors: Mapping[str, torch.Te
         out = _join_state(obj, tensors)
     except KeyError as e:
         raise CheckpointError(f"{path}: corrupt training checkpoint: {what} state refers to a missing tensor {e}") from None
-    except (TypeError, ValueError):
+    except Exception:  # TypeError, ValueError, IndexError, RecursionError...: the JSON is not what _split_state writes
         raise CheckpointError(f"{path}: corrupt training checkpoint: malformed {what} state") from None
     if not isinstance(out, dict):
         raise CheckpointError(f"{path}: corrupt training checkpoint: {what} state is not a mapping")
@@ -469,7 +659,7 @@ def _qualname(cls: type) -> str:
 def _shape(x: Any) -> tuple[int, ...] | None:
     try:
         return tuple(int(d) for d in x)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
 
 
@@ -495,7 +685,7 @@ def _check_optimizer(
             raise CheckpointError(
                 f"{path}: optimiser parameter group {i} holds {n_saved} parameters in the checkpoint, {n_own} in the optimiser"
             )
-        extra = sorted(set(g) - set(og))
+        extra = sorted(set(g) - set(og), key=str)
         if saved_cls is None and extra:  # older files do not record the class: unknown hyperparameters betray another one
             raise CheckpointError(
                 f"{path}: optimiser parameter group {i} has hyperparameters {extra} in the checkpoint that {given} does not take "
@@ -559,6 +749,18 @@ def _all_finite(tensors: list[torch.Tensor]) -> bool:
     return all(bool(torch.stack(f).all()) for f in flags.values())
 
 
+def _scheduler_structure(scheduler: Any) -> list[Any] | None:
+    """The classes of a composite scheduler's parts (``ChainedScheduler``, ``SequentialLR``), nested; ``None`` for others."""
+    parts = getattr(scheduler, "_schedulers", None)
+    if not isinstance(parts, list | tuple):
+        return None
+    out: list[Any] = []
+    for s in parts:
+        inner = _scheduler_structure(s)
+        out.append(_qualname(type(s)) if inner is None else [_qualname(type(s)), inner])
+    return out
+
+
 def save_training(
     path: str | os.PathLike[str],
     *,
@@ -574,19 +776,31 @@ def save_training(
     Holds the model's state, the optimiser's and scheduler's state (and their classes), the step, the RNG
     states of torch, numpy (when imported) and Python's ``random``, the states of any named
     ``torch.Generator`` the run draws from, the hypernetworks' input declarations and a JSON-able config.
+    The file (format ``hyperloom.training/2``) carries checksums of its tensors and metadata.
 
     Raises:
         CheckpointError: Before writing anything (a file already there is kept), on non-finite model
             parameters or optimiser state (naming them), state that cannot be stored (a non-JSON value
-            in the optimiser state, say) or a path that cannot be written.
+            in the optimiser state, a tensor on the meta device, say), a config that is not
+            JSON-serialisable, a step that is not an integer or a path that cannot be written.
     """
+    target = _as_path(path)
+    if not isinstance(step, numbers.Integral) or isinstance(step, bool):
+        raise CheckpointError(f"{target}: step must be an int, got {type(step).__name__} {_short(step)}")
+    config = _config_json(target, config)
+    state = model.state_dict()
+    for k, v in state.items():
+        _check_storable(target, k, v)
+    for name, g in (generators or {}).items():
+        if not isinstance(g, torch.Generator):
+            raise CheckpointError(f"{target}: generator {name!r}: expected a torch.Generator, got {type(g).__name__}")
     bad, bad_state = _non_finite_state(model, optimizer)
     if bad:
-        raise CheckpointError(f"{path}: refusing to checkpoint non-finite parameters {bad}")
+        raise CheckpointError(f"{target}: refusing to checkpoint non-finite parameters {bad}")
     if bad_state:
-        raise CheckpointError(f"{path}: refusing to checkpoint non-finite optimiser state {bad_state}")
-    tensors: dict[str, torch.Tensor] = {f"model.{k}": v for k, v in model.state_dict().items()}
-    meta: dict[str, Any] = {"format": "hyperloom.training/1", "step": int(step), "config": dict(config or {})}
+        raise CheckpointError(f"{target}: refusing to checkpoint non-finite optimiser state {bad_state}")
+    tensors: dict[str, torch.Tensor] = {f"model.{k}": v for k, v in state.items()}
+    meta: dict[str, Any] = {"format": "hyperloom.training/2", "step": int(step), "config": config}
     meta["hypernetworks"] = _hypernetworks(model)
     if optimizer is not None:
         meta["optimizer"] = _split_state("optimizer", optimizer.state_dict(), tensors)
@@ -595,12 +809,88 @@ def save_training(
     if scheduler is not None:
         meta["scheduler"] = _split_state("scheduler", scheduler.state_dict(), tensors)
         meta["scheduler_class"] = _qualname(type(scheduler))
+        structure = _scheduler_structure(scheduler)
+        if structure is not None:
+            meta["scheduler_structure"] = structure
     rng_t, rng_m = _rng_state()
     tensors.update(rng_t)
     for name, g in (generators or {}).items():
         tensors[f"generator.{name}"] = g.get_state()
     meta["rng"] = rng_m
-    save_safetensors(tensors, path, metadata={"hyperloom": json.dumps(meta)})
+    save_safetensors(tensors, target, metadata={"hyperloom": json.dumps(meta)})
+
+
+def _check_optimizer_dtypes(path: Path, state: Mapping[Any, Any], optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+    """Raise if the optimiser state (validated by :func:`_check_optimizer`) overflows in its parameters' dtypes."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    params: dict[Any, tuple[str, torch.Tensor]] = {}
+    k = 0
+    for g, og in zip(state["param_groups"], optimizer.param_groups, strict=True):
+        for pid, p in zip(g["params"], og["params"], strict=True):
+            if isinstance(pid, int | str):
+                params[pid] = (names.get(id(p), f"optimiser parameter {k}"), p)
+            k += 1
+    for pid, per_param in state["state"].items():
+        if pid not in params:
+            continue
+        name, p = params[pid]
+        for key, v in per_param.items():
+            # torch casts all but "step" to a floating parameter's dtype
+            if key != "step" and isinstance(v, torch.Tensor) and p.is_floating_point():
+                _check_cast(path, f"optimiser state {key!r} of {name}", v, p.dtype)
+
+
+def _snapshot(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None, scheduler: Any | None, generators: Mapping[str, torch.Generator], rng: bool
+) -> dict[str, Any]:
+    """What :func:`load_training` may change, to roll back a restore that fails half-way."""
+    snap: dict[str, Any] = {"model": _cpu_copy(model.state_dict()), "generators": {k: g.get_state() for k, g in generators.items()}}
+    if optimizer is not None:
+        # load_state_dict replaces the state tensors rather than writing into them: references will do
+        sd = optimizer.state_dict()
+        snap["optimizer"] = {"state": {k: dict(v) for k, v in sd["state"].items()}, "param_groups": copy.deepcopy(sd["param_groups"])}
+    if scheduler is not None:
+        sd = scheduler.state_dict()
+        try:
+            snap["scheduler"] = copy.deepcopy(sd)
+        except Exception:  # pragma: no cover - a scheduler whose state does not deep-copy: its load replaces attributes anyway
+            snap["scheduler"] = dict(sd)
+    if rng:
+        snap["rng"] = {"torch": torch.get_rng_state(), "python": random.getstate(), "cuda": []}
+        if torch.cuda.is_available():  # pragma: no cover - no GPU in CI
+            snap["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+        np = sys.modules.get("numpy")  # set_state is only called where numpy is imported already
+        if np is not None:
+            snap["rng"]["numpy"] = np.random.get_state()
+    return snap
+
+
+def _roll_back(
+    snap: Mapping[str, Any],
+    done: list[str],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: Any | None,
+    generators: Mapping[str, torch.Generator],
+) -> list[str]:
+    """Undo the restores in ``done`` (in reverse order); return what could not be undone."""
+    failed = []
+    for what in reversed(done):
+        try:
+            if what == "optimizer" and optimizer is not None:
+                optimizer.load_state_dict(snap["optimizer"])
+            elif what == "scheduler" and scheduler is not None:
+                scheduler.load_state_dict(snap["scheduler"])
+            elif what == "model":
+                model.load_state_dict(snap["model"])
+            elif what == "rng":
+                _set_rng_state(snap["rng"])
+            elif what == "generators":
+                for name, g in generators.items():
+                    g.set_state(snap["generators"][name])
+        except Exception as e:  # pragma: no cover - the snapshot was just taken from these very objects
+            failed.append(f"{what}: {type(e).__name__}: {e}")
+    return failed
 
 
 def load_training(
@@ -614,70 +904,102 @@ def load_training(
 ) -> dict[str, Any]:
     """Restore a run saved by :func:`save_training`; return ``{"step": ..., "config": ...}``.
 
-    The whole file is validated before anything is restored: a failed load leaves the model, the
-    optimiser, the scheduler, the generators and the RNG states as they were.
+    The whole file is validated before anything is restored, and a restore that fails all the same
+    (inside torch, say) is rolled back: a failed load leaves the model, the optimiser, the scheduler,
+    the generators and the RNG states as they were.
 
     Raises:
-        CheckpointError: Naming the file, on a bad file or header; a model whose keys, shapes or
-            hypernetwork input declarations differ; an optimiser of another class or over other
-            parameters (groups, counts, shapes); a scheduler of another class; an optimiser or
-            scheduler given for a checkpoint that holds none; or RNG or generator states that do not fit.
+        CheckpointError: Naming the file, on a bad file or header (a file claiming the format
+            ``hyperloom.training/2`` must carry checksums); a model whose keys, shapes or hypernetwork
+            input declarations differ; finite values (parameters, optimiser state) that overflow in the
+            model's narrower dtype; an optimiser of another class or over other parameters (groups, counts,
+            shapes); a scheduler of another class or structure; an optimiser or scheduler given for a
+            checkpoint that holds none; RNG or generator states that do not fit; or any failure of the
+            restore itself (chained).
     """
-    tensors, raw_meta = load_safetensors(path)
+    p = _as_path(path)
+    tensors, raw_meta, unchecked = _read(p)
     try:
         meta = json.loads(raw_meta["hyperloom"])
-        if not isinstance(meta, dict) or meta.get("format") != "hyperloom.training/1":
+        if not isinstance(meta, dict) or not isinstance(meta.get("format"), str) or meta["format"] not in _TRAINING_FORMATS:
             raise KeyError("format")
-    except (KeyError, json.JSONDecodeError):
-        raise CheckpointError(f"{path}: not a hyperloom training checkpoint") from None
-    corrupt = f"{path}: corrupt training checkpoint:"
+    except (KeyError, json.JSONDecodeError, RecursionError):
+        raise CheckpointError(f"{p}: not a hyperloom training checkpoint") from None
+    _require_checksums(p, meta["format"], _TRAINING_FORMATS, unchecked)
+    corrupt = f"{p}: corrupt training checkpoint:"
     step = meta.get("step")
     if not isinstance(step, int) or isinstance(step, bool):
-        raise CheckpointError(f"{corrupt} 'step' must be an integer, got {step!r}")
+        raise CheckpointError(f"{corrupt} 'step' must be an integer, got {_short(step)}")
     config = meta.get("config", {})
     if not isinstance(config, dict):
-        raise CheckpointError(f"{corrupt} 'config' must be a JSON object, got {config!r}")
-    _check_hypernetworks(path, meta.get("hypernetworks"), model, strict=True)
+        raise CheckpointError(f"{corrupt} 'config' must be a JSON object, got {_short(config)}")
+    generators = dict(generators or {})
+    for name, g in generators.items():
+        if not isinstance(g, torch.Generator):
+            raise CheckpointError(f"{p}: generator {name!r}: expected a torch.Generator, got {type(g).__name__}")
+    _check_hypernetworks(p, meta.get("hypernetworks"), model, strict=True)
     state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
-    _check_state(path, state, model.state_dict(), strict=True)
+    _check_state(p, state, model.state_dict(), strict=True)
     opt_state = sched_state = None
     if optimizer is not None:
         if "optimizer" not in meta:
-            raise CheckpointError(f"{path}: holds no optimiser state, but an optimiser was given")
-        opt_state = _join(path, meta["optimizer"], tensors, "optimiser")
-        _check_optimizer(path, meta, opt_state, optimizer, model)
+            raise CheckpointError(f"{p}: holds no optimiser state, but an optimiser was given")
+        opt_state = _join(p, meta["optimizer"], tensors, "optimiser")
+        _check_optimizer(p, meta, opt_state, optimizer, model)
+        _check_optimizer_dtypes(p, opt_state, optimizer, model)
     if scheduler is not None:
         if "scheduler" not in meta:
-            raise CheckpointError(f"{path}: holds no scheduler state, but a scheduler was given")
+            raise CheckpointError(f"{p}: holds no scheduler state, but a scheduler was given")
         saved_cls, given = meta.get("scheduler_class"), _qualname(type(scheduler))
         if saved_cls is not None and saved_cls != given:
-            raise CheckpointError(f"{path}: scheduler class: checkpoint {saved_cls}, given {given}")
-        sched_state = _join(path, meta["scheduler"], tensors, "scheduler")
-    rng = _parse_rng_state(path, tensors, meta) if restore_rng else None
-    for name, g in (generators or {}).items():
+            raise CheckpointError(f"{p}: scheduler class: checkpoint {saved_cls}, given {given}")
+        if "scheduler_structure" in meta:  # files written before it was recorded rely on the roll-back below
+            saved_structure, own_structure = meta["scheduler_structure"], _scheduler_structure(scheduler)
+            if not isinstance(saved_structure, list):
+                raise CheckpointError(f"{corrupt} malformed scheduler structure {_short(saved_structure)}")
+            if saved_structure != own_structure:
+                raise CheckpointError(f"{p}: scheduler structure: checkpoint {saved_structure}, given {own_structure}")
+        sched_state = _join(p, meta["scheduler"], tensors, "scheduler")
+    rng = _parse_rng_state(p, tensors, meta) if restore_rng else None
+    for name, g in generators.items():
         t = tensors.get(f"generator.{name}")
         if t is None:
             raise CheckpointError(
-                f"{path}: no state for generator {name!r}; stored: {sorted(k[10:] for k in tensors if k.startswith('generator.'))}"
+                f"{p}: no state for generator {name!r}; stored: {sorted(k[10:] for k in tensors if k.startswith('generator.'))}"
             )
         own = g.get_state()
         if t.dtype != own.dtype or t.shape != own.shape:
             raise CheckpointError(
-                f"{path}: generator {name!r}: checkpoint state {tuple(t.shape)} of {t.dtype}, generator {tuple(own.shape)} of {own.dtype}"
+                f"{p}: generator {name!r}: checkpoint state {tuple(t.shape)} of {t.dtype}, generator {tuple(own.shape)} of {own.dtype}"
             )
-    # everything is validated: restore (the optimiser first: torch checks its state again before changing anything)
-    if optimizer is not None and opt_state is not None:
-        try:
+    # everything is validated: restore, rolling everything back should torch refuse part of it all the same
+    snap = _snapshot(model, optimizer, scheduler, generators, rng is not None)
+    done: list[str] = []
+    try:
+        if optimizer is not None and opt_state is not None:
+            done.append("optimizer")
             optimizer.load_state_dict(opt_state)
-        except (KeyError, ValueError, RuntimeError) as e:  # pragma: no cover - caught by _check_optimizer
-            raise CheckpointError(f"{path}: the optimiser state does not fit the optimiser ({e})") from None
-    if scheduler is not None and sched_state is not None:
-        scheduler.load_state_dict(sched_state)
-    model.load_state_dict(state)
-    if rng is not None:
-        _set_rng_state(rng)
-    for name, g in (generators or {}).items():
-        g.set_state(tensors[f"generator.{name}"])
+        if scheduler is not None and sched_state is not None:
+            done.append("scheduler")
+            scheduler.load_state_dict(sched_state)
+        done.append("model")
+        model.load_state_dict(state)
+        if rng is not None:
+            done.append("rng")
+            _set_rng_state(rng)
+        done.append("generators")
+        for name, g in generators.items():
+            g.set_state(tensors[f"generator.{name}"])
+    except BaseException as e:
+        failed = _roll_back(snap, done, model, optimizer, scheduler, generators)
+        if not isinstance(e, Exception):
+            raise
+        kept = (
+            "the model, optimiser, scheduler, generators and RNG states were left as they were"
+            if not failed
+            else f"rolling back failed for {failed}"
+        )
+        raise CheckpointError(f"{p}: the checkpoint could not be restored ({type(e).__name__}: {e}); {kept}") from e
     return {"step": step, "config": config}
 
 

@@ -14,6 +14,7 @@ checkpointed) or derives it from ``step``.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import _all_finite, _non_finite_state, load_training, save_training
+from .checkpoint import _all_finite, _config_json, _non_finite_state, load_training, save_training
 from .errors import HyperloomError
 
 LossFn = Callable[[nn.Module, int], tuple[torch.Tensor, Mapping[str, Any]]]
@@ -36,6 +37,21 @@ class NonFiniteLossError(HyperloomError):
         self.step = step
         self.conditioning = dict(conditioning)
         self.parameters = parameters
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle and copy with the keyword-only fields (the default reduction passes only the message)."""
+        return _rebuild_non_finite_loss_error, (type(self), str(self), self.step, self.conditioning, self.parameters), self.__dict__
+
+
+def _rebuild_non_finite_loss_error(
+    cls: type[NonFiniteLossError], message: str, step: int, conditioning: Mapping[str, Any], parameters: list[str]
+) -> NonFiniteLossError:
+    return cls(message, step=step, conditioning=conditioning, parameters=parameters)
+
+
+def _is_int(x: object) -> bool:
+    """Whether ``x`` is an integer (numpy's too), but not a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def _short(x: Any) -> str:
@@ -62,8 +78,9 @@ class Trainer:
         optimizer: Its optimiser.
         loss_fn: ``loss_fn(model, step) -> (loss, conditioning)``; the conditioning is only reported.
         checkpoint: Path of the run's checkpoint file (``None``: no checkpoints, no resume).
-        every: Checkpoint period in steps.
-        scheduler: An optional learning-rate scheduler, stepped after each optimiser step.
+        every: Checkpoint period in steps (a positive int).
+        scheduler: An optional learning-rate scheduler, stepped after each optimiser step
+            (``ReduceLROnPlateau`` is given the step's loss as its metric).
         config: JSON-able configuration stored in the checkpoint.
 
     Example:
@@ -80,9 +97,10 @@ class Trainer:
         5
 
     Raises:
+        HyperloomError: If ``every`` is not a positive int; from :meth:`fit`, if ``loss_fn`` returns
+            anything but ``(real scalar tensor loss with a gradient, mapping)``.
+        CheckpointError: If ``config`` is not JSON-serialisable.
         NonFiniteLossError: From :meth:`fit`, after checkpointing the last good state.
-        HyperloomError: From :meth:`fit`, if ``loss_fn`` returns anything but ``(scalar tensor
-            loss with a gradient, mapping)``.
     """
 
     def __init__(
@@ -96,11 +114,12 @@ class Trainer:
         scheduler: Any | None = None,
         config: Mapping[str, Any] | None = None,
     ) -> None:
-        if every < 1:
-            raise HyperloomError(f"every must be >= 1, got {every}")
+        if not _is_int(every) or every < 1:
+            raise HyperloomError(f"every must be a positive int, got {type(every).__name__} {_short(every)}")
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
-        self.every, self.scheduler, self.config = every, scheduler, dict(config or {})
+        self.every, self.scheduler = int(every), scheduler
+        self.config = _config_json(self.checkpoint if self.checkpoint is not None else "Trainer", config)
         self.step = 0
         self._saved_step: int | None = None  # the step of the last checkpoint written or resumed from
 
@@ -149,6 +168,8 @@ class Trainer:
         loss, cond = out
         if not isinstance(loss, torch.Tensor):
             raise HyperloomError(f"loss_fn must return a scalar torch.Tensor loss, got {type(loss).__name__} {_short(loss)} {at}")
+        if loss.is_complex():
+            raise HyperloomError(f"loss_fn must return a real loss, got a tensor of {loss.dtype} {at}")
         if loss.numel() != 1:
             raise HyperloomError(
                 f"loss_fn must return a scalar loss, got a tensor of shape {tuple(loss.shape)} {at} (reduce it, e.g. with .mean())"
@@ -179,9 +200,13 @@ class Trainer:
                 step and the last good state is checkpointed first; a failure to save is reported in the
                 message and chained), or if the optimiser step itself made a parameter or the optimiser
                 state non-finite (the last good checkpoint is left untouched).
-            HyperloomError: If ``loss_fn`` does not return ``(scalar tensor loss, mapping)``.
-            CheckpointError: If a periodic checkpoint cannot be written.
+            HyperloomError: If ``steps`` is not a non-negative int, or ``loss_fn`` does not return
+                ``(real scalar tensor loss, mapping)``.
+            CheckpointError: If a periodic checkpoint cannot be written, or the checkpoint resumed from is
+                bad or does not fit the run (nothing is restored then).
         """
+        if not _is_int(steps) or steps < 0:
+            raise HyperloomError(f"steps must be a non-negative int, got {type(steps).__name__} {_short(steps)}")
         if resume:
             self.resume()
         losses: list[float] = []
@@ -218,7 +243,9 @@ class Trainer:
                     conditioning=cond,
                     parameters=list(dict.fromkeys(bad + list(bad_state))),
                 )
-            if self.scheduler is not None:
+            if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                self.scheduler.step(value)  # it steps on a metric: the loss of this step
+            elif self.scheduler is not None:
                 self.scheduler.step()
             losses.append(value)
             self.step += 1
