@@ -40,7 +40,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import HyperloomError
+from ._rng import rng_state, set_rng_state
+from .errors import HyperloomError, short_repr
 from .hypernetwork import HyperNetwork
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -95,19 +96,14 @@ def _cannot_write(target: Path, why: str) -> CheckpointError:
     return CheckpointError(f"{target}: cannot write checkpoint ({why})")
 
 
-def _short(x: Any) -> str:
-    r = repr(x)
-    return r if len(r) <= 60 else r[:57] + "..."
-
-
 def _as_path(path: Any) -> Path:
     """``path`` as a :class:`~pathlib.Path`, or a :class:`CheckpointError` for what no file system takes."""
     if not isinstance(path, str | os.PathLike):
-        raise CheckpointError(f"checkpoint path must be a str or os.PathLike, got {type(path).__name__} {_short(path)}")
+        raise CheckpointError(f"checkpoint path must be a str or os.PathLike, got {type(path).__name__} {short_repr(path)}")
     try:
         p = Path(path)
     except TypeError:  # an os.PathLike of bytes
-        raise CheckpointError(f"checkpoint path must be a str or os.PathLike of str, got {_short(path)}") from None
+        raise CheckpointError(f"checkpoint path must be a str or os.PathLike of str, got {short_repr(path)}") from None
     if "\0" in str(p):
         raise CheckpointError(f"{str(p)!r}: invalid checkpoint path (it contains a NUL byte)")
     return p
@@ -204,7 +200,7 @@ def save_safetensors(
     offset = 0
     for name, t in tensors.items():
         if not isinstance(name, str):
-            raise CheckpointError(f"{target}: tensor names must be strings, got {type(name).__name__} {_short(name)}")
+            raise CheckpointError(f"{target}: tensor names must be strings, got {type(name).__name__} {short_repr(name)}")
         if name == "__metadata__":
             raise CheckpointError(f"{target}: tensor name '__metadata__' is reserved for the metadata")
         _check_storable(target, name, t)
@@ -290,15 +286,15 @@ def _read(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
     out: dict[str, torch.Tensor] = {}
     for name, info in header.items():
         if not isinstance(info, dict) or not isinstance(info.get("dtype"), str):
-            raise CheckpointError(f"{p}: corrupt header entry for {name!r}: {_short(info)}")
+            raise CheckpointError(f"{p}: corrupt header entry for {name!r}: {short_repr(info)}")
         if info["dtype"] not in _DTYPES:
             raise CheckpointError(f"{p}: {name}: unsupported dtype {info['dtype']!r} (this torch reads {sorted(_DTYPES)})")
         dtype = _DTYPES[info["dtype"]]
         shape, offsets = info.get("shape"), info.get("data_offsets")
         if not isinstance(shape, list) or not isinstance(offsets, list) or len(offsets) != 2:
-            raise CheckpointError(f"{p}: corrupt header entry for {name!r}: {_short(info)}")
+            raise CheckpointError(f"{p}: corrupt header entry for {name!r}: {short_repr(info)}")
         if not all(isinstance(d, int) and not isinstance(d, bool) for d in [*shape, *offsets]):
-            raise CheckpointError(f"{p}: corrupt header entry for {name!r}: {_short(info)}")
+            raise CheckpointError(f"{p}: corrupt header entry for {name!r}: {short_repr(info)}")
         start, end = offsets
         numel = 1
         for d in shape:
@@ -515,7 +511,7 @@ def load_model(model: nn.Module, path: str | os.PathLike[str], *, strict: bool =
         _require_checksums(p, fmt, _MODEL_FORMATS, unchecked)
     config = _load_json(p, meta, "config")
     if not isinstance(config, dict | None):
-        raise CheckpointError(f"{p}: corrupt checkpoint metadata 'config': a JSON object expected, got {_short(config)}")
+        raise CheckpointError(f"{p}: corrupt checkpoint metadata 'config': a JSON object expected, got {short_repr(config)}")
     _check_hypernetworks(p, _load_json(p, meta, "hypernetworks"), model, strict=strict)
     _check_state(p, tensors, model.state_dict(), strict=strict)
     before = _cpu_copy(model.state_dict())
@@ -599,17 +595,6 @@ def _parse_rng_state(path: str | os.PathLike[str], tensors: Mapping[str, torch.T
             raise CheckpointError(f"{corrupt} invalid numpy RNG state") from None
         out["numpy"] = state
     return out
-
-
-def _set_rng_state(state: Mapping[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if state["cuda"] and torch.cuda.is_available():  # pragma: no cover - no GPU in CI
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if "numpy" in state:
-        import numpy as np
-
-        np.random.set_state(state["numpy"])
 
 
 def _split_state(prefix: str, obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
@@ -786,7 +771,7 @@ def save_training(
     """
     target = _as_path(path)
     if not isinstance(step, numbers.Integral) or isinstance(step, bool):
-        raise CheckpointError(f"{target}: step must be an int, got {type(step).__name__} {_short(step)}")
+        raise CheckpointError(f"{target}: step must be an int, got {type(step).__name__} {short_repr(step)}")
     config = _config_json(target, config)
     state = model.state_dict()
     for k, v in state.items():
@@ -856,12 +841,7 @@ def _snapshot(
         except Exception:  # pragma: no cover - a scheduler whose state does not deep-copy: its load replaces attributes anyway
             snap["scheduler"] = dict(sd)
     if rng:
-        snap["rng"] = {"torch": torch.get_rng_state(), "python": random.getstate(), "cuda": []}
-        if torch.cuda.is_available():  # pragma: no cover - no GPU in CI
-            snap["rng"]["cuda"] = torch.cuda.get_rng_state_all()
-        np = sys.modules.get("numpy")  # set_state is only called where numpy is imported already
-        if np is not None:
-            snap["rng"]["numpy"] = np.random.get_state()
+        snap["rng"] = rng_state()
     return snap
 
 
@@ -884,7 +864,7 @@ def _roll_back(
             elif what == "model":
                 model.load_state_dict(snap["model"])
             elif what == "rng":
-                _set_rng_state(snap["rng"])
+                set_rng_state(snap["rng"])
             elif what == "generators":
                 for name, g in generators.items():
                     g.set_state(snap["generators"][name])
@@ -929,10 +909,10 @@ def load_training(
     corrupt = f"{p}: corrupt training checkpoint:"
     step = meta.get("step")
     if not isinstance(step, int) or isinstance(step, bool):
-        raise CheckpointError(f"{corrupt} 'step' must be an integer, got {_short(step)}")
+        raise CheckpointError(f"{corrupt} 'step' must be an integer, got {short_repr(step)}")
     config = meta.get("config", {})
     if not isinstance(config, dict):
-        raise CheckpointError(f"{corrupt} 'config' must be a JSON object, got {_short(config)}")
+        raise CheckpointError(f"{corrupt} 'config' must be a JSON object, got {short_repr(config)}")
     generators = dict(generators or {})
     for name, g in generators.items():
         if not isinstance(g, torch.Generator):
@@ -956,7 +936,7 @@ def load_training(
         if "scheduler_structure" in meta:  # files written before it was recorded rely on the roll-back below
             saved_structure, own_structure = meta["scheduler_structure"], _scheduler_structure(scheduler)
             if not isinstance(saved_structure, list):
-                raise CheckpointError(f"{corrupt} malformed scheduler structure {_short(saved_structure)}")
+                raise CheckpointError(f"{corrupt} malformed scheduler structure {short_repr(saved_structure)}")
             if saved_structure != own_structure:
                 raise CheckpointError(f"{p}: scheduler structure: checkpoint {saved_structure}, given {own_structure}")
         sched_state = _join(p, meta["scheduler"], tensors, "scheduler")
@@ -986,7 +966,7 @@ def load_training(
         model.load_state_dict(state)
         if rng is not None:
             done.append("rng")
-            _set_rng_state(rng)
+            set_rng_state(rng)
         done.append("generators")
         for name, g in generators.items():
             g.set_state(tensors[f"generator.{name}"])

@@ -17,3 +17,9 @@ class HyperloomError(ValueError):
         ...     print(e)
         Input range must satisfy low < high, got low=1.0, high=0.0
     """
+
+
+def short_repr(x: object, limit: int = 60) -> str:
+    """``repr(x)`` cut to ``limit`` characters, for error messages."""
+    r = repr(x)
+    return r if len(r) <= limit else r[: limit - 3] + "..."

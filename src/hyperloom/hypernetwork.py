@@ -167,6 +167,7 @@ class HyperNetwork(nn.Module):
         if self.additive:
             base = {k: values[k] if k in values else init_theta0(k, s, dtype=dtype) for k, s in shapes.items()}
             self.theta0 = ParamStore(base)
+        self._map_cache: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._register_input_map(dtype)
         self.to(dtype=dtype, device=device)
 
@@ -210,7 +211,17 @@ class HyperNetwork(nn.Module):
             moved = self._buffers[n]
             assert moved is not None
             self._buffers[n] = t.to(device=moved.device)
+        self._map_cache = {}
         return out  # type: ignore[no-any-return]
+
+    def _map_constants(self, ct: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(lo, inv_span, floor)`` in the compute dtype ``ct``, converted once per dtype (not at every call)."""
+        cached = self._map_cache.get(ct)
+        if cached is None:
+            floor = self._in_floor.to(ct).clamp_min(torch.finfo(ct).tiny)  # never underflows to 0
+            cached = (self._in_lo.to(ct), self._in_inv_span.to(ct), floor)
+            self._map_cache[ct] = cached
+        return cached
 
     @staticmethod
     def _targets(
@@ -262,14 +273,13 @@ class HyperNetwork(nn.Module):
         """
         ct = torch.promote_types(raw.dtype, torch.float32)
         r = raw.to(ct)
+        lo, inv, floor = self._map_constants(ct)
         if self._has_log:
-            # linear coordinates take log(1) in the unused branch (a log of 0 there would make the gradient NaN);
-            # the floor never underflows to 0
-            floor = self._in_floor.to(ct).clamp_min(torch.finfo(ct).tiny)
+            # linear coordinates take log(1) in the unused branch (a log of 0 there would make the gradient NaN)
             t = torch.where(self._in_is_log, torch.where(self._in_is_log, r, 1.0).clamp_min(floor).log(), r)
         else:
             t = r
-        u = ((t - self._in_lo.to(ct)) * self._in_inv_span.to(ct)).clamp(0.0, 1.0)  # = InputSet.normalize(raw), vectorised
+        u = ((t - lo) * inv).clamp(0.0, 1.0)  # = InputSet.normalize(raw), vectorised
         return self.encoding(raw, u.to(raw.dtype))
 
     def delta_from_raw(self, raw: torch.Tensor) -> ParamDict:

@@ -71,12 +71,7 @@ class Input:
 
     def __post_init__(self) -> None:
         for v in (self.low, self.high):
-            is_bool = (
-                isinstance(v, bool)
-                or getattr(getattr(v, "dtype", None), "kind", None) == "b"  # numpy bools, without importing numpy
-                or (isinstance(v, torch.Tensor) and v.dtype == torch.bool)
-            )
-            if is_bool or isinstance(v, (str, bytes)):
+            if _is_bool(v) or isinstance(v, (str, bytes)):
                 raise HyperloomError(f"Input range must be real numbers, got low={self.low!r}, high={self.high!r}")
         try:
             low, high = float(self.low), float(self.high)

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import random
-import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -33,6 +31,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from ._rng import rng_state, set_rng_state
 from .encoding import Encoding
 from .errors import HyperloomError
 from .heads import check_target_memory, is_bias_name
@@ -40,10 +39,8 @@ from .hypernetwork import HyperNetwork, _is_compiling, init_theta0
 from .inputs import InputLike
 from .params import ParamStore
 from .per_sample import (
-    _VMAP_HINT,
     InDims,
     OutDims,
-    batchnorm_hint,
     check_against_shared,
     plan_arguments,
     rebuild_vmap,
@@ -196,7 +193,8 @@ class HyperModel(nn.Module):
         self._checked_layouts: set[Any] = set()
         #: Compare the first per-sample output of each argument layout with a shared call (see hyperloom.per_sample).
         self.check_outputs = True
-        self._rnns: list[nn.RNNBase] = [m for m in primary.modules() if isinstance(m, nn.RNNBase)]
+        self._all_modules: list[nn.Module] = list(primary.modules())
+        self._rnns: list[nn.RNNBase] = [m for m in self._all_modules if isinstance(m, nn.RNNBase)]
 
     @staticmethod
     def _check_signature(model: nn.Module, hypernet: HyperNetwork) -> frozenset[str] | None:
@@ -358,23 +356,7 @@ class HyperModel(nn.Module):
         if self.per_sample_mode == "loop":
             out = run_loop(self.primary, theta, state, plan, self.out_dims, n)
         else:
-            try:
-                stacked, out_plan = run_vmap(self.primary, theta, state, plan, self.out_dims)
-            except HyperloomError:
-                raise
-            except Exception as e:
-                msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                hf = ""
-                if type(self.primary).__module__.startswith("transformers"):
-                    hf = (
-                        "; in Hugging Face models a 2-D attention_mask leads to such a branch: causal models run under vmap "
-                        "with attn_implementation='eager', encoders (BERT) with a prepared additive float mask of shape "
-                        "(B, 1, 1, L) and attn_implementation='eager'"
-                    )
-                raise HyperloomError(
-                    f"Per-sample mode could not run {type(self.primary).__name__} under torch.func.vmap "
-                    f"({type(e).__name__}: {msg}){batchnorm_hint(e)}; {_VMAP_HINT}{hf}"
-                ) from e
+            stacked, out_plan = run_vmap(self.primary, theta, state, plan, self.out_dims)
             out = rebuild_vmap(stacked, out_plan)
         self._check_outputs(theta, plan, out, n)
         self._write_back(state)  # after the check: a call that raises changes no running statistics
@@ -384,7 +366,7 @@ class HyperModel(nn.Module):
         """Once per argument layout, compare the stacked output shapes with a shared call of the same batch."""
         if not self.check_outputs or _is_compiling() or n < 2 or all(d is None for d in plan.dims):
             return  # a batch of one cannot tell the sample dimension apart; nothing batched: nothing to compare
-        layout = (plan.signature, self.per_sample_mode, n, tuple(m.training for m in self.primary.modules()))
+        layout = (plan.signature, self.per_sample_mode, n, tuple(m.training for m in self._all_modules))
         if layout in self._checked_layouts:
             return
         check_against_shared(theta, plan, out, self._shared_dry_run)
@@ -400,17 +382,11 @@ class HyperModel(nn.Module):
         turns the check off).
         """
         bufs = {k: v.clone() for k, v in self.primary.named_buffers()}
-        dev = self.hypernet.device
-        py_state = random.getstate()
-        np = sys.modules.get("numpy")
-        np_state = np.random.get_state() if np is not None else None
+        saved = rng_state()
         try:
-            with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-                return functional_call(self.primary, {**theta, **bufs}, args, kwargs, tie_weights=False, strict=False)
+            return functional_call(self.primary, {**theta, **bufs}, args, kwargs, tie_weights=False, strict=False)
         finally:
-            random.setstate(py_state)
-            if np is not None:
-                np.random.set_state(np_state)
+            set_rng_state(saved)
 
     def _bn_state(self, n: int) -> dict[str, torch.Tensor]:
         """Per-sample copies of the running statistics of BatchNorm layers in training mode."""

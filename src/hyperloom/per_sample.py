@@ -179,7 +179,7 @@ def plan_arguments(
     for key, value in keyed:
         d = in_dims.get(key, batch_dim)
         sub, sub_spec = tree_flatten(value)
-        sig.append((key, str(sub_spec)))
+        sig.append((key, sub_spec))
         for j, leaf in enumerate(sub):
             leaves.append(leaf)
             if not isinstance(leaf, torch.Tensor) or d is None:
@@ -321,8 +321,29 @@ def run_vmap(primary: nn.Module, theta: ParamDict, state: ParamDict, plan: _Plan
         return tuple(tensors)
 
     in_dims = (0, 0, *plan.dims)
-    stacked = vmap(one, in_dims=in_dims, out_dims=0, randomness="different")(theta, state, *plan.leaves)
+    try:
+        stacked = vmap(one, in_dims=in_dims, out_dims=0, randomness="different")(theta, state, *plan.leaves)
+    except HyperloomError:
+        raise
+    except Exception as e:
+        raise _vmap_failure(primary, e) from e
     return list(stacked), info["plan"]
+
+
+def _vmap_failure(primary: nn.Module, e: Exception) -> HyperloomError:
+    """What went wrong under ``vmap`` and the ways out (the model's own switches for Hugging Face models)."""
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    hf = ""
+    if type(primary).__module__.startswith("transformers"):
+        hf = (
+            "; in Hugging Face models a 2-D attention_mask leads to such a branch: causal models run under vmap "
+            "with attn_implementation='eager', encoders (BERT) with a prepared additive float mask of shape "
+            "(B, 1, 1, L) and attn_implementation='eager'"
+        )
+    return HyperloomError(
+        f"Per-sample mode could not run {type(primary).__name__} under torch.func.vmap "
+        f"({type(e).__name__}: {msg}){batchnorm_hint(e)}; {_VMAP_HINT}{hf}"
+    )
 
 
 def rebuild_vmap(stacked: list[torch.Tensor], op: _OutPlan) -> Any:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .checkpoint import _all_finite, _config_json, _non_finite_state, load_training, save_training
-from .errors import HyperloomError
+from .errors import HyperloomError, short_repr
 
 LossFn = Callable[[nn.Module, int], tuple[torch.Tensor, Mapping[str, Any]]]
 
@@ -52,11 +52,6 @@ def _rebuild_non_finite_loss_error(
 def _is_int(x: object) -> bool:
     """Whether ``x`` is an integer (numpy's too), but not a bool."""
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-def _short(x: Any) -> str:
-    r = repr(x)
-    return r if len(r) <= 60 else r[:57] + "..."
 
 
 def _describe(cond: Mapping[str, Any]) -> str:
@@ -115,7 +110,7 @@ class Trainer:
         config: Mapping[str, Any] | None = None,
     ) -> None:
         if not _is_int(every) or every < 1:
-            raise HyperloomError(f"every must be a positive int, got {type(every).__name__} {_short(every)}")
+            raise HyperloomError(f"every must be a positive int, got {type(every).__name__} {short_repr(every)}")
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         self.every, self.scheduler = int(every), scheduler
@@ -167,7 +162,7 @@ class Trainer:
             raise HyperloomError(f"loss_fn must return (loss, conditioning), got {type(out).__name__} {at}")
         loss, cond = out
         if not isinstance(loss, torch.Tensor):
-            raise HyperloomError(f"loss_fn must return a scalar torch.Tensor loss, got {type(loss).__name__} {_short(loss)} {at}")
+            raise HyperloomError(f"loss_fn must return a scalar torch.Tensor loss, got {type(loss).__name__} {short_repr(loss)} {at}")
         if loss.is_complex():
             raise HyperloomError(f"loss_fn must return a real loss, got a tensor of {loss.dtype} {at}")
         if loss.numel() != 1:
@@ -206,7 +201,7 @@ class Trainer:
                 bad or does not fit the run (nothing is restored then).
         """
         if not _is_int(steps) or steps < 0:
-            raise HyperloomError(f"steps must be a non-negative int, got {type(steps).__name__} {_short(steps)}")
+            raise HyperloomError(f"steps must be a non-negative int, got {type(steps).__name__} {short_repr(steps)}")
         if resume:
             self.resume()
         losses: list[float] = []
