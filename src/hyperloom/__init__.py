@@ -43,13 +43,16 @@ from .params import ParamStore
 from .select import select_parameters
 from .training import NonFiniteLossError, Trainer
 from .trunk import ACTIVATIONS, NORMS, Trunk, WeightNormLinear
+from .tune import Sweep, Tuned, sample, sweep, tune
 from .types import Conditioning, ParamDict
 
 __all__ = [
     "ACTIVATIONS",
     "CheckpointError",
     "NonFiniteLossError",
+    "Sweep",
     "Trainer",
+    "Tuned",
     "load_model",
     "load_safetensors",
     "load_training",
@@ -82,6 +85,9 @@ __all__ = [
     "get_encoding",
     "hypernetize",
     "init_theta0",
+    "sample",
     "select_parameters",
+    "sweep",
     "theta_norms",
+    "tune",
 ]

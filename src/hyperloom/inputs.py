@@ -112,6 +112,26 @@ class Input:
             u = (value - self.low) / (self.high - self.low)
         return u.clamp(0.0, 1.0)
 
+    def denormalize(self, u: torch.Tensor) -> torch.Tensor:
+        """Map ``u`` from ``[0, 1]`` back to ``[low, high]`` on the input's own scale (the inverse of :meth:`normalize`).
+
+        ``u`` is clamped to ``[0, 1]`` and the result to ``[low, high]``, so
+        rounding never leaves the range.
+
+        Example:
+            >>> import hyperloom as hl
+            >>> spec = hl.Input(1e-3, 1e1, scale="log")
+            >>> [round(v, 6) for v in spec.denormalize(torch.tensor([0.0, 0.75, 1.0], dtype=torch.float64)).tolist()]
+            [0.001, 1.0, 10.0]
+        """
+        u = u.clamp(0.0, 1.0)
+        if self.scale == "log":
+            lo, hi = math.log(self.low), math.log(self.high)
+            value = torch.exp(lo + u * (hi - lo))
+        else:
+            value = self.low + u * (self.high - self.low)
+        return value.clamp(self.low, self.high)
+
     def midpoint(self) -> float:
         """The value that :meth:`normalize` maps to 0.5."""
         if self.scale == "log":
