@@ -207,7 +207,7 @@ def test_sweep_best_skips_nan_and_refuses_unknown_metric():
         ({"wd": [0.0]}, "'wd'"),
         ({"lam": []}, "grid['lam']: no values"),
         ({"lam": "0.5"}, "grid['lam']: expected a sequence of values or an integer number of points"),
-        ({"lam": [[0.1, 0.2]]}, "grid['lam']: each grid value must be a number, got [0.1, 0.2]"),
+        ({"lam": [[0.1, 0.2]]}, "grid['lam']: each value must be a number, got [0.1, 0.2]"),
     ],
 )
 def test_sweep_validates_the_grid_before_evaluating(grid, message):
@@ -333,7 +333,7 @@ def test_tune_finds_a_known_optimum_from_several_starts():
     for start in (1e-3, 0.3, 1.0):
         t = hl.tune(hnet, lambda m, wd: (m(x, wd=wd) - target).pow(2).mean(), init={"wd": start}, steps=300, lr=0.03)
         assert t.values["wd"] == pytest.approx(0.05, rel=0.05), start
-        assert t.history[0]["wd"] == pytest.approx(start)
+        assert t.history[0]["values"]["wd"] == pytest.approx(start)
         assert t.objective == min(h["objective"] for h in t.history)
 
 
@@ -343,8 +343,10 @@ def test_tune_stays_in_range_and_reaches_the_boundary_exactly():
     # the objective keeps decreasing past the upper end of lam and the lower end of wd
     t = hl.tune(hnet, lambda m, lam, wd: -lam + wd.log() + 0 * m(x, lam=lam, wd=wd).sum(), steps=100, lr=0.1)
     for h in t.history:
-        assert 0.0 <= h["lam"] <= 1.0 and 1e-3 <= h["wd"] <= 1.0
-    assert t.values == {"lam": 1.0, "wd": 1e-3}
+        assert 0.0 <= h["values"]["lam"] <= 1.0 and 1e-3 <= h["values"]["wd"] <= 1.0
+    assert t.history[-1]["values"] == {"lam": 1.0, "wd": 1e-3}  # the projection reaches the ends exactly
+    # (the best point may be an earlier one whose objective rounds to the same float32 value)
+    assert t.values["lam"] == pytest.approx(1.0, abs=1e-6) and t.values["wd"] == pytest.approx(1e-3, rel=1e-5)
 
 
 def test_tune_some_inputs_keeps_the_others_fixed_and_handles_vectors():
@@ -359,7 +361,7 @@ def test_tune_some_inputs_keeps_the_others_fixed_and_handles_vectors():
         steps=300,
         lr=0.02,
     )
-    assert {h["lam"] for h in t.history} == {0.3}
+    assert {h["values"]["lam"] for h in t.history} == {0.3}
     assert t.values["z"] == pytest.approx([0.5, -0.25], abs=1e-3)
 
 
@@ -367,10 +369,10 @@ def test_tune_some_inputs_keeps_the_others_fixed_and_handles_vectors():
     ("kwargs", "message"),
     [
         ({"inputs": "mu"}, "hl.tune: inputs ['mu'] are not declared inputs; declared inputs are ['lam']"),
-        ({"inputs": []}, "hl.tune: inputs [] are not declared inputs; declared inputs are ['lam']"),
+        ({"inputs": []}, "hl.tune: inputs is empty; name at least one of the declared inputs ['lam']"),
         ({"init": {"mu": 0.1}}, "hl.tune: init names ['mu'] are not declared inputs; declared inputs are ['lam']"),
         ({"init": {"lam": 2.0}}, "'lam'"),
-        ({"init": {"lam": [0.1, 0.2]}}, "hl.tune: init['lam'] must be one shared value, got 2 per-sample values"),
+        ({"init": {"lam": [0.1, 0.2]}}, "hl.tune: init['lam']: each value must be a number, got [0.1, 0.2]"),
         ({"steps": -1}, "hl.tune: steps must be an integer >= 0, got -1"),
         ({"lr": 0.0}, "hl.tune: lr must be a finite number > 0, got 0.0"),
         ({"lr": math.inf}, "hl.tune: lr must be a finite number > 0, got inf"),
@@ -385,7 +387,7 @@ def test_tune_refuses_bad_arguments(kwargs, message):
 def test_tune_refuses_objectives_without_gradient_or_not_finite():
     hnet = hl.hypernetize(nn.Linear(2, 1), inputs={"lam": (0.0, 1.0)})
     x = torch.ones(1, 2)
-    with pytest.raises(hl.HyperloomError, match=re.escape("hl.tune: objective must return a one-element tensor, got 0.5")):
+    with pytest.raises(hl.HyperloomError, match=re.escape("hl.tune: objective must return a real one-element tensor, got 0.5")):
         hl.tune(hnet, lambda m, lam: 0.5)
     with pytest.raises(
         hl.HyperloomError, match=re.escape("hl.tune: the objective has no gradient with respect to the tuned inputs ['lam']")
@@ -398,3 +400,123 @@ def test_tune_refuses_objectives_without_gradient_or_not_finite():
         hl.tune(hnet, lambda m, lam: m(x, lam=lam).sum().detach())
     assert all(torch.equal(a, b) for a, b in zip(before[0].values(), _state(hnet)[0].values()))
     assert [p.requires_grad for p in hnet.parameters()] == [f for f, _ in before[1]]
+
+
+# -- regressions found by review ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("spec", [(0.1, 0.7), (1e-3, 0.3, "log")])
+def test_tune_leaves_an_end_point_in_every_dtype(dtype, spec):
+    # an end point rounded outwards by the model's dtype (0.7 -> 0.70019 in float16) used to have zero gradient
+    torch.manual_seed(0)
+    m = hl.hypernetize(nn.Linear(2, 1), inputs={"lam": spec}).to(dtype)
+    x = torch.randn(8, 2, dtype=dtype)
+    mid = hl.Input(*spec).midpoint()
+    with torch.no_grad():
+        target = m(x, lam=mid)
+
+    def obj(mm, lam):
+        return (mm(x, lam=lam) - target).float().pow(2).mean()
+
+    for start in (spec[0], spec[1]):
+        t = hl.tune(m, obj, init={"lam": start}, steps=5, lr=0.05)
+        moved = {h["values"]["lam"] for h in t.history}
+        assert len(moved) > 1, (dtype, start)
+        assert all(spec[0] <= v <= spec[1] for v in moved)
+
+
+def test_tune_non_finite_gradient_is_an_error_naming_the_input():
+    m = hl.hypernetize(nn.Linear(2, 1), inputs={"wd": (1e-6, 1e3, "log")}).half()
+    x = torch.randn(8, 2).half()
+
+    def obj(mm, wd):
+        return mm(x, wd=wd).float().pow(2).mean() + 1e-3 * wd.float().log().pow(2)
+
+    with pytest.raises(hl.HyperloomError, match=re.escape("hl.tune: the gradient with respect to 'wd' is not finite at step")):
+        # a search that reaches the low end of the range in float16: d log(wd) / d wd overflows there
+        hl.tune(m, lambda mm, wd: obj(mm, wd) * 1e4, init={"wd": 1e-6}, steps=3, lr=0.5)
+
+
+def test_sweep_and_tune_accept_end_points_in_lower_precision():
+    np = pytest.importorskip("numpy")
+    m = hl.hypernetize(nn.Linear(2, 1), inputs={"lam": (0.0, 0.1), "wd": (1e-3, 1.0, "log")})
+    x = torch.randn(4, 2)
+
+    def ev(mm, **c):
+        return {"o": mm(x, **c).mean()}
+
+    for grid in (np.array([0.0, 0.1], np.float32), torch.tensor([0.0, 0.1]), [torch.tensor(0.0), torch.tensor(0.1)]):
+        s = hl.sweep(m, ev, {"lam": grid, "wd": [torch.tensor(1.0, dtype=torch.bfloat16)]})
+        assert s.column("lam") == [0.0, 0.1] and s.column("wd") == [1.0, 1.0]
+    t = hl.tune(m, lambda mm, lam, wd: mm(x, lam=lam, wd=wd).pow(2).mean(), init={"lam": torch.tensor(0.1)}, inputs="wd", steps=2)
+    assert {h["values"]["lam"] for h in t.history} == {0.1}
+
+
+def test_tune_does_not_touch_the_callers_tensors_or_other_modules():
+    m = hl.hypernetize(nn.Linear(2, 1), inputs={"lam": (0.0, 1.0), "wd": (1e-3, 1.0, "log")})
+    x = torch.randn(4, 2)
+    u = torch.tensor(0.2, requires_grad=True)
+    hl.tune(m, lambda mm, lam, wd: mm(x, lam=lam, wd=wd).pow(2).mean(), init={"lam": u}, inputs="wd", steps=2)
+    assert u.grad is None
+    hl.tune(m, lambda mm, lam, wd: mm(x, lam=lam, wd=wd).pow(2).mean(), init={"lam": torch.tensor(0.1, requires_grad=True)}, steps=2)
+    critic = nn.Linear(1, 1)
+    with pytest.raises(hl.HyperloomError, match=re.escape("hl.tune: the objective has no gradient with respect to the tuned inputs")):
+        hl.tune(m, lambda mm, lam, wd: critic(mm(x, lam=0.5, wd=0.1)).pow(2).mean(), steps=2)
+    assert critic.weight.grad is None
+
+
+def test_tune_runs_under_no_grad_and_refuses_inference_mode():
+    m = hl.hypernetize(nn.Linear(2, 1), inputs={"lam": (0.0, 1.0)})
+    x = torch.randn(4, 2)
+    with torch.no_grad():
+        t = hl.tune(m, lambda mm, lam: mm(x, lam=lam).pow(2).mean(), steps=3)
+    assert len({h["values"]["lam"] for h in t.history}) > 1
+    with (
+        torch.inference_mode(),
+        pytest.raises(hl.HyperloomError, match=re.escape("hl.tune needs autograd: call it outside torch.inference_mode()")),
+    ):
+        hl.tune(m, lambda mm, lam: mm(x, lam=lam).pow(2).mean(), steps=3)
+
+
+def test_tune_history_keeps_inputs_named_like_its_keys_and_refuses_a_non_mapping_init():
+    m = hl.hypernetize(nn.Linear(2, 1), inputs={"step": (0.0, 1.0), "objective": (0.0, 1.0)})
+    x = torch.randn(4, 2)
+    t = hl.tune(m, lambda mm, **c: mm(x, **c).pow(2).mean(), steps=2)
+    assert [h["step"] for h in t.history] == [0, 1, 2] and set(t.history[0]["values"]) == {"step", "objective"}
+    for init in ([0.5], 0.5):
+        with pytest.raises(hl.HyperloomError, match=re.escape("hl.tune: init must be a mapping of input name -> starting value")):
+            hl.tune(m, lambda mm, **c: mm(x, **c).pow(2).mean(), init=init)
+
+
+def test_tune_restores_gradients_zeroed_in_place_by_the_objective():
+    m = hl.hypernetize(nn.Linear(2, 1), inputs={"lam": (0.0, 1.0)})
+    x = torch.randn(4, 2)
+    m(x, lam=0.3).sum().backward()
+    before = [p.grad.clone() for p in m.parameters()]
+
+    def obj(mm, lam):
+        mm.zero_grad(set_to_none=False)
+        return mm(x, lam=lam).pow(2).mean()
+
+    hl.tune(m, obj, steps=2)
+    assert all(torch.equal(a, p.grad) for a, p in zip(before, m.parameters()))
+
+
+def test_sample_and_denormalize_in_half_precision():
+    with pytest.raises(
+        hl.HyperloomError, match=re.escape("hl.sample: input 'wd': the range [0.01, 1000000.0] does not fit in torch.float16")
+    ):
+        hl.sample({"wd": (1e-2, 1e6, "log")}, n=2000, dtype=torch.float16, generator=torch.Generator().manual_seed(0))
+    v = hl.Input(1e-2, 1e6, scale="log").denormalize(torch.tensor([0.0, 1.0], dtype=torch.float16))
+    assert v.dtype == torch.float32 and v.tolist() == pytest.approx([1e-2, 1e6])
+
+
+def test_grid_counts_and_rates_accept_numpy_scalars_and_integer_grids_have_no_float_noise():
+    np = pytest.importorskip("numpy")
+    m = hl.hypernetize(nn.Linear(2, 1), inputs={"k": (0.0, 10.0), "w": (1e-4, 1e4, "log")})
+    s = hl.sweep(m, lambda mm, **c: {"v": 0.0}, {"k": np.int64(11), "w": 9})
+    assert sorted(set(s.column("k"))) == [float(i) for i in range(11)]
+    assert sorted(set(s.column("w"))) == [10.0**e for e in range(-4, 5)]
+    hl.tune(m, lambda mm, **c: mm(torch.ones(1, 2), **c).sum(), steps=1, lr=np.float32(0.1))
+    assert hl.sample({"lam": (0.0, 1.0)}, ends=np.float32(0.5))["lam"].shape == ()

@@ -115,8 +115,9 @@ class Input:
     def denormalize(self, u: torch.Tensor) -> torch.Tensor:
         """Map ``u`` from ``[0, 1]`` back to ``[low, high]`` on the input's own scale (the inverse of :meth:`normalize`).
 
-        ``u`` is clamped to ``[0, 1]`` and the result to ``[low, high]``, so
-        rounding never leaves the range.
+        ``u`` is clamped to ``[0, 1]`` and the result to ``[low, high]``; the
+        result is in ``u``'s dtype, at least float32 (a half-precision ``u``
+        may not hold the range).
 
         Example:
             >>> import hyperloom as hl
@@ -124,7 +125,7 @@ class Input:
             >>> [round(v, 6) for v in spec.denormalize(torch.tensor([0.0, 0.75, 1.0], dtype=torch.float64)).tolist()]
             [0.001, 1.0, 10.0]
         """
-        u = u.clamp(0.0, 1.0)
+        u = u.to(torch.promote_types(u.dtype, torch.float32)).clamp(0.0, 1.0)  # a half-precision u may not hold the range
         if self.scale == "log":
             lo, hi = math.log(self.low), math.log(self.high)
             value = torch.exp(lo + u * (hi - lo))

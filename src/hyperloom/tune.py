@@ -22,6 +22,7 @@ import contextlib
 import csv
 import itertools
 import math
+import numbers
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -109,7 +110,8 @@ def sample(
 
     Returns:
         ``{name: tensor}`` for every declared input, ready to pass as
-        ``model(x, **values)``. Every value lies in its declared range.
+        ``model(x, **values)``. Every value lies in its declared range as
+        the model checks it: in float64, or the range's ends rounded to ``dtype``.
 
     Example:
         >>> import torch
@@ -134,7 +136,7 @@ def sample(
         if nn_ is None or nn_ < 1:
             raise HyperloomError(f"hl.sample: n must be None (one shared value) or an integer >= 1 (one per sample), got {n!r}")
         n = nn_
-    if _is_bool(ends) or not isinstance(ends, (int, float)) or not 0.0 <= float(ends) <= 1.0:
+    if _is_bool(ends) or not isinstance(ends, numbers.Real) or not 0.0 <= float(ends) <= 1.0:
         raise HyperloomError(f"hl.sample: ends must be a probability in [0, 1], got {ends!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise HyperloomError(f"hl.sample: generator must be a torch.Generator, got {type(generator).__name__}")
@@ -142,7 +144,10 @@ def sample(
     dtype = dtype or m_dtype or torch.get_default_dtype()
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise HyperloomError(f"hl.sample: dtype must be a floating torch.dtype, got {dtype!r}")
-    device = device if device is not None else m_device
+    try:
+        device = torch.device(device) if device is not None else m_device
+    except (RuntimeError, TypeError) as e:
+        raise HyperloomError(f"hl.sample: device {device!r} is not a torch device: {e}") from None
     out: dict[str, torch.Tensor] = {}
     for name, spec in specs.items():
         shape = (() if n is None else (n,)) + (() if spec.dim == 1 else (spec.dim,))
@@ -151,8 +156,12 @@ def sample(
             at_end = torch.rand(shape, generator=generator, dtype=torch.float64) < ends
             upper = torch.rand(shape, generator=generator, dtype=torch.float64) < 0.5
             u = torch.where(at_end, upper.to(torch.float64), u)
-        value = _exact_ends(spec, spec.denormalize(u), u)
-        out[name] = value.to(dtype=dtype, device=device)
+        value = _exact_ends(spec, spec.denormalize(u), u).to(dtype=dtype)
+        if not bool(torch.isfinite(value).all()):
+            raise HyperloomError(
+                f"hl.sample: input {name!r}: the range [{spec.low}, {spec.high}] does not fit in {dtype}; pass dtype=torch.float32"
+            )
+        out[name] = value.to(device=device)
     return out
 
 
@@ -190,7 +199,7 @@ class _Frozen:
 
     def __enter__(self) -> _Frozen:
         self.modes = [(m, m.training) for m in self.model.modules()]
-        self.params = [(p, p.requires_grad, p.grad) for p in self.model.parameters()]
+        self.params = [(p, p.requires_grad, None if p.grad is None else p.grad.detach().clone()) for p in self.model.parameters()]
         self.buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
         if self.eval_mode:
             self.model.eval()
@@ -245,7 +254,7 @@ def _number(v: Any, what: str) -> float:
 # -- sweep -------------------------------------------------------------------------------------------------
 def _axis(name: str, spec: Input, points: Any) -> list[Value]:
     """The values of one grid axis: a sequence, or an int = that many points spaced on the input's own scale."""
-    if isinstance(points, int) and not _is_bool(points):
+    if isinstance(points, numbers.Integral) and not _is_bool(points):
         if spec.dim != 1:
             raise HyperloomError(
                 f"grid[{name!r}]: an integer spaces points on a scalar input's scale, but {name!r} has dim={spec.dim}; "
@@ -255,25 +264,49 @@ def _axis(name: str, spec: Input, points: Any) -> list[Value]:
             raise HyperloomError(f"grid[{name!r}]: the number of points must be >= 1, got {points}")
         if points == 1:
             return [spec.midpoint()]
-        u = torch.linspace(0.0, 1.0, points, dtype=torch.float64)
-        return [float(v) for v in _exact_ends(spec, spec.denormalize(u), u)]
+        return _spaced(spec, int(points))
     if isinstance(points, torch.Tensor):
-        points = points.tolist() if points.dim() > 0 else [points.item()]
+        points = list(points.unbind(0)) if points.dim() > 0 else [points]
     if isinstance(points, (str, bytes, Mapping)) or not isinstance(points, Iterable):
         raise HyperloomError(f"grid[{name!r}]: expected a sequence of values or an integer number of points, got {short_repr(points)}")
     values: list[Value] = []
     one = InputSet({name: spec})
     for v in points:
-        if isinstance(v, torch.Tensor):
-            v = v.tolist()
-        _, per_sample = one.prepare({name: v}, dtype=torch.float64)  # the model's own checks: shape, finite, in range
-        if per_sample:
-            shape = "a number" if spec.dim == 1 else f"one {spec.dim}-vector"
-            raise HyperloomError(f"grid[{name!r}]: each grid value must be {shape}, got {short_repr(v)}")
-        values.append(float(v) if spec.dim == 1 else [float(x) for x in v])
+        raw = _checked(one, name, v, what=f"grid[{name!r}]")
+        values.append(_as_value(raw))
     if not values:
         raise HyperloomError(f"grid[{name!r}]: no values")
     return values
+
+
+def _checked(one: InputSet, name: str, value: Any, *, what: str) -> torch.Tensor:
+    """One shared value checked as the model checks it (shape, finite, in range in its own precision).
+
+    Returned as float64 clamped to the declared range (a float32 ``0.1`` accepted at ``high=0.1`` becomes 0.1).
+    """
+    spec = one.specs[name]
+    if isinstance(value, torch.Tensor):
+        value = value.detach()
+    try:
+        raw, per_sample = one.prepare({name: value}, dtype=torch.float64)
+    except HyperloomError as e:
+        raise HyperloomError(f"{what}: {e}") from None
+    if per_sample:
+        shape = "a number" if spec.dim == 1 else f"one {spec.dim}-vector"
+        raise HyperloomError(f"{what}: each value must be {shape}, got {short_repr(value)}")
+    raw = raw.reshape(()) if spec.dim == 1 else raw.reshape(spec.dim)
+    return raw.clamp(spec.low, spec.high)
+
+
+def _spaced(spec: Input, n: int) -> list[Value]:
+    """``n`` points evenly spaced on the input's own scale, end points exact, as little float noise as possible."""
+    if spec.scale == "log":
+        a, b = math.log10(spec.low), math.log10(spec.high)
+        pts = [10.0 ** ((a * (n - 1 - i) + b * i) / (n - 1)) for i in range(n)]
+    else:
+        pts = [(spec.low * (n - 1 - i) + spec.high * i) / (n - 1) for i in range(n)]
+    pts[0], pts[-1] = spec.low, spec.high
+    return [min(max(p, spec.low), spec.high) for p in pts]
 
 
 class Sweep:
@@ -379,8 +412,12 @@ class Sweep:
             from matplotlib.figure import Figure
         except ImportError:
             raise HyperloomError("Sweep.plot needs matplotlib, an optional dependency: pip install matplotlib") from None
+        if not isinstance(metric, (str, Sequence)) or not metric:
+            raise HyperloomError(f"Sweep.plot: metric must be a metric name or a list of them; metrics are {list(self.metrics)}")
         metrics = [metric] if isinstance(metric, str) else list(metric)
         for m in metrics:
+            if not isinstance(m, str):
+                raise HyperloomError(f"Sweep.plot: metric names must be strings, got {short_repr(m)}")
             self._check_metric(m)
         if mark not in (None, "min", "max"):
             raise HyperloomError(f"Sweep.plot: mark must be None, 'min' or 'max', got {mark!r}")
@@ -506,8 +543,6 @@ def sweep(
             try:
                 with torch.no_grad() if no_grad else contextlib.nullcontext():
                     result = evaluate(model, **{k: list(v) if isinstance(v, list) else v for k, v in cond.items()})
-            except HyperloomError:
-                raise
             except Exception as e:
                 _add_note(e, f"hl.sweep: raised by evaluate {where}")
                 raise
@@ -526,10 +561,12 @@ class Tuned:
 
     Attributes:
         values: The best conditioning found (every input: the tuned ones and
-            the fixed ones), floats (lists for ``dim=k`` inputs).
+            the fixed ones), floats (lists for ``dim=k`` inputs), in float64;
+            the model evaluated them rounded to its dtype (moved inwards by
+            one step where rounding would leave the range).
         objective: The objective at ``values``.
-        history: One dict per evaluation: ``step``, ``objective`` and the
-            values of every input.
+        history: One dict per evaluation: ``step``, ``objective`` and
+            ``values`` (the values of every input).
     """
 
     values: dict[str, Value]
@@ -547,6 +584,19 @@ def _unclamped(spec: Input, u: torch.Tensor) -> torch.Tensor:
         lo, hi = math.log(spec.low), math.log(spec.high)
         return torch.exp(lo + u * (hi - lo))
     return spec.low + u * (spec.high - spec.low)
+
+
+def _inside(spec: Input, value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``value`` (float64, in range) in ``dtype``, moved one step inwards where rounding put it outside the range.
+
+    The model maps values to [0, 1] with a clamp whose gradient is zero outside; an end point rounded outwards
+    (``0.7`` is ``0.70019`` in float16) would pin a gradient search there.
+    """
+    v = value.to(dtype)
+    w = v.double()
+    down = torch.nextafter(v, torch.full_like(v, -math.inf))
+    up = torch.nextafter(v, torch.full_like(v, math.inf))
+    return torch.where(w > spec.high, down, torch.where(w < spec.low, up, v))
 
 
 def _as_value(t: torch.Tensor) -> Value:
@@ -568,7 +618,8 @@ def tune(
     The search runs in each input's normalised ``[0, 1]`` space (the one MIP
     encodes: linear, or ``log`` for log inputs) with Adam and a projection
     back onto ``[0, 1]`` after every step, so every value tried lies inside the
-    declared range and the end points can be reached exactly. The gradient
+    declared range and the end points can be reached (exactly, where the
+    model's dtype represents them; else the nearest value inside). The gradient
     reaches the conditioning through the hypernetwork; the model itself is
     not changed: its parameters, their gradients and ``requires_grad`` flags,
     its buffers and its train/eval modes are exactly as before the call.
@@ -577,7 +628,8 @@ def tune(
         model: The trained :class:`~hyperloom.HyperModel`.
         objective: ``objective(model, **conditioning) -> scalar tensor`` to
             minimise (return ``-metric`` to maximise), e.g. a validation loss.
-            The conditioning holds 0-d (``(k,)``) tensors that carry the gradient.
+            The conditioning holds 0-d (``(k,)``) tensors in the model's dtype,
+            on its device, that carry the gradient.
         init: Starting values (shared: one per input); inputs not given start
             at their midpoint.
         steps: Number of gradient steps (the objective is evaluated
@@ -616,67 +668,82 @@ def tune(
     n_steps = _as_dim(steps)
     if n_steps is None or n_steps < 0:
         raise HyperloomError(f"hl.tune: steps must be an integer >= 0, got {steps!r}")
-    if _is_bool(lr) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
+    if _is_bool(lr) or not isinstance(lr, numbers.Real) or not (math.isfinite(float(lr)) and float(lr) > 0):
         raise HyperloomError(f"hl.tune: lr must be a finite number > 0, got {lr!r}")
+    if torch.is_inference_mode_enabled():
+        raise HyperloomError("hl.tune needs autograd: call it outside torch.inference_mode()")
     names = list(specs) if inputs is None else [inputs] if isinstance(inputs, str) else list(inputs)
+    if not names:
+        raise HyperloomError(f"hl.tune: inputs is empty; name at least one of the declared inputs {list(specs)}")
     unknown = [k for k in names if k not in specs]
-    if unknown or not names:
-        raise HyperloomError(f"hl.tune: inputs {unknown or names} are not declared inputs; declared inputs are {list(specs)}")
+    if unknown:
+        raise HyperloomError(f"hl.tune: inputs {unknown} are not declared inputs; declared inputs are {list(specs)}")
+    if init is not None and not isinstance(init, Mapping):
+        raise HyperloomError(f"hl.tune: init must be a mapping of input name -> starting value, got {short_repr(init)}")
     init = dict(init or {})
     unknown = [k for k in init if k not in specs]
     if unknown:
         raise HyperloomError(f"hl.tune: init names {unknown} are not declared inputs; declared inputs are {list(specs)}")
+    m_dtype, m_device = _model_dtype_device(model)
+    dtype = m_dtype if m_dtype is not None and m_dtype.is_floating_point else torch.get_default_dtype()
     start: dict[str, torch.Tensor] = {}
     for name, spec in specs.items():
         if name in init:
-            raw, per_sample = InputSet({name: spec}).prepare({name: init[name]}, dtype=torch.float64)
-            if per_sample:
-                raise HyperloomError(f"hl.tune: init[{name!r}] must be one shared value, got {raw.shape[0]} per-sample values")
-            start[name] = raw.reshape(()) if spec.dim == 1 else raw.reshape(spec.dim)
+            start[name] = _checked(InputSet({name: spec}), name, init[name], what=f"hl.tune: init[{name!r}]")
         else:
             start[name] = torch.full(() if spec.dim == 1 else (spec.dim,), spec.midpoint(), dtype=torch.float64)
     us = {k: specs[k].normalize(start[k]).clone().requires_grad_(True) for k in names}
     opt = torch.optim.Adam(list(us.values()), lr=float(lr))
 
-    def current() -> dict[str, torch.Tensor]:
-        cond = {k: v for k, v in start.items()}
+    def current() -> tuple[dict[str, torch.Tensor], dict[str, Value]]:
+        """The conditioning passed to the objective (model dtype and device) and its float64 values for the record."""
+        exact = dict(start)
         for k, u in us.items():
-            exact = _exact_ends(specs[k], specs[k].denormalize(u.detach()), u.detach())
-            v = _unclamped(specs[k], u)
-            cond[k] = exact + (v - v.detach())  # the value exactly in range, the gradient of the unclamped map
-        return cond
+            exact[k] = _exact_ends(specs[k], specs[k].denormalize(u.detach()), u.detach())
+        cond = {k: _inside(specs[k], v, dtype).to(m_device) for k, v in exact.items()}
+        for k, u in us.items():
+            v = _unclamped(specs[k], u).to(dtype).to(m_device)
+            cond[k] = cond[k] + (v - v.detach())  # the value in range, the gradient of the unclamped map
+        return cond, {k: _as_value(v) for k, v in exact.items()}
 
     history: list[dict[str, Any]] = []
     best: tuple[float, dict[str, Value]] | None = None
-    with _Frozen(model, eval_mode=eval_mode, freeze=True):
+    with _Frozen(model, eval_mode=eval_mode, freeze=True), torch.enable_grad():
         for step in range(n_steps + 1):
-            cond = current()
-            values = {k: _as_value(v.detach()) for k, v in cond.items()}
+            cond, values = current()
             where = "at " + ", ".join(f"{k}={v}" for k, v in values.items())
             out = objective(model, **cond)
-            if not isinstance(out, torch.Tensor) or out.numel() != 1:
+            if not isinstance(out, torch.Tensor) or out.numel() != 1 or out.is_complex():
                 raise HyperloomError(
-                    f"hl.tune: objective must return a one-element tensor, got {short_repr(out)} {where} "
+                    f"hl.tune: objective must return a real one-element tensor, got {short_repr(out)} {where} "
                     "(a Python float has no gradient: return the tensor)"
                 )
             value = float(out.detach())
             if not math.isfinite(value):
                 raise HyperloomError(f"hl.tune: objective is {value} at step {step}, {where}")
-            history.append({"step": step, "objective": value, **values})
+            history.append({"step": step, "objective": value, "values": values})
             if best is None or value < best[0]:
                 best = (value, values)
             if step == n_steps:
                 break
-            if not out.requires_grad:
+            leaves = list(us.values())
+            grads = torch.autograd.grad(out.reshape(()), leaves, allow_unused=True) if out.requires_grad else [None] * len(leaves)
+            if all(g is None for g in grads):
                 raise HyperloomError(
                     f"hl.tune: the objective has no gradient with respect to the tuned inputs {names}: compute it from "
-                    "the model's output at the given conditioning, without .item(), .detach() or torch.no_grad()"
+                    "the model's output at the given conditioning, without .item() or .detach()"
                 )
-            opt.zero_grad(set_to_none=True)
-            torch.autograd.backward(out.reshape(()))
+            for k, u, g in zip(us, leaves, grads):
+                g = torch.zeros_like(u) if g is None else g
+                if not bool(torch.isfinite(g).all()):
+                    raise HyperloomError(
+                        f"hl.tune: the gradient with respect to {k!r} is not finite at step {step}, {where} "
+                        f"(model dtype {dtype}); use a float32 model or narrow the range"
+                    )
+                u.grad = g
             opt.step()
             with torch.no_grad():
-                for u in us.values():
+                for u in leaves:
                     u.clamp_(0.0, 1.0)
     assert best is not None
     return Tuned(values=best[1], objective=best[0], history=history)
