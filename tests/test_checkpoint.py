@@ -896,3 +896,66 @@ def test_a_deeply_nested_header_is_corrupt(tmp_path):
     hl.save_safetensors({}, p, metadata={"hyperloom": json.dumps({"format": "hyperloom.training/2"})[:-1] + ',"x":' + "[" * 100000})
     with pytest.raises(CheckpointError, match=re.escape(f"{p}: not a hyperloom training checkpoint")):
         hl.load_training(p, model=hnet())
+
+
+# ------------------------------------------------------------------------------------------------
+# files written by earlier versions (tests/fixtures, remade by tests/fixtures/make_checkpoints.py)
+# ------------------------------------------------------------------------------------------------
+
+FIXTURES = Path(__file__).with_name("fixtures")
+
+
+def _fixture_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_checkpoints", FIXTURES / "make_checkpoints.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _recorded():
+    import json
+
+    return json.loads((FIXTURES / "checkpoints.json").read_text())
+
+
+def _as_tensor(entry, dtype=torch.float32):
+    return torch.tensor(entry["values"], dtype=dtype).reshape(entry["shape"])
+
+
+def test_a_model_checkpoint_of_version_0_1_0_loads_with_the_recorded_values():
+    fx, rec = _fixture_module(), _recorded()
+    assert rec["writer"] == "hyperloom 0.1.0"
+    model = fx.build()
+    assert hl.load_model(model, fx.MODEL) == rec["config"]
+    state = model.state_dict()
+    assert sorted(state) == sorted(rec["state"])
+    for k, entry in rec["state"].items():
+        assert torch.equal(state[k], _as_tensor(entry, state[k].dtype)), k
+    x, lam = fx.probe()
+    assert model(x, lam=lam).flatten().tolist() == torch.tensor(rec["output"]).tolist()
+
+
+def test_a_training_checkpoint_of_version_0_1_0_restores_the_recorded_run():
+    import random
+
+    fx, rec = _fixture_module(), _recorded()
+    model = fx.build()
+    opt, sched = fx.optimizer_and_scheduler(model)
+    gen = torch.Generator()
+    info = hl.load_training(fx.TRAINING, model=model, optimizer=opt, scheduler=sched, generators={"data": gen})
+    assert info == {"step": rec["step"], "config": rec["config"]}
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, _as_tensor(rec["state"][k], v.dtype)), k
+    params = list(model.parameters())
+    assert [float(opt.state[p]["step"]) for p in params] == rec["optimizer_step"]
+    for p, sq in zip(params, rec["optimizer_exp_avg_sq"], strict=True):
+        assert opt.state[p]["exp_avg_sq"].flatten().tolist() == torch.tensor(sq).tolist()
+    assert sched.last_epoch == rec["scheduler"]["last_epoch"] and sched.get_last_lr() == rec["scheduler"]["lr"]
+    draws = rec["draws"]
+    assert torch.rand(3).tolist() == torch.tensor(draws["torch"]).tolist()
+    assert random.random() == draws["random"]
+    assert torch.rand(3, generator=gen).tolist() == torch.tensor(draws["data"]).tolist()
+    x, lam = fx.probe()
+    assert model(x, lam=lam).flatten().tolist() == torch.tensor(rec["output"]).tolist()
