@@ -24,7 +24,7 @@ from .data import ImageData, load_classification
 
 
 class ConvNet(nn.Module):
-    """HyperLight's README ConvNet (MIP.md): 1->16 k5, 16->32 k3, pool, 32->64 k3, pool, 64->64 k3, GAP, 64->10."""
+    """HyperLight's README ConvNet (docs/method.md): 1->16 k5, 16->32 k3, pool, 32->64 k3, pool, 64->64 k3, GAP, 64->10."""
 
     def __init__(self, num_classes: int = 10, width: int = 1, depth: int = 0) -> None:
         super().__init__()

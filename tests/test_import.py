@@ -1,4 +1,6 @@
 import importlib
+import re
+from pathlib import Path
 
 import hyperloom as hl
 
@@ -13,7 +15,11 @@ def test_every_public_name_imports():
 def test_version_has_one_source():
     version = importlib.import_module("hyperloom._version").__version__
     assert hl.__version__ == version
-    assert version.count(".") == 2
+    # PEP 440: major.minor.patch, optionally a pre-release or .devN (0.2.0.dev0 while 0.2.0 is in progress)
+    assert re.fullmatch(r"\d+\.\d+\.\d+((a|b|rc)\d+)?(\.dev\d+)?", version), version
+    changelog = (Path(__file__).resolve().parents[1] / "CHANGELOG.md").read_text()
+    release = re.match(r"\d+\.\d+\.\d+", version).group()
+    assert f"## [{release}]" in changelog or f"— {release} (in progress" in changelog, f"CHANGELOG.md has no section for {release}"
 
 
 def test_py_typed_is_shipped():

@@ -12,7 +12,7 @@ from hyperloom import HyperloomError
 
 
 class ConvNet(nn.Module):
-    """HyperLight's README ConvNet (see MIP.md)."""
+    """HyperLight's README ConvNet (see docs/method.md)."""
 
     def __init__(self):
         super().__init__()

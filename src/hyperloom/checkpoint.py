@@ -1,25 +1,27 @@
 """Checkpoints in the safetensors format, written atomically, loaded without pickle.
 
-The format (https://github.com/huggingface/safetensors) is an 8-byte
-little-endian header length, a JSON header (``name -> {dtype, shape,
-data_offsets}`` plus an optional ``__metadata__`` string map) and the raw
-little-endian tensor bytes. It is implemented here with torch alone, so the
-core keeps no dependency beyond torch; files interoperate with the
-``safetensors`` package (checked in the tests).
+The format (https://github.com/huggingface/safetensors) is read and written by the
+``safetensors`` package (``safetensors.serialize`` / ``safetensors.deserialize``,
+torch tensors only, no numpy): it validates the header, the dtypes, the shapes
+and the data offsets of every file it reads. What is hyperloom's sits on top:
 
-Every tensor's SHA-256 (over its dtype, shape and bytes) is stored in the
-``__metadata__`` under ``hyperloom.sha256``, and the SHA-256 of the rest of the
-metadata under ``hyperloom.metadata_sha256``, so a flipped byte in the data or
-the metadata is caught on load. Files without checksums (written by other
-tools) still load, but model and training checkpoints in the formats this
-version writes (``hyperloom.model/2``, ``hyperloom.training/2``) must carry
-both; the ``/1`` files of earlier versions load without.
+* Every tensor's SHA-256 (over its dtype, shape and bytes) is stored in the
+  ``__metadata__`` under ``hyperloom.sha256``, and the SHA-256 of the rest of the
+  metadata under ``hyperloom.metadata_sha256``, so a flipped byte in the data or
+  the metadata is caught on load. Files without checksums (written by other
+  tools) still load, but model and training checkpoints in the formats this
+  version writes (``hyperloom.model/2``, ``hyperloom.training/2``) must carry
+  both; the ``/1`` files of earlier versions load without.
+* Writes go to a temporary file in the same directory, are fsynced, then
+  renamed over the target: a crash leaves either the old file or the new one,
+  never a torn one.
+* Loads read the file once, let the package validate it, check the checksums
+  and (for model and training checkpoints) the whole metadata before touching
+  any model, and raise :class:`CheckpointError` naming the file (and the tensor
+  or key) for every problem, including those the package reports.
 
-Writes go to a temporary file in the same directory, are fsynced, then
-renamed over the target: a crash leaves either the old file or the new one,
-never a torn one. Loads validate the whole header against the file size and
-the checksums before touching any tensor and raise :class:`CheckpointError`
-naming the file.
+Files written by hyperloom 0.1.0's own writer (before the package was used) load
+unchanged (``tests/fixtures``).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from ._rng import rng_state, set_rng_state
 from .errors import HyperloomError, short_repr
 from .hypernetwork import HyperNetwork
 
+# the dtypes a checkpoint can hold: safetensors' name -> torch dtype (those this torch has)
 _DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -70,12 +73,23 @@ for _name, _attr in (
     if isinstance(getattr(torch, _attr, None), torch.dtype):  # newer dtypes: only where this torch has them
         _DTYPES[_name] = getattr(torch, _attr)
 _NAMES = {v: k for k, v in _DTYPES.items()}
-_MAX_HEADER = 100 * 2**20
 _CHECKSUMS = "hyperloom.sha256"
 _META_CHECKSUM = "hyperloom.metadata_sha256"  # a key of its own: earlier versions read it as plain metadata
 _MODEL_FORMATS = {"hyperloom.model/1": False, "hyperloom.model/2": True}  # format -> carries checksums
 _TRAINING_FORMATS = {"hyperloom.training/1": False, "hyperloom.training/2": True}
 _INPUT_FIELDS = ("low", "high", "scale", "dim", "out_of_range")
+# what the safetensors package's refusals mean, in the words of this library (its own message follows)
+_PACKAGE_ERRORS = (
+    ("header too small", "truncated checkpoint ({size} bytes, no header)"),
+    ("header too large", "truncated or corrupt checkpoint (header of {n} bytes, file of {size})"),
+    ("invalid header length", "truncated or corrupt checkpoint (header of {n} bytes, file of {size})"),
+    ("invalid json in header", "corrupt checkpoint header"),
+    ("invalid utf-8 in header", "corrupt checkpoint header"),
+    ("invalid header start", "corrupt checkpoint header"),
+    ("file not fully covered", "truncated or tampered checkpoint (the tensors' data offsets do not cover its data section exactly)"),
+    ("invalid shape, data type, or offset", "corrupt checkpoint header (a tensor's shape, dtype and data offsets do not fit together)"),
+    ("invalid offset", "corrupt checkpoint header (tensor data offsets overlap, leave gaps or point outside the file)"),
+)
 
 
 class CheckpointError(HyperloomError):
@@ -148,7 +162,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], chunks: list[bytes]) -> Non
         raise _cannot_write(target, f"fsync of the directory failed: {e.strerror or e}") from e
 
 
-def _digest(dtype: str, shape: list[int], data: bytes | memoryview) -> str:
+def _digest(dtype: str, shape: list[int], data: bytes | bytearray | memoryview) -> str:
     h = hashlib.sha256(json.dumps([dtype, shape]).encode())
     h.update(data)
     return h.hexdigest()
@@ -173,10 +187,33 @@ def _check_storable(path: Path, name: str, t: Any) -> None:
         raise CheckpointError(f"{path}: {name}: dtype {t.dtype} cannot be stored in a safetensors checkpoint")
 
 
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy (valid while ``t`` lives)."""
+    n = t.numel() * t.element_size()
+    if not n:
+        return memoryview(b"")
+    return memoryview((ctypes.c_ubyte * n).from_address(t.data_ptr())).cast("B")
+
+
+def _package_error(p: Path, blob: bytes, e: BaseException) -> CheckpointError:
+    """A :class:`CheckpointError` naming ``p`` for a file the ``safetensors`` package refused."""
+    msg = str(e)
+    low = msg.lower()
+    n = int.from_bytes(blob[:8], "little") if len(blob) >= 8 else None
+    for key, words in _PACKAGE_ERRORS:
+        if key in low:
+            return CheckpointError(f"{p}: {words.format(size=len(blob), n=n)} (safetensors: {msg})")
+    return CheckpointError(f"{p}: not a valid safetensors file (safetensors: {type(e).__name__}: {msg})")
+
+
 def save_safetensors(
     tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str], *, metadata: Mapping[str, str] | None = None
 ) -> None:
-    """Save tensors (any device; copied to CPU) to a safetensors file, atomically.
+    """Save tensors (any device; copied to CPU) to a safetensors file, atomically, with checksums.
+
+    The file is written by the ``safetensors`` package; hyperloom adds the SHA-256 checksums of every
+    tensor and of the metadata (checked by :func:`load_safetensors`) and writes it atomically (temporary
+    file, fsync, rename). Tensors that share memory (tied weights) are each stored with their values.
 
     Example:
         >>> import tempfile, os
@@ -193,11 +230,12 @@ def save_safetensors(
             value, the metadata keys reserved for the checksums (``hyperloom.sha256``,
             ``hyperloom.metadata_sha256``), or a path that cannot be written.
     """
+    from safetensors import SafetensorError, TensorSpec, serialize
+
     target = _as_path(path)
-    header: dict[str, Any] = {}
+    specs: dict[str, Any] = {}
     sums: dict[str, str] = {}
-    blobs: list[bytes] = []
-    offset = 0
+    alive: list[torch.Tensor] = []  # serialize() reads raw pointers: the CPU copies must outlive it
     for name, t in tensors.items():
         if not isinstance(name, str):
             raise CheckpointError(f"{target}: tensor names must be strings, got {type(name).__name__} {short_repr(name)}")
@@ -208,12 +246,12 @@ def save_safetensors(
         data = t.detach().to("cpu").resolve_neg().resolve_conj().contiguous()
         if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
             raise CheckpointError("big-endian hosts are not supported")
-        n = data.numel() * data.element_size()
-        blob = ctypes.string_at(data.data_ptr(), n) if n else b""  # torch only: no numpy needed
-        blobs.append(blob)
-        header[name] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
-        sums[name] = _digest(_NAMES[t.dtype], list(t.shape), blob)
-        offset += n
+        alive.append(data)
+        raw = _bytes_of(data)
+        specs[name] = TensorSpec(
+            dtype=str(t.dtype).removeprefix("torch."), shape=list(t.shape), data_ptr=data.data_ptr(), data_len=len(raw)
+        )
+        sums[name] = _digest(_NAMES[t.dtype], list(t.shape), raw)
     meta = dict(metadata or {})
     bad = [k for k, v in meta.items() if not isinstance(k, str) or not isinstance(v, str)]
     if bad:
@@ -224,10 +262,13 @@ def save_safetensors(
     meta_sum = _meta_digest(meta)
     meta[_CHECKSUMS] = json.dumps(sums, separators=(",", ":"))
     meta[_META_CHECKSUM] = meta_sum
-    header["__metadata__"] = meta
-    hbytes = json.dumps(header, separators=(",", ":")).encode()
-    hbytes += b" " * (-len(hbytes) % 8)  # align the data section to 8 bytes
-    atomic_write_bytes(target, [len(hbytes).to_bytes(8, "little"), hbytes, *blobs])
+    try:
+        blob = bytes(serialize(specs, metadata=meta))
+    except SafetensorError as e:  # pragma: no cover - every tensor and key was checked above
+        raise CheckpointError(f"{target}: the safetensors package refused to serialise the checkpoint ({e})") from None
+    finally:
+        del alive
+    atomic_write_bytes(target, [blob])
 
 
 def _read(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
@@ -236,27 +277,28 @@ def _read(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
     ``unchecked`` names what the file carries no checksum for (``tensors``, ``metadata``): empty for the
     files this version writes, ``["metadata"]`` for those of earlier versions, both for other tools'.
     """
+    from safetensors import deserialize
+
     try:
         blob = p.read_bytes()
     except OSError as e:
         raise CheckpointError(f"{p}: cannot read checkpoint ({e.strerror or e})") from None
-    if len(blob) < 8:
-        raise CheckpointError(f"{p}: truncated checkpoint ({len(blob)} bytes, no header)")
-    n = int.from_bytes(blob[:8], "little")
-    if n > _MAX_HEADER or 8 + n > len(blob):
-        raise CheckpointError(f"{p}: truncated or corrupt checkpoint (header of {n} bytes, file of {len(blob)})")
     try:
-        header = json.loads(blob[8 : 8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        entries: list[tuple[str, dict[str, Any]]] = deserialize(blob)  # type: ignore[no-untyped-call]  # untyped in its stub
+    except BaseException as e:  # SafetensorError, and a Rust panic (pyo3's PanicException is a BaseException)
+        if isinstance(e, KeyboardInterrupt | SystemExit | GeneratorExit | MemoryError):
+            raise
+        raise _package_error(p, blob, e) from None
+    # the package exposes no metadata for bytes in memory; it has validated the header it sits in
+    n = int.from_bytes(blob[:8], "little")
+    try:
+        meta = json.loads(blob[8 : 8 + n]).get("__metadata__") or {}
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, AttributeError) as e:  # pragma: no cover - validated above
         raise CheckpointError(f"{p}: corrupt checkpoint header ({e})") from None
-    except RecursionError:
-        raise CheckpointError(f"{p}: corrupt checkpoint header (nested too deeply)") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{p}: corrupt checkpoint header (not a JSON object)")
-    meta = header.pop("__metadata__", {}) or {}
-    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):  # pragma: no cover - validated above
         raise CheckpointError(f"{p}: corrupt checkpoint metadata")
     meta = dict(meta)
+    names = [name for name, _ in entries]
     sums: dict[str, Any] | None = None
     unchecked = []
     raw_sums, meta_sum = meta.pop(_CHECKSUMS, None), meta.pop(_META_CHECKSUM, None)
@@ -275,56 +317,27 @@ def _read(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
             sums = None
         if not isinstance(sums, dict):
             raise CheckpointError(f"{p}: corrupt checksums in the checkpoint metadata (tampered file)")
-        missing, unexpected = sorted(set(header) - set(sums)), sorted(set(sums) - set(header))
+        missing, unexpected = sorted(set(names) - set(sums)), sorted(set(sums) - set(names))
         if missing or unexpected:
             raise CheckpointError(
                 f"{p}: the checksums do not match the tensors (tampered file): no checksum for {missing[:8]}, "
                 f"checksums of absent tensors {unexpected[:8]}"
             )
-    data = memoryview(blob)[8 + n :]
-    spans = []
     out: dict[str, torch.Tensor] = {}
-    for name, info in header.items():
-        if not isinstance(info, dict) or not isinstance(info.get("dtype"), str):
-            raise CheckpointError(f"{p}: corrupt header entry for {name!r}: {short_repr(info)}")
-        if info["dtype"] not in _DTYPES:
-            raise CheckpointError(f"{p}: {name}: unsupported dtype {info['dtype']!r} (this torch reads {sorted(_DTYPES)})")
-        dtype = _DTYPES[info["dtype"]]
-        shape, offsets = info.get("shape"), info.get("data_offsets")
-        if not isinstance(shape, list) or not isinstance(offsets, list) or len(offsets) != 2:
-            raise CheckpointError(f"{p}: corrupt header entry for {name!r}: {short_repr(info)}")
-        if not all(isinstance(d, int) and not isinstance(d, bool) for d in [*shape, *offsets]):
-            raise CheckpointError(f"{p}: corrupt header entry for {name!r}: {short_repr(info)}")
-        start, end = offsets
-        numel = 1
-        for d in shape:
-            if d < 0:
-                raise CheckpointError(f"{p}: {name}: negative dimension in shape {shape}")
-            numel *= d
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
-        if not (0 <= start <= end <= len(data)) or end - start != nbytes:
-            raise CheckpointError(
-                f"{p}: {name}: data offsets [{start}, {end}) do not fit shape {shape} of {info['dtype']} "
-                f"in a data section of {len(data)} bytes (truncated or tampered file)"
-            )
-        if sums is not None and sums[name] != _digest(info["dtype"], shape, data[start:end]):
+    for name, info in entries:
+        dtype_name, shape, data = info["dtype"], list(info["shape"]), info["data"]
+        if dtype_name not in _DTYPES:
+            raise CheckpointError(f"{p}: {name}: unsupported dtype {dtype_name!r} (this torch reads {sorted(_DTYPES)})")
+        if sums is not None and sums[name] != _digest(dtype_name, shape, data):
             raise CheckpointError(f"{p}: {name}: checksum mismatch (tampered or corrupt file)")
-        spans.append((start, end, name))
-        buf = torch.frombuffer(bytearray(data[start:end]), dtype=torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
-        out[name] = buf.view(dtype).reshape(shape).clone() if nbytes else torch.empty(shape, dtype=dtype)
-    spans.sort()
-    pos = 0
-    for start, end, name in spans:
-        if start != pos:
-            raise CheckpointError(f"{p}: {name}: data section has gaps or overlaps (tampered file)")
-        pos = end
-    if pos != len(data):
-        raise CheckpointError(f"{p}: {len(data) - pos} trailing bytes after the last tensor (tampered file)")
+        dtype = _DTYPES[dtype_name]
+        # ``data`` is a fresh, writable bytearray the tensor may own
+        out[name] = torch.frombuffer(data, dtype=torch.uint8).view(dtype).reshape(shape) if len(data) else torch.empty(shape, dtype=dtype)
     return out, meta, unchecked
 
 
 def load_safetensors(path: str | os.PathLike[str], *, require_checksums: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Load a safetensors file after validating its header against the file size (no pickle).
+    """Load a safetensors file (read by the ``safetensors`` package, never unpickled), checking its checksums.
 
     Args:
         path: The file.
@@ -332,13 +345,14 @@ def load_safetensors(path: str | os.PathLike[str], *, require_checksums: bool = 
             written by another tool or an earlier version, or one whose checksums were removed).
 
     Returns:
-        ``(tensors, metadata)``.
+        ``(tensors, metadata)``: CPU tensors by name, and the metadata without hyperloom's checksums.
 
     Raises:
-        CheckpointError: Naming the file, if it is missing, truncated, or its header is malformed,
-            inconsistent, overlapping or has trailing bytes, or holds a dtype this torch does not have,
-            if the checksum of its metadata or (naming the tensor too) of a tensor does not match (a tampered
-            or corrupt file), or if checksums are required and missing.
+        CheckpointError: Naming the file, if it is missing or the package refuses it (truncated, a header
+            that is malformed, inconsistent, overlapping or leaves trailing bytes; the package's message is
+            quoted), if it holds a dtype this torch does not have (naming the tensor), if the checksum of its
+            metadata or (naming the tensor too) of a tensor does not match (a tampered or corrupt file), or if
+            checksums are required and missing.
     """
     p = _as_path(path)
     tensors, meta, unchecked = _read(p)
