@@ -41,6 +41,7 @@ from .inputs import Input, InputSet
 from .model import HyperModel, hypernetize
 from .params import ParamStore
 from .select import select_parameters
+from .task import Task, TaskEmbedding
 from .training import NonFiniteLossError, Trainer
 from .trunk import ACTIVATIONS, NORMS, Trunk, WeightNormLinear
 from .types import Conditioning, ParamDict
@@ -75,6 +76,8 @@ __all__ = [
     "ParamStore",
     "Raw",
     "Standardize",
+    "Task",
+    "TaskEmbedding",
     "Trunk",
     "WeightNormLinear",
     "ZOneMinusZ",

@@ -246,6 +246,20 @@ class HyperModel(nn.Module):
         """The declared conditioning inputs (name -> :class:`~hyperloom.Input`)."""
         return dict(self.hypernet.input_set.specs)
 
+    def add_task(self, name: str | None = None, n: int = 1) -> range:
+        """Make ``n`` more task ids valid for a :class:`~hyperloom.Task` input; see :meth:`HyperNetwork.add_task`.
+
+        Example:
+            >>> import hyperloom as hl
+            >>> hnet = hl.hypernetize(nn.Linear(3, 2), inputs={"task": hl.Task(2, max_tasks=3)})
+            >>> hnet.add_task(), hnet.inputs["task"].num_tasks
+            (range(2, 3), 3)
+
+        Raises:
+            HyperloomError: See :meth:`HyperNetwork.add_task`.
+        """
+        return self.hypernet.add_task(name, n)
+
     # -- generation ----------------------------------------------------------------------
     def _split(self, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         names = self.hypernet.input_set.specs
