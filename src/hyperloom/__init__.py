@@ -12,6 +12,7 @@ Example:
     torch.Size([8, 3])
 """
 
+from . import continual
 from ._version import __version__
 from .checkpoint import (
     CheckpointError,
@@ -82,6 +83,7 @@ __all__ = [
     "WeightNormLinear",
     "ZOneMinusZ",
     "__version__",
+    "continual",
     "get_encoding",
     "hypernetize",
     "init_theta0",
