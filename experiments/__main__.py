@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("continual", help="continual learning on split / permuted Fashion-MNIST (task-conditioned hypernetworks)")
     c.add_argument("--methods", default="", help="comma-separated subset of the methods (default: all)")
     c.add_argument("--benchmarks", default="", help="comma-separated subset of split,permuted (default: both)")
-    c.add_argument("--beta", type=float, default=None, help="weight of the output regulariser (default 0.05)")
+    c.add_argument("--beta", type=float, default=None, help="weight of the output regulariser (default 2.0)")
     common(c, "runs/continual")
     rp = sub.add_parser("report", help="rewrite plots and report.md from results.jsonl")
     rp.add_argument("--out", default="runs/reproduce")

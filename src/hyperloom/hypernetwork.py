@@ -56,7 +56,9 @@ class HyperNetwork(nn.Module):
     """Generate named tensors from named conditioning inputs.
 
     Args:
-        inputs: Mapping ``name -> Input | (low, high) | (low, high, "log")``.
+        inputs: Mapping ``name -> Input | Task | (low, high) | (low, high, "log")``; a
+            :class:`~hyperloom.Task` adds a learned embedding table ``tasks.<name>.weight``
+            (see :mod:`hyperloom.task` for how embeddings join the encoded continuous inputs).
         targets: Mapping ``name -> shape`` or ``name -> tensor``. A tensor also
             gives ``theta0``'s initial value; a bare shape uses
             :func:`init_theta0`.

@@ -167,7 +167,7 @@ class InputSet:
 
     Args:
         inputs: Mapping from input name (a Python identifier, not a keyword)
-            to an :class:`Input` or a ``(low, high[, scale])`` tuple.
+            to an :class:`Input`, a :class:`~hyperloom.Task` or a ``(low, high[, scale])`` tuple.
 
     Example:
         >>> import hyperloom as hl
@@ -241,7 +241,9 @@ class InputSet:
         A scalar input given as a number or a 0-d tensor (a ``dim=k`` input as
         shape ``(k,)``) is *shared*: one weight set for the whole batch. Given
         as shape ``(B,)`` (``(B, k)``) it is *per sample*. Shared inputs are
-        broadcast when other inputs are per sample.
+        broadcast when other inputs are per sample. A :class:`~hyperloom.Task`
+        input takes an ``int`` id (shared) or an integer tensor of ``B`` ids
+        (per sample); its column holds the id as a floating value.
 
         Args:
             values: Mapping from input name to value.

@@ -463,7 +463,8 @@ def hypernetize(
         model: Any ``nn.Module``; it is copied, never modified.
         inputs: Named conditioning inputs with declared ranges, e.g.
             ``{"lam": (0.0, 1.0)}``, ``{"lr": (1e-4, 1e-1, "log")}`` or
-            ``{"z": hl.Input(0, 1, dim=8)}``.
+            ``{"z": hl.Input(0, 1, dim=8)}``, or learned task ids
+            ``{"task": hl.Task(5), "lam": (0.0, 1.0)}``.
         predict: Which parameters to generate: module types, names, globs or
             compiled regexes (see :func:`~hyperloom.select_parameters`);
             ``None`` predicts every parameter.
