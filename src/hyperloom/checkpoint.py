@@ -77,7 +77,7 @@ _MODEL_FORMATS = {"hyperloom.model/1": False, "hyperloom.model/2": True}  # form
 _TRAINING_FORMATS = {"hyperloom.training/1": False, "hyperloom.training/2": True}
 #: Declaration fields recorded and compared (``kind``: ``Input`` or ``Task``); a Task's ``num_tasks`` is
 #: recorded too but not compared: it is state (``add_task``), restored with the ``state_dict``.
-_INPUT_FIELDS = ("kind", "low", "high", "scale", "dim", "out_of_range", "norm", "max_tasks")
+_INPUT_FIELDS = ("kind", "low", "high", "scale", "dim", "out_of_range", "embedding_norm", "max_tasks")
 
 
 class CheckpointError(HyperloomError):

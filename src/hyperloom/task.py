@@ -118,6 +118,11 @@ class Task:
         assert self.max_tasks is not None  # set in __post_init__
         return self.max_tasks
 
+    @property
+    def embedding_norm(self) -> str:
+        """``norm`` as a string (``"unit"`` or ``"none"``), as checkpoints record and compare it."""
+        return "none" if self.norm is None else str(self.norm)
+
     def midpoint(self) -> int:
         """The id used where an input needs a representative value (task 0)."""
         return 0
