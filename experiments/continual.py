@@ -197,9 +197,13 @@ def run(method: str, benchmark: str, seed: int, data: ImageData, cfg: dict[str, 
             reg.snapshot()  # tasks 0..t are learned
             for k in range(t + 1):
                 acc[t][k] = _accuracy(lambda x, kk: model(x, task=kk), tasks, k)
+    extra: dict[str, Any] = {}
+    if method != "finetune":  # the raw table rows' norms (1/sqrt(dim) * sqrt(dim) ~ 1 at the start): the drift MIP removes
+        extra["emb_norms"] = model.hypernet.task_table().weight.detach()[:T].norm(dim=1).tolist()
     final = acc[T - 1]
     forgetting = [acc[k][k] - final[k] for k in range(T - 1)] if method != "joint" else [0.0] * (T - 1)
     return {
+        **extra,
         "acc": acc,
         "metrics": {
             "final_acc": float(np.mean(final)),
@@ -227,7 +231,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         cells = []
         for b in BENCHMARKS:
             sel = [r for r in rows if r["method"] == m and r["benchmark"] == b]
-            cells += [_fmt([r["metrics"]["final_acc"] for r in sel]), _fmt([r["metrics"]["forgetting"] for r in sel])]
+            forgetting = "n/a (all tasks at once)" if m == "joint" else _fmt([r["metrics"]["forgetting"] for r in sel])
+            cells += [_fmt([r["metrics"]["final_acc"] for r in sel]), forgetting]
         n = len({r["seed"] for r in rows if r["method"] == m})
         lines.append(f"| {m} (n={n}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -289,6 +294,9 @@ def write_report(rows: list[dict[str, Any]], out: Path, header: str) -> Path:
         *[f"![{b}](heatmap_{b}.png)" for b in plots],
         "",
     ]
+    reading = out / "reading.md"  # the human reading of these numbers, kept when the report is regenerated
+    if reading.is_file():
+        text += ["## Reading", "", reading.read_text().strip(), ""]
     path = out / "report.md"
     path.write_text("\n".join(text))
     return path
