@@ -1,4 +1,4 @@
-"""The experiment CLI: ``python -m experiments {reproduce,ablate,proportionality,tune,report}``.
+"""The experiment CLI: ``python -m experiments {reproduce,ablate,proportionality,tune,continual,report}``.
 
 Every finished run is appended to ``<out>/results.jsonl`` at once; re-running
 the same command skips finished runs (so an interrupted run resumes), then
@@ -234,9 +234,18 @@ def main(argv: list[str] | None = None) -> int:
     tu.add_argument("--seeds", type=int, default=0, help="override the number of seeds (per task default otherwise)")
     tu.add_argument("--steps", type=int, default=0, help="override the number of training steps")
     tu.add_argument("--out", default="runs/tune")
+    c = sub.add_parser("continual", help="continual learning on split / permuted Fashion-MNIST (task-conditioned hypernetworks)")
+    c.add_argument("--methods", default="", help="comma-separated subset of the methods (default: all)")
+    c.add_argument("--benchmarks", default="", help="comma-separated subset of split,permuted (default: both)")
+    c.add_argument("--beta", type=float, default=None, help="weight of the output regulariser (default 2.0)")
+    common(c, "runs/continual")
     rp = sub.add_parser("report", help="rewrite plots and report.md from results.jsonl")
     rp.add_argument("--out", default="runs/reproduce")
     args = p.parse_args(argv)
+    if args.cmd == "continual":
+        from .continual import main as continual_main
+
+        return continual_main(args)
     return {
         "reproduce": cmd_reproduce,
         "ablate": cmd_ablate,

@@ -12,6 +12,7 @@ Example:
     torch.Size([8, 3])
 """
 
+from . import continual
 from ._version import __version__
 from .checkpoint import (
     CheckpointError,
@@ -41,6 +42,7 @@ from .inputs import Input, InputSet
 from .model import HyperModel, hypernetize
 from .params import ParamStore
 from .select import select_parameters
+from .task import Task, TaskEmbedding
 from .training import NonFiniteLossError, Trainer
 from .trunk import ACTIVATIONS, NORMS, Trunk, WeightNormLinear
 from .tune import Sweep, Tuned, sample, sweep, tune
@@ -78,10 +80,13 @@ __all__ = [
     "ParamStore",
     "Raw",
     "Standardize",
+    "Task",
+    "TaskEmbedding",
     "Trunk",
     "WeightNormLinear",
     "ZOneMinusZ",
     "__version__",
+    "continual",
     "get_encoding",
     "hypernetize",
     "init_theta0",
