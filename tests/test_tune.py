@@ -520,3 +520,57 @@ def test_grid_counts_and_rates_accept_numpy_scalars_and_integer_grids_have_no_fl
     assert sorted(set(s.column("w"))) == [10.0**e for e in range(-4, 5)]
     hl.tune(m, lambda mm, **c: mm(torch.ones(1, 2), **c).sum(), steps=1, lr=np.float32(0.1))
     assert hl.sample({"lam": (0.0, 1.0)}, ends=np.float32(0.5))["lam"].shape == ()
+
+
+# -- Task inputs ----------------------------------------------------------------------------------------------
+
+
+def _task_model() -> hl.HyperModel:
+    torch.manual_seed(0)
+    return hl.hypernetize(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)), inputs={"task": hl.Task(3, dim=4), "lam": (0.0, 1.0)})
+
+
+def test_sample_draws_valid_task_ids_that_the_model_accepts():
+    m = _task_model()
+    s = hl.sample(m, n=3000, generator=torch.Generator().manual_seed(0))
+    assert s["task"].dtype == torch.int64 and s["task"].shape == (3000,)
+    counts = torch.bincount(s["task"], minlength=3).double() / 3000
+    assert torch.allclose(counts, torch.full((3,), 1 / 3, dtype=torch.float64), atol=0.03)
+    shared = hl.sample(m, generator=torch.Generator().manual_seed(1))
+    assert shared["task"].shape == ()
+    x = torch.randn(3000, 3)
+    assert m(x, **s).shape == (3000, 1) and m(x[:5], **shared).shape == (5, 1)
+
+
+def test_sweep_over_task_ids_and_per_task_best():
+    m = _task_model()
+    x = torch.randn(8, 3)
+    s = hl.sweep(m, lambda mm, task, lam: {"out": mm(x, task=task, lam=lam).mean()}, {"task": range(3), "lam": 3})
+    assert s.column("task") == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    with torch.no_grad():
+        assert s.rows[4]["out"] == float(m(x, task=1, lam=0.5).mean())
+    pytest.importorskip("matplotlib")
+    assert s.plot("out", x="task").axes[0].get_xlabel() == "task"
+    with pytest.raises(
+        hl.HyperloomError, match=re.escape("grid['task']: a Task input takes a sequence of task ids, e.g. range(3) for all")
+    ):
+        hl.sweep(m, lambda mm, **c: {"v": 0.0}, {"task": 3})
+    with pytest.raises(hl.HyperloomError, match=re.escape("grid['task']:")):
+        hl.sweep(m, lambda mm, **c: {"v": 0.0}, {"task": [0, 3]})
+
+
+def test_tune_keeps_a_task_fixed_and_refuses_to_tune_it():
+    m = _task_model()
+    x = torch.randn(8, 3)
+    seen = []
+
+    def obj(mm, task, lam):
+        seen.append(task)
+        return mm(x, task=task, lam=lam).pow(2).mean()
+
+    t = hl.tune(m, obj, init={"task": 2}, inputs="lam", steps=3)
+    assert set(seen) == {2} and t.values["task"] == 2 and all(h["values"]["task"] == 2 for h in t.history)
+    with pytest.raises(hl.HyperloomError, match=re.escape("hl.tune: ['task'] are Task inputs (categorical ids)")):
+        hl.tune(m, obj, steps=3)
+    with pytest.raises(hl.HyperloomError, match=re.escape("hl.tune: init['task']:")):
+        hl.tune(m, obj, init={"task": 5}, inputs="lam", steps=1)

@@ -37,10 +37,11 @@ from .errors import HyperloomError, short_repr
 from .hypernetwork import HyperNetwork
 from .inputs import Input, InputSet, _as_dim, _is_bool
 from .model import HyperModel
+from .task import Task
 
 __all__ = ["Sweep", "Tuned", "sample", "sweep", "tune"]
 
-Value = float | list[float]
+Value = float | int | list[float]
 
 
 # -- what declares the inputs ----------------------------------------------------------------------------
@@ -88,7 +89,8 @@ def sample(
 
     Linear inputs are drawn uniformly on ``[low, high]``, log inputs
     log-uniformly (uniform in ``log``), each coordinate of a ``dim=k`` input
-    independently. With ``ends=p`` each coordinate is, with probability ``p``,
+    independently; :class:`~hyperloom.Task` ids uniformly over the valid ids
+    (an int64 tensor). With ``ends=p`` each coordinate is, with probability ``p``,
     replaced by one of the range's two end points (each with probability
     ``p / 2``): HyperMorph's oversampling of ``lambda`` in ``{0, 1}``, which
     trains the degenerate ends the uniform draw almost never reaches.
@@ -150,6 +152,9 @@ def sample(
         raise HyperloomError(f"hl.sample: device {device!r} is not a torch device: {e}") from None
     out: dict[str, torch.Tensor] = {}
     for name, spec in specs.items():
+        if isinstance(spec, Task):  # task ids: uniform over the valid ids (``ends`` does not apply)
+            out[name] = torch.randint(0, spec.num_tasks, () if n is None else (n,), generator=generator).to(device=device)
+            continue
         shape = (() if n is None else (n,)) + (() if spec.dim == 1 else (spec.dim,))
         u = torch.rand(shape, generator=generator, dtype=torch.float64)
         if ends > 0:
@@ -252,8 +257,10 @@ def _number(v: Any, what: str) -> float:
 
 
 # -- sweep -------------------------------------------------------------------------------------------------
-def _axis(name: str, spec: Input, points: Any) -> list[Value]:
+def _axis(name: str, spec: Input | Task, points: Any) -> list[Value]:
     """The values of one grid axis: a sequence, or an int = that many points spaced on the input's own scale."""
+    if isinstance(spec, Task):
+        return _task_axis(name, spec, points)
     if isinstance(points, numbers.Integral) and not _is_bool(points):
         if spec.dim != 1:
             raise HyperloomError(
@@ -279,12 +286,41 @@ def _axis(name: str, spec: Input, points: Any) -> list[Value]:
     return values
 
 
+def _task_axis(name: str, spec: Task, points: Any) -> list[Value]:
+    """Task ids of a grid axis: a sequence of valid ids (``range(num_tasks)`` for all)."""
+    if isinstance(points, torch.Tensor):
+        points = list(points.unbind(0)) if points.dim() > 0 else [points]
+    if isinstance(points, (str, bytes, Mapping, numbers.Number)) or not isinstance(points, Iterable):
+        raise HyperloomError(
+            f"grid[{name!r}]: a Task input takes a sequence of task ids, e.g. range({spec.num_tasks}) for all; got {short_repr(points)}"
+        )
+    one = InputSet({name: spec})
+    ids: list[Value] = []
+    for v in points:
+        try:
+            _, per_sample = one.prepare({name: v}, dtype=torch.float32)
+        except HyperloomError as e:
+            raise HyperloomError(f"grid[{name!r}]: {e}") from None
+        if per_sample:
+            raise HyperloomError(f"grid[{name!r}]: each value must be one task id, got {short_repr(v)}")
+        ids.append(int(v))
+    if not ids:
+        raise HyperloomError(f"grid[{name!r}]: no values")
+    return ids
+
+
+def _scalar(spec: Input | Task) -> bool:
+    """Whether the input's values are single numbers (a Task id, or an ``Input`` with ``dim=1``)."""
+    return isinstance(spec, Task) or spec.dim == 1
+
+
 def _checked(one: InputSet, name: str, value: Any, *, what: str) -> torch.Tensor:
     """One shared value checked as the model checks it (shape, finite, in range in its own precision).
 
     Returned as float64 clamped to the declared range (a float32 ``0.1`` accepted at ``high=0.1`` becomes 0.1).
     """
     spec = one.specs[name]
+    assert isinstance(spec, Input)  # Task ids take _task_axis / fixed_ids
     if isinstance(value, torch.Tensor):
         value = value.detach()
     try:
@@ -320,7 +356,7 @@ class Sweep:
         inputs: The declarations of the swept inputs (for plot scales).
     """
 
-    def __init__(self, rows: list[dict[str, Any]], names: Sequence[str], inputs: Mapping[str, Input]) -> None:
+    def __init__(self, rows: list[dict[str, Any]], names: Sequence[str], inputs: Mapping[str, Input | Task]) -> None:
         self.rows = rows
         self.names = tuple(names)
         self.inputs = dict(inputs)
@@ -421,7 +457,7 @@ class Sweep:
             self._check_metric(m)
         if mark not in (None, "min", "max"):
             raise HyperloomError(f"Sweep.plot: mark must be None, 'min' or 'max', got {mark!r}")
-        scalar = [n for n in self.names if self.inputs[n].dim == 1]
+        scalar = [n for n in self.names if _scalar(self.inputs[n])]
         if x is None:
             varying = [n for n in scalar if len({r[n] for r in self.rows}) > 1]
             if not (varying or scalar):
@@ -429,7 +465,7 @@ class Sweep:
             x = (varying or scalar)[0]
         elif x not in self.names:
             raise HyperloomError(f"Sweep.plot: x={x!r} is not a swept input; swept inputs are {list(self.names)}")
-        elif self.inputs[x].dim != 1:
+        elif not _scalar(self.inputs[x]):
             raise HyperloomError(f"Sweep.plot: x={x!r} has dim={self.inputs[x].dim}; the x axis needs a scalar input")
         others = [n for n in self.names if n != x]
         groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
@@ -446,7 +482,7 @@ class Sweep:
                 if mark and any(not math.isnan(y) for y in ys):
                     best = Sweep(rows, self.names, self.inputs).best(m, mode=mark)
                     ax.axvline(best[x], ls="--", lw=1, color=line.get_color())
-        if self.inputs[x].scale == "log":
+        if getattr(self.inputs[x], "scale", "linear") == "log":
             ax.set_xscale("log")
         ax.set_xlabel(x)
         ax.set_ylabel(metrics[0] if len(metrics) == 1 else "metric")
@@ -678,6 +714,13 @@ def tune(
     unknown = [k for k in names if k not in specs]
     if unknown:
         raise HyperloomError(f"hl.tune: inputs {unknown} are not declared inputs; declared inputs are {list(specs)}")
+    tasks = [k for k in names if isinstance(specs[k], Task)]
+    if tasks:
+        hint = ", ".join(f"{k!r}: range({specs[k].num_tasks})" for k in tasks)  # type: ignore[union-attr]
+        raise HyperloomError(
+            f"hl.tune: {tasks} are Task inputs (categorical ids): they have no gradient to follow; tune the continuous "
+            f"inputs (inputs=...) with the task fixed in init, or sweep the ids: hl.sweep(model, evaluate, {{{hint}}})"
+        )
     if init is not None and not isinstance(init, Mapping):
         raise HyperloomError(f"hl.tune: init must be a mapping of input name -> starting value, got {short_repr(init)}")
     init = dict(init or {})
@@ -687,24 +730,38 @@ def tune(
     m_dtype, m_device = _model_dtype_device(model)
     dtype = m_dtype if m_dtype is not None and m_dtype.is_floating_point else torch.get_default_dtype()
     start: dict[str, torch.Tensor] = {}
+    fixed_ids: dict[str, int] = {}
     for name, spec in specs.items():
-        if name in init:
+        if isinstance(spec, Task):
+            v = init.get(name, spec.midpoint())
+            try:
+                InputSet({name: spec}).prepare({name: v}, dtype=torch.float32)
+            except HyperloomError as e:
+                raise HyperloomError(f"hl.tune: init[{name!r}]: {e}") from None
+            if isinstance(v, torch.Tensor) and v.dim() > 0:
+                raise HyperloomError(f"hl.tune: init[{name!r}] must be one task id, got {short_repr(v)}")
+            fixed_ids[name] = int(v)
+        elif name in init:
             start[name] = _checked(InputSet({name: spec}), name, init[name], what=f"hl.tune: init[{name!r}]")
         else:
             start[name] = torch.full(() if spec.dim == 1 else (spec.dim,), spec.midpoint(), dtype=torch.float64)
-    us = {k: specs[k].normalize(start[k]).clone().requires_grad_(True) for k in names}
+    cont = {k: v for k, v in specs.items() if isinstance(v, Input)}
+    us = {k: cont[k].normalize(start[k]).clone().requires_grad_(True) for k in names}
     opt = torch.optim.Adam(list(us.values()), lr=float(lr))
 
-    def current() -> tuple[dict[str, torch.Tensor], dict[str, Value]]:
+    def current() -> tuple[dict[str, Any], dict[str, Value]]:
         """The conditioning passed to the objective (model dtype and device) and its float64 values for the record."""
         exact = dict(start)
         for k, u in us.items():
-            exact[k] = _exact_ends(specs[k], specs[k].denormalize(u.detach()), u.detach())
-        cond = {k: _inside(specs[k], v, dtype).to(m_device) for k, v in exact.items()}
+            exact[k] = _exact_ends(cont[k], cont[k].denormalize(u.detach()), u.detach())
+        cond: dict[str, Any] = {k: _inside(cont[k], v, dtype).to(m_device) for k, v in exact.items()}
         for k, u in us.items():
-            v = _unclamped(specs[k], u).to(dtype).to(m_device)
+            v = _unclamped(cont[k], u).to(dtype).to(m_device)
             cond[k] = cond[k] + (v - v.detach())  # the value in range, the gradient of the unclamped map
-        return cond, {k: _as_value(v) for k, v in exact.items()}
+        values: dict[str, Value] = {k: _as_value(v) for k, v in exact.items()}
+        cond.update(fixed_ids)
+        values.update(fixed_ids)
+        return {k: cond[k] for k in specs}, {k: values[k] for k in specs}
 
     history: list[dict[str, Any]] = []
     best: tuple[float, dict[str, Value]] | None = None
