@@ -177,6 +177,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     size = "full" if args.full else "quick"
     out = Path(args.out)
     tasks = ["ridge", "register"] if args.task == "all" else [args.task]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     store = run_all(size, out, tasks=tasks, seeds=args.seeds or None, steps=args.steps or None)
     seeds = f" --seeds {args.seeds}" if args.seeds else ""
@@ -234,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     tu.add_argument("--seeds", type=int, default=0, help="override the number of seeds (per task default otherwise)")
     tu.add_argument("--steps", type=int, default=0, help="override the number of training steps")
     tu.add_argument("--out", default="runs/tune")
+    tu.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice; 1 on a busy machine)")
     c = sub.add_parser("continual", help="continual learning on split / permuted Fashion-MNIST (task-conditioned hypernetworks)")
     c.add_argument("--methods", default="", help="comma-separated subset of the methods (default: all)")
     c.add_argument("--benchmarks", default="", help="comma-separated subset of split,permuted (default: both)")

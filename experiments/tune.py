@@ -44,7 +44,7 @@ CLASSES = [n.replace(" matter", "").replace(" ", "_").lower() for n in LABEL_NAM
 SIZES: dict[str, dict[str, dict[str, Any]]] = {
     "quick": {
         "ridge": {"steps": 2000, "seeds": 3},
-        "register": {"steps": 200, "seeds": 2},
+        "register": {"steps": 200, "seeds": 1},
     },
     "full": {
         "ridge": {"steps": 6000, "seeds": 5},
@@ -72,12 +72,12 @@ REGISTER: dict[str, Any] = {
     "warp_strength": 0.04,
     "image_sigma": 0.1,
     "fixed": [0.1, 0.3, 0.5, 0.7, 0.9],
-    "n_val": 24,
+    "n_val": 16,
     "n_test": 32,
-    "sweep_points": 21,
+    "sweep_points": 11,
     "tune_starts": [0.1, 0.5, 0.9],
-    "tune_steps": 20,
-    "tune_lr": 0.08,
+    "tune_steps": 15,
+    "tune_lr": 0.1,
     "ends": 0.2,
 }
 
