@@ -1,4 +1,4 @@
-"""The experiment CLI: ``python -m experiments {reproduce,ablate,proportionality,report}``.
+"""The experiment CLI: ``python -m experiments {reproduce,ablate,proportionality,tune,continual,report}``.
 
 Every finished run is appended to ``<out>/results.jsonl`` at once; re-running
 the same command skips finished runs (so an interrupted run resumes), then
@@ -169,6 +169,27 @@ def cmd_proportionality(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    """Train hypernetworks and fixed-lambda models, choose lambda by hl.sweep / hl.tune, report the amortization gap."""
+    from .tune import run_all
+    from .tune_report import write_tune_report
+
+    size = "full" if args.full else "quick"
+    out = Path(args.out)
+    tasks = ["ridge", "register"] if args.task == "all" else [args.task]
+    t0 = time.perf_counter()
+    store = run_all(size, out, tasks=tasks, seeds=args.seeds or None, steps=args.steps or None)
+    seeds = f" --seeds {args.seeds}" if args.seeds else ""
+    header = (
+        f"Size: **{size}**, torch {torch.__version__}, {torch.get_num_threads()} threads. Wall time of the last invocation: "
+        f"{time.perf_counter() - t0:.0f} s. Regenerate with "
+        f"`python -m experiments tune {'--full' if args.full else '--quick'}{seeds} --out {args.out}`."
+    )
+    path = write_tune_report(store.rows, out, header=header)
+    print(f"\nReport: {path.resolve()}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     out = Path(args.out)
     store = ResultStore(out / "results.jsonl")
@@ -205,10 +226,33 @@ def main(argv: list[str] | None = None) -> int:
     common(a, "runs/ablate")
     pr = sub.add_parser("proportionality", help="|theta| vs gamma at initialisation")
     pr.add_argument("--seeds", type=int, default=1)
+    tu = sub.add_parser("tune", help="choose lambda after training (hl.sweep / hl.tune) and the amortization gap")
+    tu.add_argument("--task", default="all", choices=["ridge", "register", "all"])
+    g = tu.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_true", help="CPU-minutes budget (default)")
+    g.add_argument("--full", action="store_true", help="longer runs, more seeds")
+    tu.add_argument("--seeds", type=int, default=0, help="override the number of seeds (per task default otherwise)")
+    tu.add_argument("--steps", type=int, default=0, help="override the number of training steps")
+    tu.add_argument("--out", default="runs/tune")
+    c = sub.add_parser("continual", help="continual learning on split / permuted Fashion-MNIST (task-conditioned hypernetworks)")
+    c.add_argument("--methods", default="", help="comma-separated subset of the methods (default: all)")
+    c.add_argument("--benchmarks", default="", help="comma-separated subset of split,permuted (default: both)")
+    c.add_argument("--beta", type=float, default=None, help="weight of the output regulariser (default 2.0)")
+    common(c, "runs/continual")
     rp = sub.add_parser("report", help="rewrite plots and report.md from results.jsonl")
     rp.add_argument("--out", default="runs/reproduce")
     args = p.parse_args(argv)
-    return {"reproduce": cmd_reproduce, "ablate": cmd_ablate, "proportionality": cmd_proportionality, "report": cmd_report}[args.cmd](args)
+    if args.cmd == "continual":
+        from .continual import main as continual_main
+
+        return continual_main(args)
+    return {
+        "reproduce": cmd_reproduce,
+        "ablate": cmd_ablate,
+        "proportionality": cmd_proportionality,
+        "tune": cmd_tune,
+        "report": cmd_report,
+    }[args.cmd](args)
 
 
 if __name__ == "__main__":

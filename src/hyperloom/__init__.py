@@ -12,6 +12,7 @@ Example:
     torch.Size([8, 3])
 """
 
+from . import continual
 from ._version import __version__
 from .checkpoint import (
     CheckpointError,
@@ -41,15 +42,19 @@ from .inputs import Input, InputSet
 from .model import HyperModel, hypernetize
 from .params import ParamStore
 from .select import select_parameters
+from .task import Task, TaskEmbedding
 from .training import NonFiniteLossError, Trainer
 from .trunk import ACTIVATIONS, NORMS, Trunk, WeightNormLinear
+from .tune import Sweep, Tuned, sample, sweep, tune
 from .types import Conditioning, ParamDict
 
 __all__ = [
     "ACTIVATIONS",
     "CheckpointError",
     "NonFiniteLossError",
+    "Sweep",
     "Trainer",
+    "Tuned",
     "load_model",
     "load_safetensors",
     "load_training",
@@ -75,13 +80,19 @@ __all__ = [
     "ParamStore",
     "Raw",
     "Standardize",
+    "Task",
+    "TaskEmbedding",
     "Trunk",
     "WeightNormLinear",
     "ZOneMinusZ",
     "__version__",
+    "continual",
     "get_encoding",
     "hypernetize",
     "init_theta0",
+    "sample",
     "select_parameters",
+    "sweep",
     "theta_norms",
+    "tune",
 ]

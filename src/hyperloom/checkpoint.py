@@ -77,7 +77,9 @@ _CHECKSUMS = "hyperloom.sha256"
 _META_CHECKSUM = "hyperloom.metadata_sha256"  # a key of its own: earlier versions read it as plain metadata
 _MODEL_FORMATS = {"hyperloom.model/1": False, "hyperloom.model/2": True}  # format -> carries checksums
 _TRAINING_FORMATS = {"hyperloom.training/1": False, "hyperloom.training/2": True}
-_INPUT_FIELDS = ("low", "high", "scale", "dim", "out_of_range")
+#: Declaration fields recorded and compared (``kind``: ``Input`` or ``Task``); a Task's ``num_tasks`` is
+#: recorded too but not compared: it is state (``add_task``), restored with the ``state_dict``.
+_INPUT_FIELDS = ("kind", "low", "high", "scale", "dim", "out_of_range", "embedding_norm", "max_tasks")
 # what the safetensors package's refusals mean, in the words of this library (its own message follows)
 _PACKAGE_ERRORS = (
     ("header too small", "truncated checkpoint ({size} bytes, no header)"),
@@ -374,7 +376,11 @@ def _hypernetworks(model: nn.Module) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for name, module in model.named_modules():
         if isinstance(module, HyperNetwork):
-            inputs = {k: {f: getattr(spec, f, None) for f in _INPUT_FIELDS} for k, spec in module.input_set.specs.items()}
+            inputs = {
+                k: {f: getattr(spec, f, None) for f in _INPUT_FIELDS}
+                | {"kind": type(spec).__name__, "num_tasks": getattr(spec, "num_tasks", None)}
+                for k, spec in module.input_set.specs.items()
+            }
             encoding = getattr(module, "encoding", None)
             out[name] = {
                 "inputs": inputs,

@@ -20,8 +20,9 @@ from torch import nn
 from .encoding import Encoding, get_encoding
 from .errors import HyperloomError
 from .heads import HEADS, DenseHead, LowRankHead, SplitHead, check_target_memory
-from .inputs import InputLike, InputSet
+from .inputs import Input, InputLike, InputSet, columns
 from .params import ParamStore
+from .task import Task, TaskEmbedding, _as_int
 from .trunk import Trunk, activation_gain
 from .types import ParamDict
 
@@ -55,7 +56,9 @@ class HyperNetwork(nn.Module):
     """Generate named tensors from named conditioning inputs.
 
     Args:
-        inputs: Mapping ``name -> Input | (low, high) | (low, high, "log")``.
+        inputs: Mapping ``name -> Input | Task | (low, high) | (low, high, "log")``; a
+            :class:`~hyperloom.Task` adds a learned embedding table ``tasks.<name>.weight``
+            (see :mod:`hyperloom.task` for how embeddings join the encoded continuous inputs).
         targets: Mapping ``name -> shape`` or ``name -> tensor``. A tensor also
             gives ``theta0``'s initial value; a bare shape uses
             :func:`init_theta0`.
@@ -102,6 +105,7 @@ class HyperNetwork(nn.Module):
     _in_inv_span: torch.Tensor
     _in_floor: torch.Tensor
     _in_is_log: torch.Tensor
+    _cont_index: torch.Tensor
 
     def __init__(
         self,
@@ -144,7 +148,8 @@ class HyperNetwork(nn.Module):
         bias = not self.additive  # theta0 is the offset: no second trainable offset (see heads.py)
 
         gain = activation_gain(activation)
-        self.trunk = Trunk(self.encoding.out_features(self.input_set.total_dim), hidden, activation=activation, norm=norm, init=init)
+        in_features = self._plan_features(dtype, device)
+        self.trunk = Trunk(in_features, hidden, activation=activation, norm=norm, init=init)
         self.head: SplitHead
         if head == "lowrank" and rank is not None:
             self.head = LowRankHead(
@@ -171,6 +176,103 @@ class HyperNetwork(nn.Module):
         self._register_input_map(dtype)
         self.to(dtype=dtype, device=device)
 
+    def _plan_features(self, dtype: torch.dtype, device: torch.device | None) -> int:
+        """Build the task tables and the column plan; return the trunk's input size.
+
+        The raw ``(N, K)`` conditioning holds the continuous inputs' coordinates and one column per
+        :class:`~hyperloom.Task` (its id). The trunk input is ``[encoding(continuous), e_task1, ...]``.
+        """
+        self.tasks = nn.ModuleDict()
+        self._task_cols: list[tuple[str, int]] = []
+        cont: list[int] = []
+        start = 0
+        for name, spec in self.input_set.specs.items():
+            k = columns(spec)
+            if isinstance(spec, Task):
+                self.tasks[name] = TaskEmbedding(spec, dtype=dtype, device=device)
+                self._task_cols.append((name, start))
+            else:
+                cont += range(start, start + k)
+            start += k
+        self._num_continuous = len(cont)
+        self.register_buffer("_cont_index", torch.tensor(cont, dtype=torch.int64), persistent=False)
+        if self._task_cols:
+            self.register_load_state_dict_post_hook(_sync_task_counts)  # type: ignore[no-untyped-call]
+        n_enc = self.encoding.out_features(len(cont)) if cont else 0
+        return n_enc + sum(spec.dim for spec in self.input_set.specs.values() if isinstance(spec, Task))
+
+    def add_task(self, name: str | None = None, n: int = 1) -> range:
+        """Make ``n`` more task ids valid for the :class:`~hyperloom.Task` input ``name``; return the new ids.
+
+        The ids come from the rows reserved by ``Task(..., max_tasks=...)``: no parameter is
+        reallocated, so existing tasks' outputs stay bit-identical and an optimiser built before keeps
+        stepping the same table with its state (see :mod:`hyperloom.task`).
+
+        Args:
+            name: The Task input (default: the only one).
+            n: How many tasks to add (an int ``>= 1``).
+
+        Example:
+            >>> import hyperloom as hl
+            >>> h = hl.HyperNetwork({"task": hl.Task(1, max_tasks=4)}, {"w": (2,)}, hidden=(4,))
+            >>> h.add_task()
+            range(1, 2)
+            >>> h.input_set.specs["task"].num_tasks
+            2
+
+        Raises:
+            HyperloomError: On an unknown name (or no or several Task inputs without a name), an ``n``
+                that is not an int ``>= 1``, or no room left in ``max_tasks``.
+        """
+        name = self.task_input(name)
+        spec = self.input_set.specs[name]
+        assert isinstance(spec, Task)
+        k = _as_int(n)
+        if k is None or k < 1:
+            raise HyperloomError(f"add_task({name!r}): n must be an integer >= 1, got {n!r}")
+        old = spec.num_tasks
+        if old + k > spec.capacity:
+            raise HyperloomError(
+                f"add_task({name!r}, n={k}): {name!r} already uses {old} of its max_tasks={spec.capacity} tasks; "
+                f"declare hl.Task(..., max_tasks={old + k}) (or more) to reserve room"
+            )
+        self._set_num_tasks(name, old + k)
+        return range(old, old + k)
+
+    def task_input(self, name: str | None = None) -> str:
+        """The name of the :class:`~hyperloom.Task` input ``name`` (default: the only one).
+
+        Raises:
+            HyperloomError: If ``name`` is not a Task input, or it is ``None`` and there is not exactly one.
+        """
+        tasks = [k for k, _ in self._task_cols]
+        if name is None:
+            if len(tasks) != 1:
+                raise HyperloomError(
+                    f"Name the Task input: the hypernetwork has {len(tasks)} ({tasks}); inputs are {list(self.input_set.names)}"
+                )
+            return tasks[0]
+        if name not in tasks:
+            raise HyperloomError(f"{name!r} is not a Task input; Task inputs are {tasks}, inputs are {list(self.input_set.names)}")
+        return name
+
+    def task_table(self, name: str | None = None) -> TaskEmbedding:
+        """The learned embedding table of the :class:`~hyperloom.Task` input ``name`` (default: the only one).
+
+        Raises:
+            HyperloomError: As :meth:`task_input`.
+        """
+        table = self.tasks[self.task_input(name)]
+        assert isinstance(table, TaskEmbedding)
+        return table
+
+    def _set_num_tasks(self, name: str, n: int) -> None:
+        spec = self.input_set.specs[name]
+        assert isinstance(spec, Task)
+        self.input_set.specs[name] = Task(n, dim=spec.dim, norm=spec.norm, max_tasks=spec.capacity)
+        table = self.task_table(name)
+        table.num_tasks = torch.tensor(n, dtype=torch.int64, device=table.num_tasks.device)
+
     def _register_input_map(self, dtype: torch.dtype) -> None:
         """Per-coordinate constants so that the range mapping is a few vectorised ops (non-persistent buffers).
 
@@ -181,6 +283,8 @@ class HyperNetwork(nn.Module):
         ct = torch.promote_types(dtype, torch.float32)
         lo, inv, floor, is_log = [], [], [], []
         for name, spec in self.input_set.specs.items():
+            if not isinstance(spec, Input):
+                continue
             log = spec.scale == "log"
             a, b = (math.log(spec.low), math.log(spec.high)) if log else (spec.low, spec.high)
             span = 1.0 / (b - a) if b - a > 0 else math.inf
@@ -269,8 +373,17 @@ class HyperNetwork(nn.Module):
     def features(self, raw: torch.Tensor) -> torch.Tensor:
         """Encode raw ``(N, K)`` conditioning values into trunk inputs ``(N, D)`` (branch-free).
 
-        The mapping to ``u`` runs in at least float32 (see :meth:`_register_input_map`).
+        The mapping to ``u`` runs in at least float32 (see :meth:`_register_input_map`). With
+        :class:`~hyperloom.Task` inputs the result is ``[encoding(continuous columns), e_task, ...]``.
         """
+        if not self._task_cols:
+            return self._encode(raw)
+        parts = [self._encode(raw.index_select(1, self._cont_index))] if self._num_continuous else []
+        parts += [self.tasks[name](raw[:, col]) for name, col in self._task_cols]
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+    def _encode(self, raw: torch.Tensor) -> torch.Tensor:
+        """Map the continuous inputs' raw ``(N, k)`` columns to ``u`` and encode them."""
         ct = torch.promote_types(raw.dtype, torch.float32)
         r = raw.to(ct)
         lo, inv, floor = self._map_constants(ct)
@@ -345,6 +458,19 @@ class HyperNetwork(nn.Module):
     def extra_repr(self) -> str:
         enc = self.encoding.name
         return f"inputs={list(self.input_set.names)}, encoding={enc}, additive={self.additive}, outputs={self.num_outputs}"
+
+
+def _sync_task_counts(module: nn.Module, incompatible: Any) -> None:
+    """After ``load_state_dict``: make the Task declarations follow the loaded ``num_tasks`` buffers."""
+    assert isinstance(module, HyperNetwork)
+    for name, _ in module._task_cols:
+        spec = module.input_set.specs[name]
+        assert isinstance(spec, Task)
+        n = int(module.task_table(name).num_tasks)
+        if not 1 <= n <= spec.capacity:
+            module._set_num_tasks(name, spec.num_tasks)  # keep the declaration and the buffer consistent
+            raise HyperloomError(f"tasks.{name}.num_tasks: loaded {n}, expected an integer in [1, max_tasks={spec.capacity}]")
+        module._set_num_tasks(name, n)
 
 
 __all__ = ["FORMULATIONS", "HyperNetwork", "init_theta0"]

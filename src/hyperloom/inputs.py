@@ -26,13 +26,17 @@ from typing import Any, Literal, Union
 import torch
 
 from .errors import HyperloomError
+from .task import Task, _TaskPending, task_ids
 
 Scale = Literal["linear", "log"]
 OutOfRange = Literal["raise", "clamp"]
 
 #: What ``inputs=`` accepts for one input: an :class:`Input`, ``(low, high)``
 #: or ``(low, high, "log")``.
-InputLike = Union["Input", tuple[float, float], tuple[float, float, str]]
+InputLike = Union["Input", Task, tuple[float, float], tuple[float, float, str]]
+
+#: A declared input: a continuous :class:`Input` or a learned :class:`~hyperloom.Task`.
+InputSpec = Union["Input", Task]
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,27 @@ class Input:
             u = (value - self.low) / (self.high - self.low)
         return u.clamp(0.0, 1.0)
 
+    def denormalize(self, u: torch.Tensor) -> torch.Tensor:
+        """Map ``u`` from ``[0, 1]`` back to ``[low, high]`` on the input's own scale (the inverse of :meth:`normalize`).
+
+        ``u`` is clamped to ``[0, 1]`` and the result to ``[low, high]``; the
+        result is in ``u``'s dtype, at least float32 (a half-precision ``u``
+        may not hold the range).
+
+        Example:
+            >>> import hyperloom as hl
+            >>> spec = hl.Input(1e-3, 1e1, scale="log")
+            >>> [round(v, 6) for v in spec.denormalize(torch.tensor([0.0, 0.75, 1.0], dtype=torch.float64)).tolist()]
+            [0.001, 1.0, 10.0]
+        """
+        u = u.to(torch.promote_types(u.dtype, torch.float32)).clamp(0.0, 1.0)  # a half-precision u may not hold the range
+        if self.scale == "log":
+            lo, hi = math.log(self.low), math.log(self.high)
+            value = torch.exp(lo + u * (hi - lo))
+        else:
+            value = self.low + u * (self.high - self.low)
+        return value.clamp(self.low, self.high)
+
     def midpoint(self) -> float:
         """The value that :meth:`normalize` maps to 0.5."""
         if self.scale == "log":
@@ -137,14 +162,21 @@ def _as_dim(dim: Any) -> int | None:
         return None
 
 
-def _as_input(name: str, spec: Any) -> Input:
-    if isinstance(spec, Input):
+def _as_input(name: str, spec: Any) -> InputSpec:
+    if isinstance(spec, (Input, Task)):
         return spec
     if isinstance(spec, (tuple, list)) and len(spec) in (2, 3):
         if len(spec) == 3:
             return Input(spec[0], spec[1], scale=spec[2])
         return Input(spec[0], spec[1])
-    raise HyperloomError(f"inputs[{name!r}]: expected hl.Input(low, high, ...), (low, high) or (low, high, 'log'), got {spec!r}")
+    raise HyperloomError(
+        f"inputs[{name!r}]: expected hl.Input(low, high, ...), hl.Task(num_tasks, ...), (low, high) or (low, high, 'log'), got {spec!r}"
+    )
+
+
+def columns(spec: InputSpec) -> int:
+    """Columns of ``spec`` in the raw ``(N, K)`` conditioning: ``dim`` for an :class:`Input`, 1 (the id) for a Task."""
+    return 1 if isinstance(spec, Task) else spec.dim
 
 
 class InputSet:
@@ -156,7 +188,7 @@ class InputSet:
 
     Args:
         inputs: Mapping from input name (a Python identifier, not a keyword)
-            to an :class:`Input` or a ``(low, high[, scale])`` tuple.
+            to an :class:`Input`, a :class:`~hyperloom.Task` or a ``(low, high[, scale])`` tuple.
 
     Example:
         >>> import hyperloom as hl
@@ -172,11 +204,11 @@ class InputSet:
 
     def __init__(self, inputs: Mapping[str, InputLike] | InputSet) -> None:
         if isinstance(inputs, InputSet):
-            self.specs: dict[str, Input] = dict(inputs.specs)
+            self.specs: dict[str, InputSpec] = dict(inputs.specs)
             return
         if not isinstance(inputs, Mapping) or len(inputs) == 0:
             raise HyperloomError(f"inputs must be a non-empty mapping such as {{'lam': (0.0, 1.0)}}, got {inputs!r}")
-        specs: dict[str, Input] = {}
+        specs: dict[str, InputSpec] = {}
         for name, spec in inputs.items():
             if not isinstance(name, str) or not name.isidentifier():
                 raise HyperloomError(f"Input names must be Python identifiers, got {name!r}")
@@ -194,24 +226,26 @@ class InputSet:
 
     @property
     def total_dim(self) -> int:
-        """Total number of coordinates ``K`` over all inputs."""
-        return sum(s.dim for s in self.specs.values())
+        """Total number of raw columns ``K`` over all inputs (a :class:`~hyperloom.Task` takes one: its id)."""
+        return sum(columns(s) for s in self.specs.values())
 
     def __repr__(self) -> str:
         return f"InputSet({self.specs!r})"
 
     def normalize(self, raw: torch.Tensor) -> torch.Tensor:
-        """Map an ``(N, K)`` tensor of raw values to ``[0, 1]`` column-wise (branch-free)."""
+        """Map an ``(N, K)`` tensor of raw values to ``[0, 1]`` column-wise (branch-free); task ids pass unchanged."""
         cols = []
         start = 0
         for spec in self.specs.values():
-            cols.append(spec.normalize(raw[:, start : start + spec.dim]))
-            start += spec.dim
+            k = columns(spec)
+            block = raw[:, start : start + k]
+            cols.append(block if isinstance(spec, Task) else spec.normalize(block))
+            start += k
         return torch.cat(cols, dim=1)
 
     def midpoint(self, *, dtype: torch.dtype | None = None, device: torch.device | None = None) -> torch.Tensor:
         """A ``(1, K)`` tensor holding every input's :meth:`Input.midpoint`."""
-        vals = [s.midpoint() for s in self.specs.values() for _ in range(s.dim)]
+        vals = [float(s.midpoint()) for s in self.specs.values() for _ in range(columns(s))]
         return torch.tensor([vals], dtype=dtype, device=device)
 
     def prepare(
@@ -228,7 +262,9 @@ class InputSet:
         A scalar input given as a number or a 0-d tensor (a ``dim=k`` input as
         shape ``(k,)``) is *shared*: one weight set for the whole batch. Given
         as shape ``(B,)`` (``(B, k)``) it is *per sample*. Shared inputs are
-        broadcast when other inputs are per sample.
+        broadcast when other inputs are per sample. A :class:`~hyperloom.Task`
+        input takes an ``int`` id (shared) or an integer tensor of ``B`` ids
+        (per sample); its column holds the id as a floating value.
 
         Args:
             values: Mapping from input name to value.
@@ -265,11 +301,28 @@ class InputSet:
             raise HyperloomError(f"Missing conditioning input(s) {missing}; declared inputs are {list(self.specs)}")
         dev = torch.device(device) if device is not None else None
         cols: list[torch.Tensor] = []
-        pending: list[tuple[str, Input, str | _Pending]] = []
+        pending: list[tuple[str, InputSpec, str | _Pending | _TaskPending]] = []
         per_sample_n: int | None = None
         per_sample_from: str | None = None
         for name, spec in self.specs.items():
             value = values[name]
+            if isinstance(spec, Task):
+                ids, n_ids = task_ids(name, spec, value, device=dev)
+                if n_ids is not None:
+                    if per_sample_n is not None and n_ids != per_sample_n:
+                        raise HyperloomError(
+                            f"Conditioning input {name!r} has {n_ids} per-sample values but {per_sample_from!r} has {per_sample_n}"
+                        )
+                    if batch is not None and n_ids != batch:
+                        raise HyperloomError(f"Conditioning input {name!r} has {n_ids} per-sample values but the batch has {batch} samples")
+                    per_sample_n, per_sample_from = n_ids, name
+                if isinstance(ids, int):
+                    cols.append(torch.full((1, 1), ids, dtype=dtype, device=dev))
+                    continue
+                if check and ids.numel() > 0 and ids.device.type != "meta":
+                    pending.append((name, spec, _TaskPending(ids.detach(), spec)))
+                cols.append(ids.reshape(-1, 1).to(device=dev, dtype=dtype))
+                continue
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
             src = None if number else self._to_tensor(name, value, device=dev)
             shared_shape: tuple[int, ...] = () if spec.dim == 1 else (spec.dim,)
@@ -308,7 +361,7 @@ class InputSet:
         if per_sample_n is not None:
             cols = [c.expand(per_sample_n, -1) if c.shape[0] == 1 and per_sample_n != 1 else c for c in cols]
         raw = torch.cat(cols, dim=1)
-        if not check or any(s.out_of_range == "clamp" for s in self.specs.values()):
+        if not check or any(isinstance(s, Input) and s.out_of_range == "clamp" for s in self.specs.values()):
             raw = self._clamp(raw, every=not check)
         return raw, per_sample_n is not None
 
@@ -317,6 +370,10 @@ class InputSet:
         lo: list[float] = []
         hi: list[float] = []
         for spec in self.specs.values():
+            if isinstance(spec, Task):  # ids: valid ids when checks are skipped
+                lo.append(0.0 if every else -math.inf)
+                hi.append(spec.num_tasks - 1.0 if every else math.inf)
+                continue
             clamp = every or spec.out_of_range == "clamp"
             lo += [spec.low if clamp else -math.inf] * spec.dim
             hi += [spec.high if clamp else math.inf] * spec.dim
@@ -325,9 +382,9 @@ class InputSet:
         return torch.clamp(raw, lo_t, hi_t)
 
     @staticmethod
-    def _raise_first(pending: list[tuple[str, Input, str | _Pending]], dtype: torch.dtype) -> None:
+    def _raise_first(pending: list[tuple[str, InputSpec, str | _Pending | _TaskPending]], dtype: torch.dtype) -> None:
         """Raise for the first input (in declaration order) whose values fail the checks, with one sync per device."""
-        checks = [p for _, _, p in pending if isinstance(p, _Pending)]
+        checks = [p for _, _, p in pending if not isinstance(p, str)]
         by_device: dict[torch.device, list[torch.Tensor]] = {}
         for c in checks:
             by_device.setdefault(c.bad.device, []).append(c.bad)
@@ -335,7 +392,14 @@ class InputSet:
         if not any_bad and len(checks) == len(pending):
             return
         for name, spec, p in pending:
-            msg = p if isinstance(p, str) else p.problem(name, spec, dtype)
+            if isinstance(p, str):
+                msg: str | None = p
+            elif isinstance(p, _TaskPending):
+                assert isinstance(spec, Task)
+                msg = p.problem(name, spec, dtype)
+            else:
+                assert isinstance(spec, Input)
+                msg = p.problem(name, spec, dtype)
             if msg:
                 raise HyperloomError(msg)
 
@@ -477,4 +541,4 @@ _INT_DTYPES = tuple(
     if d is not None
 )
 
-__all__ = ["Input", "InputLike", "InputSet"]
+__all__ = ["Input", "InputLike", "InputSet", "InputSpec", "columns"]

@@ -246,6 +246,20 @@ class HyperModel(nn.Module):
         """The declared conditioning inputs (name -> :class:`~hyperloom.Input`)."""
         return dict(self.hypernet.input_set.specs)
 
+    def add_task(self, name: str | None = None, n: int = 1) -> range:
+        """Make ``n`` more task ids valid for a :class:`~hyperloom.Task` input; see :meth:`HyperNetwork.add_task`.
+
+        Example:
+            >>> import hyperloom as hl
+            >>> hnet = hl.hypernetize(nn.Linear(3, 2), inputs={"task": hl.Task(2, max_tasks=3)})
+            >>> hnet.add_task(), hnet.inputs["task"].num_tasks
+            (range(2, 3), 3)
+
+        Raises:
+            HyperloomError: See :meth:`HyperNetwork.add_task`.
+        """
+        return self.hypernet.add_task(name, n)
+
     # -- generation ----------------------------------------------------------------------
     def _split(self, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         names = self.hypernet.input_set.specs
@@ -449,7 +463,8 @@ def hypernetize(
         model: Any ``nn.Module``; it is copied, never modified.
         inputs: Named conditioning inputs with declared ranges, e.g.
             ``{"lam": (0.0, 1.0)}``, ``{"lr": (1e-4, 1e-1, "log")}`` or
-            ``{"z": hl.Input(0, 1, dim=8)}``.
+            ``{"z": hl.Input(0, 1, dim=8)}``, or learned task ids
+            ``{"task": hl.Task(5), "lam": (0.0, 1.0)}``.
         predict: Which parameters to generate: module types, names, globs or
             compiled regexes (see :func:`~hyperloom.select_parameters`);
             ``None`` predicts every parameter.

@@ -65,6 +65,15 @@ def _describe(cond: Mapping[str, Any]) -> str:
     return ", ".join(parts)
 
 
+class _WithExtras(nn.Module):
+    """The model and the ``extras`` of a :class:`Trainer`, checkpointed together."""
+
+    def __init__(self, model: nn.Module, extras: Mapping[str, nn.Module]) -> None:
+        super().__init__()
+        self.model = model
+        self.extras = nn.ModuleDict(dict(extras))
+
+
 class Trainer:
     """Train with checkpoints every ``every`` steps and a stop on non-finite values.
 
@@ -77,6 +86,10 @@ class Trainer:
         scheduler: An optional learning-rate scheduler, stepped after each optimiser step
             (``ReduceLROnPlateau`` is given the step's loss as its metric).
         config: JSON-able configuration stored in the checkpoint.
+        extras: Other modules whose ``state_dict`` is checkpointed and resumed with the run, by name
+            (e.g. ``{"reg": hl.continual.OutputRegularizer(...)}``, whose ``penalty()`` ``loss_fn``
+            adds to the loss). The checkpoint then holds the model under ``model.model.*`` and each
+            extra under ``model.extras.<name>.*``: resume it with the same ``extras``.
 
     Example:
         >>> import hyperloom as hl, torch
@@ -92,7 +105,8 @@ class Trainer:
         5
 
     Raises:
-        HyperloomError: If ``every`` is not a positive int; from :meth:`fit`, if ``loss_fn`` returns
+        HyperloomError: If ``every`` is not a positive int or ``extras`` is not a mapping of modules; from
+            :meth:`fit`, if ``loss_fn`` returns
             anything but ``(real scalar tensor loss with a gradient, mapping)``.
         CheckpointError: If ``config`` is not JSON-serialisable.
         NonFiniteLossError: From :meth:`fit`, after checkpointing the last good state.
@@ -108,9 +122,16 @@ class Trainer:
         every: int = 100,
         scheduler: Any | None = None,
         config: Mapping[str, Any] | None = None,
+        extras: Mapping[str, nn.Module] | None = None,
     ) -> None:
         if not _is_int(every) or every < 1:
             raise HyperloomError(f"every must be a positive int, got {type(every).__name__} {short_repr(every)}")
+        if extras is not None and (
+            not isinstance(extras, Mapping) or not all(isinstance(k, str) and isinstance(v, nn.Module) for k, v in extras.items())
+        ):
+            raise HyperloomError(f"extras must be a mapping of names to nn.Module, got {short_repr(extras)}")
+        #: What the checkpoint holds: the model alone, or the model and the extras.
+        self._checkpointed: nn.Module = _WithExtras(model, extras) if extras else model
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         self.every, self.scheduler = int(every), scheduler
@@ -128,7 +149,7 @@ class Trainer:
         if self.checkpoint is not None:
             save_training(
                 self.checkpoint,
-                model=self.model,
+                model=self._checkpointed,
                 optimizer=self.optimizer,
                 scheduler=self.scheduler,
                 step=self.step,
@@ -140,7 +161,7 @@ class Trainer:
         """Restore the last checkpoint if there is one; return whether it did."""
         if self.checkpoint is None or not self.checkpoint.exists():
             return False
-        info = load_training(self.checkpoint, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+        info = load_training(self.checkpoint, model=self._checkpointed, optimizer=self.optimizer, scheduler=self.scheduler)
         self.step = self._saved_step = info["step"]
         return True
 
