@@ -318,6 +318,7 @@ def main(args: Any) -> int:
     benchmarks = args.benchmarks.split(",") if getattr(args, "benchmarks", "") else list(BENCHMARKS)
     data = load_classification(args.data)
     t0 = time.perf_counter()
+    ran = 0
     for b in benchmarks:
         for m in methods:
             for seed in range(args.seeds):
@@ -326,14 +327,19 @@ def main(args: Any) -> int:
                 if store.done(key):
                     continue
                 res = run(m, b, seed, data, cfg)
+                ran += 1
                 shown = {k: round(v, 4) for k, v in res["metrics"].items()}
                 print(f"[continual {b}] {m} seed={seed}: {shown}", flush=True)
                 store.add({**row, "key": key, "data": data.name, **res})
     wall = time.perf_counter() - t0
+    flags = "".join(f" --{k} {v}" for k, v in (("steps", args.steps), ("beta", getattr(args, "beta", None))) if v) + "".join(
+        f" --{k} {v}" for k in ("methods", "benchmarks") if (v := getattr(args, k, ""))
+    )
+    timing = f"Wall time of the last invocation: {wall:.0f} s ({ran} runs)" if ran else "Report regenerated (no new runs)"
     header = (
         f"Size: **{size}** ({cfg['steps']} steps per task, data {data.name}), seeds: {args.seeds}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads. Wall time of the last invocation: {wall:.0f} s. Regenerate with "
-        f"`python -m experiments continual {'--full' if size == 'full' else '--quick'} --seeds {args.seeds} --out {args.out}`."
+        f"{torch.get_num_threads()} threads. {timing}. Regenerate with "
+        f"`python -m experiments continual {'--full' if size == 'full' else '--quick'}{flags} --seeds {args.seeds} --out {args.out}`."
     )
     path = write_report([r for r in store.rows if r.get("task") == "continual"], out, header)
     print(f"\nReport: {path.resolve()}")
