@@ -44,7 +44,7 @@ CLASSES = [n.replace(" matter", "").replace(" ", "_").lower() for n in LABEL_NAM
 SIZES: dict[str, dict[str, dict[str, Any]]] = {
     "quick": {
         "ridge": {"steps": 2000, "seeds": 3},
-        "register": {"steps": 200, "seeds": 1},
+        "register": {"steps": 200, "seeds": 3},
     },
     "full": {
         "ridge": {"steps": 6000, "seeds": 5},

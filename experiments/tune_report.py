@@ -162,7 +162,7 @@ def register_section(rows: list[dict[str, Any]], out: Path) -> str:
         parts.append("| " + " | ".join(cells) + " |")
     s_full, _ = _budget(groups)
     fixed_best = [
-        max(a["dice"] for r in _fixed(groups, lam, s_full) if r["seed"] == seed for a in r["at"]) for seed in range(n) for lam in lams
+        max(a["dice"] for lam in lams for r in _fixed(groups, lam, s_full) if r["seed"] == seed for a in r["at"]) for seed in range(n)
     ]
     parts.append(
         f"\nBest test Dice of the fixed models ({s_full} steps) over their {len(lams)} λ values: {_ms(fixed_best)} "
