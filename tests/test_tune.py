@@ -112,7 +112,7 @@ def test_sample_refuses_bad_arguments(kwargs, message):
 
 
 def test_sample_refuses_what_declares_no_inputs():
-    with pytest.raises(hl.HyperloomError, match=re.escape("hl.sample: expected a HyperModel (from hl.hypernetize)")):
+    with pytest.raises(hl.HyperloomError, match=re.escape("hl.sample: expected a hypernetwork model (from hl.hypernetize)")):
         hl.sample(nn.Linear(2, 2))
 
 

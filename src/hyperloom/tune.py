@@ -36,7 +36,6 @@ from torch import nn
 from .errors import HyperloomError, short_repr
 from .hypernetwork import HyperNetwork
 from .inputs import Input, InputSet, _as_dim, _is_bool
-from .model import HyperModel
 from .task import Task
 
 __all__ = ["Sweep", "Tuned", "sample", "sweep", "tune"]
@@ -45,31 +44,33 @@ Value = float | int | list[float]
 
 
 # -- what declares the inputs ----------------------------------------------------------------------------
-def _unwrap(obj: Any) -> Any:
-    """``obj.module`` for DistributedDataParallel / DataParallel wrappers of a hypernetwork model."""
-    inner = getattr(obj, "module", None)
-    return inner if isinstance(inner, (HyperModel, HyperNetwork)) else obj
+def _hypernet(obj: Any) -> HyperNetwork | None:
+    """The HyperNetwork of a hypernetwork model (``HyperModel``, ``LoRAModel``, a DDP / DataParallel wrapper of one)."""
+    for o in (obj, getattr(obj, "module", None)):
+        if isinstance(o, HyperNetwork):
+            return o
+        hn = getattr(o, "hypernet", None)
+        if isinstance(o, nn.Module) and isinstance(hn, HyperNetwork):
+            return hn
+    return None
 
 
 def _input_set(obj: Any, *, what: str) -> InputSet:
-    obj = _unwrap(obj)
-    if isinstance(obj, HyperModel):
-        return obj.hypernet.input_set
-    if isinstance(obj, HyperNetwork):
-        return obj.input_set
+    net = _hypernet(obj)
+    if net is not None:
+        return net.input_set
     if isinstance(obj, InputSet):
         return obj
     if isinstance(obj, Mapping):
         return InputSet(obj)
     raise HyperloomError(
-        f"{what}: expected a HyperModel (from hl.hypernetize), a HyperNetwork, an InputSet or a mapping of input "
+        f"{what}: expected a hypernetwork model (from hl.hypernetize), a HyperNetwork, an InputSet or a mapping of input "
         f"declarations, got {type(obj).__name__}"
     )
 
 
 def _model_dtype_device(obj: Any) -> tuple[torch.dtype | None, torch.device | None]:
-    obj = _unwrap(obj)
-    net = obj.hypernet if isinstance(obj, HyperModel) else obj if isinstance(obj, HyperNetwork) else None
+    net = _hypernet(obj)
     if net is None:
         return None, None
     return net.dtype, net.device
@@ -698,7 +699,7 @@ def tune(
     """
     specs = _input_set(model, what="hl.tune").specs
     if not isinstance(model, nn.Module):
-        raise HyperloomError(f"hl.tune: model must be a HyperModel, got {type(model).__name__}")
+        raise HyperloomError(f"hl.tune: model must be a hypernetwork model (from hl.hypernetize), got {type(model).__name__}")
     if not callable(objective):
         raise HyperloomError(f"hl.tune: objective must be callable as objective(model, **conditioning), got {short_repr(objective)}")
     n_steps = _as_dim(steps)
