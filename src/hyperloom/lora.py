@@ -261,7 +261,7 @@ class LoRAModel(nn.Module):
             raise HyperloomError(f"batch_dim must be an int, got {batch_dim!r}")
         if not targets:
             raise HyperloomError("LoRA needs at least one target module")
-        self.lora = lora
+        self.lora = dataclasses.replace(lora, targets=tuple(targets))  # the resolved module names
         self.batch_dim = int(batch_dim)
         infos: list[_Target] = []
         kinds: dict[tuple[torch.dtype, torch.device], list[str]] = {}
