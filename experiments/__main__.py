@@ -1,4 +1,4 @@
-"""The experiment CLI: ``python -m experiments {reproduce,ablate,proportionality,report}``.
+"""The experiment CLI: ``python -m experiments {reproduce,ablate,proportionality,report,adapters}``.
 
 Every finished run is appended to ``<out>/results.jsonl`` at once; re-running
 the same command skips finished runs (so an interrupted run resumes), then
@@ -169,6 +169,26 @@ def cmd_proportionality(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_adapters(args: argparse.Namespace) -> int:
+    """Adapting a pretrained ViT to rotated images: hypernetwork-generated LoRA vs shared, oracle, full fine-tuning."""
+    from . import adapters
+
+    size = "full" if args.full else "quick"
+    cfg = {**adapters.DEFAULTS, **adapters.SIZES[size]}
+    if args.steps:
+        cfg["steps"] = args.steps
+    if args.pretrain_steps:
+        cfg["pretrain_steps"] = args.pretrain_steps
+    out = Path(args.out)
+    store = ResultStore(out / "results.jsonl")
+    t0 = time.perf_counter()
+    adapters.run_all(args, cfg, out, store)
+    rows = [r for r in store.rows if r.get("task") == "adapters" and r.get("config") == cfg]
+    path = adapters.write_report(rows, cfg, out, _header(size, args, time.perf_counter() - t0))
+    print(f"\nReport: {path.resolve()}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     out = Path(args.out)
     store = ResultStore(out / "results.jsonl")
@@ -205,10 +225,15 @@ def main(argv: list[str] | None = None) -> int:
     common(a, "runs/ablate")
     pr = sub.add_parser("proportionality", help="|theta| vs gamma at initialisation")
     pr.add_argument("--seeds", type=int, default=1)
+    ad = sub.add_parser("adapters", help="pretrained ViT adapted to rotated images: hypernetwork LoRA vs the usual ways")
+    common(ad, "runs/adapters")
+    ad.set_defaults(seeds=2)
+    ad.add_argument("--pretrain-steps", type=int, default=0, help="override the number of pretraining steps")
     rp = sub.add_parser("report", help="rewrite plots and report.md from results.jsonl")
     rp.add_argument("--out", default="runs/reproduce")
     args = p.parse_args(argv)
-    return {"reproduce": cmd_reproduce, "ablate": cmd_ablate, "proportionality": cmd_proportionality, "report": cmd_report}[args.cmd](args)
+    cmds = {"reproduce": cmd_reproduce, "ablate": cmd_ablate, "proportionality": cmd_proportionality, "report": cmd_report}
+    return {**cmds, "adapters": cmd_adapters}[args.cmd](args)
 
 
 if __name__ == "__main__":
