@@ -222,6 +222,7 @@ def plot_memory(rows: list[dict[str, Any]], path: Path, hidden0: int, batch_at: 
         ax.set_ylabel("MiB")
         ax.set_xscale("log", base=2)
         ax.set_yscale("symlog", linthresh=1)
+        ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.suptitle("Extra peak memory of per-sample LoRA adapters (BERT, rank 8 on query/value)")
