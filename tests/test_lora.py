@@ -224,6 +224,17 @@ def test_error_target_not_linear():
         make(bert(), "bert.embeddings.LayerNorm")
 
 
+def test_error_multihead_attention_projection_is_never_called():
+    enc = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+    msg = "LoRA target 'self_attn.out_proj' belongs to an nn.MultiheadAttention, which uses its weights directly"
+    with pytest.raises(hl.HyperloomError, match=re.escape(msg)):
+        hl.hypernetize(enc, inputs={"lam": (0, 1)}, lora=hl.LoRA(rank=2, targets=nn.Linear))
+    hnet = hl.hypernetize(enc, inputs={"lam": (0, 1)}, lora=hl.LoRA(rank=2, targets=["linear1", "linear2"]), hidden=HIDDEN).eval()
+    perturb(hnet)
+    x = torch.randn(3, 5, 16)
+    torch.testing.assert_close(hnet(x, lam=0.4), hnet.materialize(lam=0.4)(x), rtol=1e-5, atol=1e-6)
+
+
 def test_error_rank_too_large():
     with pytest.raises(hl.HyperloomError, match=re.escape("LoRA target '0': rank 4 must be < min(in, out) = min(4, 16) = 4")):
         hl.hypernetize(nn.Sequential(nn.Linear(4, 16)), inputs={"lam": (0, 1)}, lora=hl.LoRA(rank=4, targets=nn.Linear))

@@ -195,12 +195,20 @@ def resolve_targets(model: nn.Module, selectors: Selector | Sequence[Selector]) 
         ['0', '2']
 
     Raises:
-        HyperloomError: If a selector matches nothing, or a matched module is not an ``nn.Linear`` or ``Conv1D``.
+        HyperloomError: If a selector matches nothing, a matched module is not an ``nn.Linear`` or ``Conv1D``, or
+            is the output projection of an ``nn.MultiheadAttention`` (whose ``forward`` is never called).
     """
     names = select_parameters(model, selectors)
     modules = list(dict.fromkeys(n.rpartition(".")[0] for n in names))
     for m in modules:
         _features(m, model.get_submodule(m))
+        parent = m.rpartition(".")[0]
+        if m and isinstance(model.get_submodule(parent), nn.MultiheadAttention):
+            raise HyperloomError(
+                f"LoRA target {m!r} belongs to an nn.MultiheadAttention, which uses its weights directly "
+                "(F.multi_head_attention_forward), never calling the projection's forward: an adapter there would be "
+                "silently skipped; predict the attention's weights instead (hypernetize without lora=)"
+            )
     return modules
 
 
