@@ -333,7 +333,7 @@ class LoRAModel(nn.Module):
         return self.lora.scaling
 
     @property
-    def inputs(self) -> dict[str, Input]:
+    def inputs(self) -> dict[str, Any]:
         """The declared conditioning inputs (name -> :class:`~hyperloom.Input`)."""
         return dict(self.hypernet.input_set.specs)
 
@@ -558,7 +558,11 @@ class LoRAModel(nn.Module):
         return box
 
     def config(self) -> dict[str, Any]:
-        """Everything :meth:`from_pretrained` needs to rebuild this model around the base model (JSON-able)."""
+        """Everything :meth:`from_pretrained` needs to rebuild this model around the base model (JSON-able).
+
+        Raises:
+            HyperloomError: On a conditioning input that is not an :class:`~hyperloom.Input` declaration.
+        """
         hyper = {k: v for k, v in self.hyper_config.items() if k != "zero_init"}
         if isinstance(hyper.get("encoding"), Encoding):
             hyper["encoding"] = hyper["encoding"].name
@@ -567,7 +571,7 @@ class LoRAModel(nn.Module):
         return {
             "format": LORA_FORMAT,
             "lora": self.lora.to_json(self.targets),
-            "inputs": {k: dataclasses.asdict(v) for k, v in self.inputs.items()},
+            "inputs": {k: _input_json(k, v) for k, v in self.inputs.items()},
             "hypernetwork": hyper,
             "batch_dim": self.batch_dim,
             "base_class": type(self.primary).__name__,
@@ -581,7 +585,7 @@ class LoRAModel(nn.Module):
         unfrozen: then the whole model is. Written with :func:`~hyperloom.save_model` (checksummed).
 
         Raises:
-            HyperloomError: If the directory cannot be written (a :class:`~hyperloom.CheckpointError`).
+            HyperloomError: If the directory cannot be written (a :class:`~hyperloom.CheckpointError`), or see :meth:`config`.
         """
         from .checkpoint import save_model
 
@@ -630,6 +634,13 @@ class LoRAModel(nn.Module):
     def extra_repr(self) -> str:
         lo = self.lora
         return f"targets={len(self.targets)} modules, rank={lo.rank}, alpha={lo.alpha}, shared_A={lo.shared_A}, bias={lo.bias}"
+
+
+def _input_json(name: str, spec: Any) -> dict[str, Any]:
+    """An :class:`~hyperloom.Input` declaration as JSON; other kinds of input are refused (they cannot be rebuilt)."""
+    if not isinstance(spec, Input):
+        raise HyperloomError(f"save_pretrained: input {name!r} is a {type(spec).__name__}; only hl.Input declarations can be saved")
+    return dataclasses.asdict(spec)
 
 
 def _key(module: str, leaf: str) -> str:
