@@ -1,4 +1,4 @@
-"""The experiment CLI: ``python -m experiments {reproduce,ablate,proportionality,tune,continual,report}``.
+"""The experiment CLI: ``python -m experiments {reproduce,ablate,proportionality,tune,continual,adapters,report}``.
 
 Every finished run is appended to ``<out>/results.jsonl`` at once; re-running
 the same command skips finished runs (so an interrupted run resumes), then
@@ -181,13 +181,33 @@ def cmd_tune(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     store = run_all(size, out, tasks=tasks, seeds=args.seeds or None, steps=args.steps or None)
-    seeds = f" --seeds {args.seeds}" if args.seeds else ""
+    seeds = (f" --seeds {args.seeds}" if args.seeds else "") + (f" --threads {args.threads}" if args.threads else "")
     header = (
         f"Size: **{size}**, torch {torch.__version__}, {torch.get_num_threads()} threads. Wall time of the last invocation: "
         f"{time.perf_counter() - t0:.0f} s. Regenerate with "
         f"`python -m experiments tune {'--full' if args.full else '--quick'}{seeds} --out {args.out}`."
     )
     path = write_tune_report(store.rows, out, header=header)
+    print(f"\nReport: {path.resolve()}")
+    return 0
+
+
+def cmd_adapters(args: argparse.Namespace) -> int:
+    """Adapting a pretrained ViT to rotated images: hypernetwork-generated LoRA vs shared, oracle, full fine-tuning."""
+    from . import adapters
+
+    size = "full" if args.full else "quick"
+    cfg = {**adapters.DEFAULTS, **adapters.SIZES[size]}
+    if args.steps:
+        cfg["steps"] = args.steps
+    if args.pretrain_steps:
+        cfg["pretrain_steps"] = args.pretrain_steps
+    out = Path(args.out)
+    store = ResultStore(out / "results.jsonl")
+    t0 = time.perf_counter()
+    adapters.run_all(args, cfg, out, store)
+    rows = [r for r in store.rows if r.get("task") == "adapters" and r.get("config") == cfg]
+    path = adapters.write_report(rows, cfg, out, _header(size, args, time.perf_counter() - t0))
     print(f"\nReport: {path.resolve()}")
     return 0
 
@@ -242,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--benchmarks", default="", help="comma-separated subset of split,permuted (default: both)")
     c.add_argument("--beta", type=float, default=None, help="weight of the output regulariser (default 2.0)")
     common(c, "runs/continual")
+    ad = sub.add_parser("adapters", help="pretrained ViT adapted to rotated images: hypernetwork LoRA vs the usual ways")
+    common(ad, "runs/adapters")
+    ad.set_defaults(seeds=2)
+    ad.add_argument("--pretrain-steps", type=int, default=0, help="override the number of pretraining steps")
     rp = sub.add_parser("report", help="rewrite plots and report.md from results.jsonl")
     rp.add_argument("--out", default="runs/reproduce")
     args = p.parse_args(argv)
@@ -254,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         "ablate": cmd_ablate,
         "proportionality": cmd_proportionality,
         "tune": cmd_tune,
+        "adapters": cmd_adapters,
         "report": cmd_report,
     }[args.cmd](args)
 

@@ -36,3 +36,22 @@ def test_hand_written_reference_equals_hyperloom():
         assert hm.hypernet.head.linear.bias is None and hand.out.bias is None
     x, z = torch.randn(3, 1, 28, 28), torch.rand(2)
     torch.testing.assert_close(hand(x, z), hm(x, z=z))
+
+
+def test_lora_benchmark_quick_smoke(tmp_path, capsys):
+    import warnings
+
+    import pytest
+
+    pytest.importorskip("peft")
+    from benchmarks import lora
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers deprecations inside peft, SDPA's missing vmap rule
+        assert lora.main(["--quick", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "per-sample ÷ shared =" in out and "shared ÷ peft =" in out
+    report = json.loads((tmp_path / "bench-lora.json").read_text())
+    assert {r["threads"] for r in report["speed"]} >= {1}
+    assert [(r["hidden"], r["B"]) for r in report["memory"]] == [(64, 1), (64, 4), (128, 4)]
+    assert (tmp_path / "memory.png").stat().st_size > 1000

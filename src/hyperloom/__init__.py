@@ -39,6 +39,7 @@ from .errors import HyperloomError
 from .heads import DenseHead, LowRankHead
 from .hypernetwork import FORMULATIONS, HyperNetwork, init_theta0
 from .inputs import Input, InputSet
+from .lora import LoRA, LoRAModel
 from .model import HyperModel, hypernetize
 from .params import ParamStore
 from .select import select_parameters
@@ -75,6 +76,8 @@ __all__ = [
     "Input",
     "InputSet",
     "L2Normalize",
+    "LoRA",
+    "LoRAModel",
     "LowRankHead",
     "ParamDict",
     "ParamStore",

@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import inspect
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import torch
 from torch import nn
@@ -50,6 +50,9 @@ from .per_sample import (
 )
 from .select import Selector, select_parameters
 from .types import ParamDict
+
+if TYPE_CHECKING:  # the core never imports lora.py; LoRA.build is called on the object passed in
+    from .lora import LoRA, LoRAModel
 
 PerSampleMode = Literal["auto", "vmap", "loop"]
 
@@ -436,6 +439,7 @@ def _initial_theta0(name: str, p: torch.Tensor, how: str) -> torch.Tensor:
     return init_theta0(name, p.shape, dtype=p.dtype).to(p.device)
 
 
+@overload
 def hypernetize(
     model: nn.Module,
     *,
@@ -456,7 +460,57 @@ def hypernetize(
     batch_dim: int = 0,
     in_dims: InDims | None = None,
     out_dims: OutDims | None = None,
-) -> HyperModel:
+    lora: None = None,
+) -> HyperModel: ...
+
+
+@overload
+def hypernetize(
+    model: nn.Module,
+    *,
+    inputs: Mapping[str, InputLike],
+    predict: Selector | Sequence[Selector] | None = None,
+    hidden: Sequence[int] = (16, 64, 128),
+    activation: str = "leaky_relu",
+    norm: str = "none",
+    formulation: str = "mip",
+    encoding: str | Encoding | None = None,
+    additive: bool | None = None,
+    init: str = "mip",
+    zero_init: bool = False,
+    theta0: Literal["model", "init"] = "model",
+    head: str = "dense",
+    rank: int | None = None,
+    per_sample: PerSampleMode = "auto",
+    batch_dim: int = 0,
+    in_dims: InDims | None = None,
+    out_dims: OutDims | None = None,
+    lora: LoRA,
+) -> LoRAModel: ...
+
+
+def hypernetize(
+    model: nn.Module,
+    *,
+    inputs: Mapping[str, InputLike],
+    predict: Selector | Sequence[Selector] | None = None,
+    hidden: Sequence[int] = (16, 64, 128),
+    activation: str = "leaky_relu",
+    norm: str = "none",
+    formulation: str = "mip",
+    encoding: str | Encoding | None = None,
+    additive: bool | None = None,
+    init: str = "mip",
+    zero_init: bool = False,
+    theta0: Literal["model", "init"] = "model",
+    head: str = "dense",
+    rank: int | None = None,
+    per_sample: PerSampleMode = "auto",
+    batch_dim: int = 0,
+    in_dims: InDims | None = None,
+    out_dims: OutDims | None = None,
+    lora: LoRA | None = None,
+) -> HyperModel | LoRAModel:
     """Turn an existing model into a hypernetwork model (MIP by default).
 
     Args:
@@ -493,9 +547,13 @@ def hypernetize(
             name: a dimension, or ``None`` for an argument shared by all
             samples (see :mod:`hyperloom.per_sample`).
         out_dims: Sample dimension(s) of the outputs (default ``batch_dim``).
+        lora: LoRA mode (a :class:`~hyperloom.LoRA`): keep the model's weights, frozen, and generate
+            low-rank adapters ``Delta W = (alpha / r) B A`` for the projections selected by
+            ``predict`` (or ``LoRA(targets=...)``), applied factorised, never materialised (see
+            :mod:`hyperloom.lora`). ``per_sample``, ``in_dims``, ``out_dims`` and ``theta0`` do not apply.
 
     Returns:
-        A :class:`HyperModel`.
+        A :class:`HyperModel`, or a :class:`~hyperloom.LoRAModel` in LoRA mode.
 
     Example:
         >>> import hyperloom as hl
@@ -516,6 +574,32 @@ def hypernetize(
     try:
         if theta0 not in ("model", "init"):
             raise HyperloomError(f"theta0 must be 'model' or 'init', got {theta0!r}")
+        if lora is not None:
+            given = {"per_sample": per_sample != "auto", "in_dims": in_dims is not None, "out_dims": out_dims is not None}
+            given["theta0"] = theta0 != "model"
+            if any(given.values()):
+                raise HyperloomError(
+                    f"{[k for k, v in given.items() if v]} do not apply in LoRA mode (the model runs as one call with "
+                    "factorised adapters; its weights are the pretrained ones)"
+                )
+            if not callable(getattr(lora, "build", None)):
+                raise HyperloomError(f"lora must be a hyperloom.LoRA, got {type(lora).__name__}")
+            return lora.build(
+                model,
+                inputs=inputs,
+                predict=predict,
+                batch_dim=batch_dim,
+                hidden=hidden,
+                activation=activation,
+                norm=norm,
+                formulation=formulation,
+                encoding=encoding,
+                additive=additive,
+                init=init,
+                zero_init=zero_init,
+                head=head,
+                rank=rank,
+            )
         names = select_parameters(model, predict)
         params = dict(model.named_parameters())
         kinds = {(params[n].dtype, params[n].device) for n in names}
