@@ -574,3 +574,17 @@ def test_tune_keeps_a_task_fixed_and_refuses_to_tune_it():
         hl.tune(m, obj, steps=3)
     with pytest.raises(hl.HyperloomError, match=re.escape("hl.tune: init['task']:")):
         hl.tune(m, obj, init={"task": 5}, inputs="lam", steps=1)
+
+
+def test_sample_sweep_and_tune_work_on_a_lora_model():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    m = hl.hypernetize(base, inputs={"lam": (0.0, 1.0)}, predict=["0"], lora=hl.LoRA(rank=2, alpha=4))
+    x = torch.randn(6, 4)
+    cond = hl.sample(m, n=6, generator=torch.Generator().manual_seed(0))
+    assert m(x, **cond).shape == (6, 2)
+    s = hl.sweep(m, lambda mm, lam: {"out": mm(x, lam=lam).mean()}, {"lam": 3})
+    assert len(s) == 3
+    flags = [p.requires_grad for p in m.parameters()]
+    t = hl.tune(m, lambda mm, lam: mm(x, lam=lam).pow(2).mean(), steps=2)
+    assert 0.0 <= t.values["lam"] <= 1.0 and [p.requires_grad for p in m.parameters()] == flags
