@@ -54,6 +54,7 @@ from .encoding import Encoding
 from .errors import HyperloomError
 from .hypernetwork import HyperNetwork
 from .inputs import Input, InputLike
+from .model import HyperModel, split_conditioning
 from .params import ParamStore
 from .select import Selector, select_parameters
 from .types import ParamDict
@@ -317,7 +318,7 @@ class LoRAModel(nn.Module):
         self.hypernet = hypernet
         self.lora_A: ParamStore | None = ParamStore(shared) if lora.shared_A else None
 
-        self._model_kwargs = _forward_keywords(model, hypernet)
+        self._model_kwargs = HyperModel._check_signature(model, hypernet)
         try:
             primary = copy.deepcopy(model)
         except Exception as e:
@@ -343,17 +344,7 @@ class LoRAModel(nn.Module):
         return self.hypernet.theta0
 
     def _split(self, kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        names = self.hypernet.input_set.specs
-        cond = {k: v for k, v in kwargs.items() if k in names}
-        rest = {k: v for k, v in kwargs.items() if k not in names}
-        if self._model_kwargs is not None:
-            unknown = [k for k in rest if k not in self._model_kwargs]
-            if unknown:
-                raise HyperloomError(
-                    f"Unknown keyword argument(s) {unknown}: neither declared inputs {list(names)} "
-                    f"nor arguments of {type(self.primary).__name__}.forward {sorted(self._model_kwargs)}"
-                )
-        return cond, rest
+        return split_conditioning(self.hypernet, self.primary, self._model_kwargs, kwargs)
 
     # -- generation ----------------------------------------------------------------------
     def _factors(self, cond: Mapping[str, Any]) -> tuple[ParamDict, int | None]:
@@ -652,12 +643,6 @@ def _zero_factor_blocks(hypernet: HyperNetwork, names: set[str]) -> None:
     """Zero the head rows that generate ``B`` and the bias, so ``Delta W = 0`` exactly at the start."""
     head = hypernet.head
     head._zero_blocks({b for b in head._block_names if b.split("#")[0] in names and not b.endswith("#A")})
-
-
-def _forward_keywords(model: nn.Module, hypernet: HyperNetwork) -> frozenset[str] | None:
-    from .model import HyperModel
-
-    return HyperModel._check_signature(model, hypernet)
 
 
 __all__ = ["CONFIG_NAME", "LORA_FORMAT", "WEIGHTS_NAME", "LoRA", "LoRAModel", "is_conv1d", "resolve_targets"]

@@ -265,17 +265,7 @@ class HyperModel(nn.Module):
 
     # -- generation ----------------------------------------------------------------------
     def _split(self, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        names = self.hypernet.input_set.specs
-        cond = {k: v for k, v in kwargs.items() if k in names}
-        rest = {k: v for k, v in kwargs.items() if k not in names}
-        if self._model_kwargs is not None:
-            unknown = [k for k in rest if k not in self._model_kwargs]
-            if unknown:
-                raise HyperloomError(
-                    f"Unknown keyword argument(s) {unknown}: neither declared inputs {list(names)} "
-                    f"nor arguments of {type(self.primary).__name__}.forward {sorted(self._model_kwargs)}"
-                )
-        return cond, rest
+        return split_conditioning(self.hypernet, self.primary, self._model_kwargs, kwargs)
 
     def generate(self, **conditioning: Any) -> ParamDict:
         """The predicted parameters ``theta`` keyed like ``model.state_dict()``.
@@ -430,6 +420,28 @@ class HyperModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"predicted={len(self.predicted)} tensors, per_sample={self.per_sample_mode!r}"
+
+
+def split_conditioning(
+    hypernet: HyperNetwork, primary: nn.Module, model_kwargs: frozenset[str] | None, kwargs: Mapping[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split a forward's keyword arguments into ``(conditioning, the primary model's own)``.
+
+    Raises:
+        HyperloomError: On a keyword that is neither a declared input nor an argument of
+            ``primary.forward`` (when its signature is known: ``model_kwargs`` not ``None``).
+    """
+    names = hypernet.input_set.specs
+    cond = {k: v for k, v in kwargs.items() if k in names}
+    rest = {k: v for k, v in kwargs.items() if k not in names}
+    if model_kwargs is not None:
+        unknown = [k for k in rest if k not in model_kwargs]
+        if unknown:
+            raise HyperloomError(
+                f"Unknown keyword argument(s) {unknown}: neither declared inputs {list(names)} "
+                f"nor arguments of {type(primary).__name__}.forward {sorted(model_kwargs)}"
+            )
+    return cond, rest
 
 
 def _initial_theta0(name: str, p: torch.Tensor, how: str) -> torch.Tensor:
