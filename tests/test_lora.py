@@ -402,3 +402,61 @@ def test_gpt2_decoder_learns_a_scalar_conditioned_task():
     assert acc > 0.9, acc
     # the conditioning matters: the wrong shift gives wrong predictions
     assert accuracy(seq_t, 1 + (k_t % 3)) < 0.5
+
+
+# -- regressions found by review ------------------------------------------------------------------------------
+
+
+def test_gradient_checkpointing_is_refused_while_training_and_allowed_without_grad():
+    model = gpt2()
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    h = hl.hypernetize(model, inputs={"t": (0.0, 1.0)}, predict=["*.attn.c_attn"], lora=hl.LoRA(rank=4, alpha=8), hidden=(8,))
+    h.train()
+    ids = torch.randint(0, VOCAB, (2, 6))
+    with pytest.raises(hl.HyperloomError, match=re.escape("LoRA mode cannot train through gradient checkpointing")):
+        h(ids, labels=ids, t=0.5)
+    with torch.no_grad():
+        assert h(ids, t=0.5).logits.shape == (2, 6, VOCAB)
+
+
+def test_root_module_target_round_trips_and_is_refused_by_to_peft(tmp_path):
+    torch.manual_seed(0)
+    h = hl.hypernetize(nn.Linear(6, 5), inputs={"lam": (0.0, 1.0)}, lora=hl.LoRA(rank=2, targets=nn.Linear), hidden=(8,))
+    with torch.no_grad():
+        for p in h.hypernet.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    h.save_pretrained(tmp_path / "h")
+    again = hl.LoRAModel.from_pretrained(tmp_path / "h", nn.Linear(6, 5))
+    assert torch.equal(again.delta(lam=0.3)["weight"], h.delta(lam=0.3)["weight"])  # the bases differ: compare the updates
+    with pytest.raises(hl.HyperloomError, match=re.escape("to_peft: the root module itself is a LoRA target")):
+        h.to_peft(tmp_path / "p", lam=0.5)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_to_peft_adapts_only_the_exported_modules(tmp_path):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+
+    def build():
+        torch.manual_seed(1)
+        return nn.Sequential(nn.Linear(8, 8), nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 4)))
+
+    h = hl.hypernetize(build(), inputs={"lam": (0.0, 1.0)}, lora=hl.LoRA(rank=2, targets=["0.weight"]), hidden=(8,))
+    with torch.no_grad():
+        for p in h.hypernet.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    h.to_peft(tmp_path / "p", lam=0.5)
+    pm = peft.PeftModel.from_pretrained(build(), tmp_path / "p").eval()
+    adapted = [n for n, _ in pm.named_modules() if n.endswith("lora_A")]
+    assert len(adapted) == 1 and ".0.lora_A" in adapted[0]
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        assert torch.allclose(pm(x), h(x, lam=0.5), atol=1e-6)
+
+
+def test_duplicate_or_unknown_targets_are_refused():
+    net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    with pytest.raises(hl.HyperloomError, match=re.escape("LoRA targets ['0'] are given more than once")):
+        hl.LoRAModel(net, hl.LoRA(rank=2), inputs={"lam": (0.0, 1.0)}, targets=["0", "0"], hidden=(8,))
+    with pytest.raises(hl.HyperloomError, match=re.escape("LoRA target '7' is not a submodule of Sequential")):
+        hl.LoRAModel(net, hl.LoRA(rank=2), inputs={"lam": (0.0, 1.0)}, targets=["7"], hidden=(8,))

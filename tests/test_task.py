@@ -230,3 +230,18 @@ def test_a_plain_embedding_checkpoint_does_not_load_into_a_unit_one(tmp_path):
     bigger = hl.hypernetize(nn.Linear(3, 2), inputs={"task": hl.Task(2, norm=None, max_tasks=4)}, hidden=(4,))
     with pytest.raises(hl.CheckpointError, match=re.escape("input 'task' max_tasks: saved 2, model 4")):
         hl.load_model(bigger, path)
+
+
+def test_unsigned_task_ids_work_or_are_refused_clearly():
+    import re
+
+    m = hl.hypernetize(nn.Linear(3, 2), inputs={"task": hl.Task(2)}, hidden=(8,))
+    x = torch.randn(2, 3)
+    ref = m(x, task=torch.tensor([0, 1]))
+    for dt in ("uint8", "uint16", "uint32"):
+        if hasattr(torch, dt):
+            assert torch.equal(m(x, task=torch.tensor([0, 1], dtype=getattr(torch, dt))), ref), dt
+            assert torch.equal(m(x, task=torch.tensor(1, dtype=getattr(torch, dt))), m(x, task=1)), dt
+    if hasattr(torch, "uint64"):
+        with pytest.raises(hl.HyperloomError, match=re.escape("pass int64 ids")):
+            m(x, task=torch.tensor([0, 1], dtype=torch.uint64))

@@ -41,6 +41,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -270,6 +271,14 @@ class LoRAModel(nn.Module):
             raise HyperloomError(f"batch_dim must be an int, got {batch_dim!r}")
         if not targets:
             raise HyperloomError("LoRA needs at least one target module")
+        dup = sorted({t for t in targets if list(targets).count(t) > 1})
+        if dup:
+            raise HyperloomError(f"LoRA targets {dup} are given more than once; each module takes one adapter")
+        for name in targets:
+            try:
+                model.get_submodule(name)
+            except AttributeError:
+                raise HyperloomError(f"LoRA target {name!r} is not a submodule of {type(model).__name__}") from None
         self.lora = dataclasses.replace(lora, targets=tuple(targets))  # the resolved module names
         self.batch_dim = int(batch_dim)
         infos: list[_Target] = []
@@ -465,6 +474,12 @@ class LoRAModel(nn.Module):
             HyperloomError: On invalid conditioning, an unknown keyword argument, or (per sample) a target
                 module whose input does not carry the samples along ``batch_dim``.
         """
+        if torch.is_grad_enabled() and self._checkpointing():
+            raise HyperloomError(
+                "LoRA mode cannot train through gradient checkpointing: the adapters are applied by forward hooks that "
+                "exist only during this call, and the checkpointed layers are recomputed during backward() without them. "
+                "Turn it off (Hugging Face: model.gradient_checkpointing_disable()) or run under torch.no_grad()"
+            )
         cond, rest = self._split(kwargs)
         factors, n = self._factors(cond)
         handles = []
@@ -475,6 +490,10 @@ class LoRAModel(nn.Module):
         finally:
             for h in handles:
                 h.remove()
+
+    def _checkpointing(self) -> bool:
+        """Whether Hugging Face gradient checkpointing is on anywhere in the model (``gradient_checkpointing=True``)."""
+        return any(getattr(m, "gradient_checkpointing", False) is True for m in self.primary.modules())
 
     def _hook(self, name: str, factors: ParamDict, n: int | None) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: torch.Tensor) -> torch.Tensor:
@@ -504,6 +523,8 @@ class LoRAModel(nn.Module):
         if len(transposed) > 1:
             conv = [t.name for t in self._infos.values() if t.transposed]
             raise HyperloomError(f"to_peft: targets mix nn.Linear and Conv1D ({conv}); PEFT has one fan_in_fan_out flag per adapter")
+        if "" in self.targets:
+            raise HyperloomError("to_peft: the root module itself is a LoRA target; PEFT can only wrap submodules")
         trained = [k for k, p in self.primary.named_parameters() if p.requires_grad]
         if trained:
             raise HyperloomError(f"to_peft: base parameters {trained[:8]} are trainable; an adapter holds only the LoRA factors")
@@ -524,7 +545,8 @@ class LoRAModel(nn.Module):
             "r": self.lora.rank,
             "lora_alpha": self.lora.alpha,
             "lora_dropout": self.lora.dropout,
-            "target_modules": sorted(self.targets),
+            # one string: PEFT full-matches it (a list would match by suffix and adapt other modules too)
+            "target_modules": "^(?:" + "|".join(re.escape(t) for t in sorted(self.targets)) + ")$",
             "fan_in_fan_out": transposed == {True},
             "bias": "none",
             "lora_bias": self.lora.bias,
@@ -615,7 +637,7 @@ class LoRAModel(nn.Module):
             include_base = bool(cfg["include_base"])
         except (KeyError, TypeError) as e:
             raise HyperloomError(f"{src / CONFIG_NAME}: malformed config ({type(e).__name__}: {e})") from None
-        hnet = cls(model, lora, inputs=inputs, targets=resolve_targets(model, targets), batch_dim=batch_dim, **hyper)
+        hnet = cls(model, lora, inputs=inputs, targets=targets, batch_dim=batch_dim, **hyper)  # resolved names, not selectors
         if include_base:
             load_model(hnet, src / WEIGHTS_NAME)
         else:
