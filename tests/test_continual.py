@@ -132,7 +132,8 @@ def test_model_and_snapshot_errors():
     plain = hl.hypernetize(nn.Linear(4, 2), inputs={"lam": (0.0, 1.0)}, hidden=(8,))
     with pytest.raises(hl.HyperloomError, match=re.escape("Name the Task input: the hypernetwork has 0 ([]); inputs are ['lam']")):
         OutputRegularizer(plain, beta=1.0)
-    with pytest.raises(hl.HyperloomError, match=re.escape("OutputRegularizer: expected a HyperModel or HyperNetwork, got Linear")):
+    expected = "OutputRegularizer: expected a hypernetwork model (HyperModel, LoRAModel) or a HyperNetwork, got Linear"
+    with pytest.raises(hl.HyperloomError, match=re.escape(expected)):
         OutputRegularizer(nn.Linear(2, 2), beta=1.0)
     reg = OutputRegularizer(_model(num_tasks=2), beta=1.0)
     with pytest.raises(
@@ -205,3 +206,17 @@ def test_trainer_extras_are_validated():
     opt = torch.optim.Adam(model.parameters())
     with pytest.raises(hl.HyperloomError, match=re.escape("extras must be a mapping of names to nn.Module, got {'reg': 3}")):
         hl.Trainer(model, opt, lambda m, s: (torch.zeros(()), {}), extras={"reg": 3})
+
+
+def test_regulariser_follows_the_models_dtype_and_accepts_lora_models():
+    torch.manual_seed(0)
+    model = hl.hypernetize(nn.Linear(3, 2), inputs={"task": hl.Task(2)}, hidden=(8,))
+    reg = hl.continual.OutputRegularizer(model, beta=1.0)
+    model.double()
+    reg.snapshot()
+    p = reg.penalty().detach()
+    assert p.dtype == torch.float64 and float(p) == 0.0  # exactly zero after the snapshot, in the model's dtype
+    lora = hl.hypernetize(nn.Sequential(nn.Linear(6, 6)), inputs={"task": hl.Task(2)}, predict=["0"], lora=hl.LoRA(rank=2), hidden=(8,))
+    reg2 = hl.continual.OutputRegularizer(lora, beta=1.0)
+    reg2.snapshot()
+    assert float(reg2.penalty().detach()) == 0.0

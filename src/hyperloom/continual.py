@@ -25,7 +25,6 @@ from torch import nn
 
 from .errors import HyperloomError, short_repr
 from .hypernetwork import HyperNetwork
-from .model import HyperModel
 from .task import _as_int
 
 
@@ -42,7 +41,7 @@ class OutputRegularizer(nn.Module):
     checkpoint it with the run.
 
     Args:
-        model: A :class:`~hyperloom.HyperModel` or :class:`~hyperloom.HyperNetwork`
+        model: A :class:`~hyperloom.HyperModel`, :class:`~hyperloom.LoRAModel` or :class:`~hyperloom.HyperNetwork`
             with a :class:`~hyperloom.Task` input. It is referenced, not registered:
             the regulariser's ``state_dict`` holds only its own state.
         beta: Weight of the penalty (a finite number ``>= 0``).
@@ -76,7 +75,7 @@ class OutputRegularizer(nn.Module):
 
     def __init__(
         self,
-        model: HyperModel | HyperNetwork,
+        model: nn.Module,
         *,
         beta: float = 0.01,
         num_sampled: int | None = None,
@@ -85,9 +84,12 @@ class OutputRegularizer(nn.Module):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        hnet = model.hypernet if isinstance(model, HyperModel) else model
+        inner = getattr(model, "module", None)  # DistributedDataParallel / DataParallel
+        hnet = next((getattr(m, "hypernet", m) for m in (model, inner) if isinstance(getattr(m, "hypernet", m), HyperNetwork)), None)
         if not isinstance(hnet, HyperNetwork):
-            raise HyperloomError(f"OutputRegularizer: expected a HyperModel or HyperNetwork, got {type(model).__name__}")
+            raise HyperloomError(
+                f"OutputRegularizer: expected a hypernetwork model (HyperModel, LoRAModel) or a HyperNetwork, got {type(model).__name__}"
+            )
         self.task = hnet.task_input(task)
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0:
             raise HyperloomError(f"OutputRegularizer: beta must be a finite number >= 0, got {short_repr(beta)}")
@@ -122,6 +124,13 @@ class OutputRegularizer(nn.Module):
         hnet: HyperNetwork = self.__dict__["_hnet"]
         return hnet
 
+    def _follow(self) -> None:
+        """Move the snapshots to the hypernetwork's dtype and device (after ``model.double()`` or ``.to(device)``)."""
+        hnet = self.hypernet
+        if self.targets.dtype != hnet.dtype or self.targets.device != hnet.device:
+            self.targets = self.targets.to(dtype=hnet.dtype, device=hnet.device)
+            self.num_snapshots = self.num_snapshots.to(device=hnet.device)
+
     def _flat_theta(self, ids: torch.Tensor) -> torch.Tensor:
         """Generated weights of tasks ``ids``, flattened: ``(len(ids), P)``."""
         raw, _ = self.hypernet.prepare({self.task: ids, **self.conditioning})
@@ -149,6 +158,7 @@ class OutputRegularizer(nn.Module):
             raise HyperloomError(
                 f"snapshot: num_tasks must be an integer in [1, {valid}] (the valid ids of {self.task!r}), got {num_tasks!r}"
             )
+        self._follow()
         with torch.no_grad():
             flat = self._flat_theta(torch.arange(n, device=self.targets.device))
             self.targets[:n] = flat.to(self.targets.dtype)
@@ -171,6 +181,7 @@ class OutputRegularizer(nn.Module):
         parameters (trunk, head, task table, a trainable ``theta0``), never the
         snapshots.
         """
+        self._follow()
         ids = self.sample()
         if len(ids) == 0:
             return torch.zeros((), dtype=self.targets.dtype, device=self.targets.device)
