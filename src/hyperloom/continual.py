@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .errors import HyperloomError, short_repr
-from .hypernetwork import HyperNetwork
+from .hypernetwork import HyperNetwork, find_hypernetwork
 from .task import _as_int
 
 
@@ -84,9 +84,8 @@ class OutputRegularizer(nn.Module):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        inner = getattr(model, "module", None)  # DistributedDataParallel / DataParallel
-        hnet = next((getattr(m, "hypernet", m) for m in (model, inner) if isinstance(getattr(m, "hypernet", m), HyperNetwork)), None)
-        if not isinstance(hnet, HyperNetwork):
+        hnet = find_hypernetwork(model)
+        if hnet is None:
             raise HyperloomError(
                 f"OutputRegularizer: expected a hypernetwork model (HyperModel, LoRAModel) or a HyperNetwork, got {type(model).__name__}"
             )

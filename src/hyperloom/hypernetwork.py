@@ -460,6 +460,21 @@ class HyperNetwork(nn.Module):
         return f"inputs={list(self.input_set.names)}, encoding={enc}, additive={self.additive}, outputs={self.num_outputs}"
 
 
+def find_hypernetwork(obj: Any) -> HyperNetwork | None:
+    """The :class:`HyperNetwork` inside ``obj``, or ``None``.
+
+    ``obj`` may be a HyperNetwork, a hypernetwork model holding one as ``.hypernet`` (``HyperModel``,
+    ``LoRAModel``) or a DistributedDataParallel / DataParallel wrapper of one.
+    """
+    for o in (obj, getattr(obj, "module", None)):
+        if isinstance(o, HyperNetwork):
+            return o
+        hn = getattr(o, "hypernet", None)
+        if isinstance(o, nn.Module) and isinstance(hn, HyperNetwork):
+            return hn
+    return None
+
+
 def _sync_task_counts(module: nn.Module, incompatible: Any) -> None:
     """After ``load_state_dict``: make the Task declarations follow the loaded ``num_tasks`` buffers."""
     assert isinstance(module, HyperNetwork)

@@ -130,12 +130,20 @@ class Input:
             [0.001, 1.0, 10.0]
         """
         u = u.to(torch.promote_types(u.dtype, torch.float32)).clamp(0.0, 1.0)  # a half-precision u may not hold the range
+        return self.from_unit(u).clamp(self.low, self.high)
+
+    def from_unit(self, u: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`normalize` without any clamp (differentiable everywhere, also at the ends).
+
+        Example:
+            >>> import hyperloom as hl
+            >>> float(hl.Input(0.0, 4.0).from_unit(torch.tensor(0.25)))
+            1.0
+        """
         if self.scale == "log":
             lo, hi = math.log(self.low), math.log(self.high)
-            value = torch.exp(lo + u * (hi - lo))
-        else:
-            value = self.low + u * (self.high - self.low)
-        return value.clamp(self.low, self.high)
+            return torch.exp(lo + u * (hi - lo))
+        return self.low + u * (self.high - self.low)
 
     def midpoint(self) -> float:
         """The value that :meth:`normalize` maps to 0.5."""

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .errors import HyperloomError, short_repr
-from .hypernetwork import HyperNetwork
+from .hypernetwork import find_hypernetwork
 from .inputs import Input, InputSet, _as_dim, _is_bool
 from .task import Task
 
@@ -44,19 +44,8 @@ Value = float | int | list[float]
 
 
 # -- what declares the inputs ----------------------------------------------------------------------------
-def _hypernet(obj: Any) -> HyperNetwork | None:
-    """The HyperNetwork of a hypernetwork model (``HyperModel``, ``LoRAModel``, a DDP / DataParallel wrapper of one)."""
-    for o in (obj, getattr(obj, "module", None)):
-        if isinstance(o, HyperNetwork):
-            return o
-        hn = getattr(o, "hypernet", None)
-        if isinstance(o, nn.Module) and isinstance(hn, HyperNetwork):
-            return hn
-    return None
-
-
 def _input_set(obj: Any, *, what: str) -> InputSet:
-    net = _hypernet(obj)
+    net = find_hypernetwork(obj)
     if net is not None:
         return net.input_set
     if isinstance(obj, InputSet):
@@ -70,7 +59,7 @@ def _input_set(obj: Any, *, what: str) -> InputSet:
 
 
 def _model_dtype_device(obj: Any) -> tuple[torch.dtype | None, torch.device | None]:
-    net = _hypernet(obj)
+    net = find_hypernetwork(obj)
     if net is None:
         return None, None
     return net.dtype, net.device
@@ -615,14 +604,6 @@ class Tuned:
         return f"Tuned({vals}; objective={self.objective:.6g} after {len(self.history) - 1} steps)"
 
 
-def _unclamped(spec: Input, u: torch.Tensor) -> torch.Tensor:
-    """:meth:`Input.denormalize` without its clamps, whose zero gradient would pin a search to an end point."""
-    if spec.scale == "log":
-        lo, hi = math.log(spec.low), math.log(spec.high)
-        return torch.exp(lo + u * (hi - lo))
-    return spec.low + u * (spec.high - spec.low)
-
-
 def _inside(spec: Input, value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``value`` (float64, in range) in ``dtype``, moved one step inwards where rounding put it outside the range.
 
@@ -757,7 +738,7 @@ def tune(
             exact[k] = _exact_ends(cont[k], cont[k].denormalize(u.detach()), u.detach())
         cond: dict[str, Any] = {k: _inside(cont[k], v, dtype).to(m_device) for k, v in exact.items()}
         for k, u in us.items():
-            v = _unclamped(cont[k], u).to(dtype).to(m_device)
+            v = cont[k].from_unit(u).to(dtype).to(m_device)  # unclamped: a clamp would pin the search to an end
             cond[k] = cond[k] + (v - v.detach())  # the value in range, the gradient of the unclamped map
         values: dict[str, Value] = {k: _as_value(v) for k, v in exact.items()}
         cond.update(fixed_ids)
