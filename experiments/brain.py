@@ -30,6 +30,9 @@ class BrainSlices:
     x_test: torch.Tensor
     y_test: torch.Tensor
     source: str
+    #: Axial position of each slice in mm (``None``: unknown; pairs then fall back to index offsets).
+    z_train: torch.Tensor | None = None
+    z_test: torch.Tensor | None = None
 
 
 _CACHE: dict[tuple[int, int], BrainSlices] = {}
@@ -73,7 +76,8 @@ def load_mni152_slices(size: int = 64, step: int = 2) -> BrainSlices:
     lab = pr.argmax(1)
     blocks = np.arange(len(zs)) // 4
     test = torch.from_numpy(blocks % 4 == 2)
-    out = BrainSlices(img[~test], lab[~test], img[test], lab[test], "MNI152 2009a (nilearn)")
+    z = torch.tensor(zs, dtype=torch.float64)  # 1 mm voxels: slice index = position in mm
+    out = BrainSlices(img[~test], lab[~test], img[test], lab[test], "MNI152 2009a (nilearn)", z[~test], z[test])
     _CACHE[key] = out
     return out
 

@@ -92,13 +92,31 @@ def folding_fraction(disp: torch.Tensor) -> torch.Tensor:
     return (jac <= 0).float().mean((1, 2))
 
 
+#: Largest distance between the two slices of a registration pair (3 slices of the 2 mm sampling).
+MAX_PAIR_MM = 6.0
+
+
+def pair_partners(z: torch.Tensor, i: torch.Tensor, gen: torch.Generator, max_mm: float = MAX_PAIR_MM) -> torch.Tensor:
+    """For each slice index in ``i``, a partner drawn uniformly among the slices at most ``max_mm`` away (itself included).
+
+    Distances are measured in mm on the slices' own positions ``z``, so gaps between the blocks of a split
+    never make a pair: the partner of a slice at a block's edge comes from its own block.
+    """
+    near = ((z[:, None] - z[None, :]).abs() <= max_mm).to(torch.float64)
+    return torch.multinomial(near[i], 1, generator=gen).squeeze(1)
+
+
 def make_pairs(
     data: BrainSlices, n: int, gen: torch.Generator, *, test: bool, warp_strength: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``n`` (moving, fixed, moving labels, fixed labels) from slices at most 3 apart, each warped."""
+    """``n`` (moving, fixed, moving labels, fixed labels) from slices at most 6 mm apart, each warped."""
     x, y = (data.x_test, data.y_test) if test else (data.x_train, data.y_train)
+    z = data.z_test if test else data.z_train
     i = torch.randint(0, len(x), (n,), generator=gen)
-    j = (i + torch.randint(-3, 4, (n,), generator=gen)).clamp(0, len(x) - 1)
+    if z is None:  # positions unknown: neighbouring indices
+        j = (i + torch.randint(-3, 4, (n,), generator=gen)).clamp(0, len(x) - 1)
+    else:
+        j = pair_partners(z, i, gen)
     s = x.shape[-1]
     dm = random_smooth_warp(n, s, warp_strength, gen)
     df = random_smooth_warp(n, s, warp_strength, gen)

@@ -221,7 +221,11 @@ def register_data() -> tuple[BrainSlices, BrainSlices]:
     d = load_mni152_slices(64)
     block = torch.arange(len(d.x_test)) // 4
     val, test = block % 2 == 0, block % 2 == 1
-    mk = lambda m: BrainSlices(d.x_train, d.y_train, d.x_test[m], d.y_test[m], d.source)  # noqa: E731
+    zt = d.z_test
+
+    def mk(m: torch.Tensor) -> BrainSlices:
+        return BrainSlices(d.x_train, d.y_train, d.x_test[m], d.y_test[m], d.source, d.z_train, None if zt is None else zt[m])
+
     return mk(val), mk(test)
 
 

@@ -55,3 +55,20 @@ def test_scale_unet_changes_resolution():
     x = torch.rand(1, 1, 64, 64)
     assert net(x, scale=1.0).shape == net(x, scale=0.5).shape == (1, 4, 64, 64)
     assert not torch.allclose(net(x, scale=1.0), net(x, scale=0.5))
+
+
+def test_registration_pairs_are_at_most_6_mm_apart_in_both_splits(data):
+    # the partner is drawn among slices within 6 mm by position, never by index in the gapped split arrays
+    from experiments.register import MAX_PAIR_MM, pair_partners
+
+    g = torch.Generator().manual_seed(0)
+    for z in (data.z_train, data.z_test):
+        i = torch.randint(0, len(z), (4000,), generator=g)
+        j = pair_partners(z, i, g)
+        d = (z[i] - z[j]).abs()
+        assert float(d.max()) <= MAX_PAIR_MM
+        assert float((d > 0).double().mean()) > 0.5  # most pairs are two different slices
+    # the index-offset rule this replaces paired test slices up to 30 mm apart
+    i = torch.arange(len(data.z_test))
+    j = (i[:, None] + torch.arange(-3, 4)[None, :]).clamp(0, len(data.z_test) - 1)
+    assert float((data.z_test[i][:, None] - data.z_test[j]).abs().max()) > MAX_PAIR_MM
