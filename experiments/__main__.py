@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .common import FORMULATIONS, ResultStore, config_key
+from .common import FORMULATIONS, MAIN_VARIANTS, ResultStore, config_key
 from .report import write_report
 
 TASKS = ("classify", "register", "segment")
@@ -80,19 +80,54 @@ def _run_grid(
         ckpt.unlink(missing_ok=True)  # finished: the row holds everything
 
 
+#: Learning rates of the ``lr`` study (Adam); the main study's 1e-3 is one of them.
+LRS = ("3e-4", "1e-3", "3e-3")
+
+#: Variants of the ``baseline`` study per task: stronger defaults and the theta0-init ablation.
+BASELINES: dict[str, list[str]] = {
+    "classify": ["default-hyperfan", "default-torchinit", "mip-theta0-model"],
+    "register": ["default-hyperfan", "default-torchinit", "mip-theta0-model"],
+    "segment": ["default-hyperfan", "default-torchinit", "mip-theta0-model", "default-rawphi"],
+}
+STUDIES = ("main", "baseline", "lr")
+
+
+def study_runs(task: str, cfg: dict[str, Any], studies: list[str]) -> list[tuple[str, str, Any, dict[str, Any], str]]:
+    """(study, axis, level, config, variant) of every run the studies ask for on one task.
+
+    ``main``: the 2x2 and the plain network; ``baseline``: :data:`BASELINES`; ``lr``: the 2x2 at every
+    rate of :data:`LRS` (the rate of the main config is the main study's runs, relabelled, not re-run).
+    """
+    runs: list[tuple[str, str, Any, dict[str, Any], str]] = []
+    if "main" in studies:
+        runs += [("main", "-", "-", cfg, v) for v in MAIN_VARIANTS]
+    if "baseline" in studies:
+        runs += [("baseline", "-", "-", cfg, v) for v in BASELINES[task]]
+    if "lr" in studies:
+        for lr in LRS:
+            runs += [("lr", "lr", lr, {**cfg, "lr": float(lr)}, v) for v in FORMULATIONS]
+    return runs
+
+
 def cmd_reproduce(args: argparse.Namespace) -> int:
     size = "full" if args.full else "quick"
+    seeds = args.seeds or (5 if args.full else 3)
+    args.seeds = seeds
     out = Path(args.out)
     store = ResultStore(out / "results.jsonl")
     tasks = TASKS if args.task == "all" else (args.task,)
+    studies = args.studies.split(",")
+    bad = [s for s in studies if s not in STUDIES]
+    if bad:
+        print(f"unknown studies {bad}; choose from {list(STUDIES)}", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
     for task in tasks:
         cfg = _configs(task, size)
         if args.steps:
             cfg["steps"] = args.steps
         data = _load_data(task, args)
-        runs = [("main", "-", "-", cfg, v) for v in FORMULATIONS]
-        _run_grid(store, task, data, runs, args.seeds)
+        _run_grid(store, task, data, study_runs(task, cfg, studies), seeds)
     path = write_report(store.rows, out, header=_header(size, args, time.perf_counter() - t0))
     print(f"\nReport: {path.resolve()}")
     return 0
@@ -220,10 +255,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def _header(size: str, args: argparse.Namespace, wall: float) -> str:
+    studies = getattr(args, "studies", "main")
+    extra = f" --studies {studies}" if studies != "main" else ""
     return (
         f"Size: **{size}**, seeds: {args.seeds}, torch {torch.__version__}, {torch.get_num_threads()} threads. "
         f"Wall time of the last invocation: {wall:.0f} s. Regenerate with "
-        f"`python -m experiments {args.cmd} {'--full' if size == 'full' else '--quick'} --seeds {args.seeds} --out {args.out}`."
+        f"`python -m experiments {args.cmd} {'--full' if size == 'full' else '--quick'} --seeds {args.seeds}{extra} --out {args.out}`."
     )
 
 
@@ -242,7 +279,13 @@ def main(argv: list[str] | None = None) -> int:
 
     r = sub.add_parser("reproduce", help="the three tasks of the paper, 2x2 formulations")
     r.add_argument("--task", default="all", choices=[*TASKS, "all"])
+    r.add_argument(
+        "--studies",
+        default="main",
+        help=f"comma-separated subset of {list(STUDIES)}: the 2x2 + plain network, stronger defaults and ablations, learning rates",
+    )
     common(r, "runs/reproduce")
+    r.set_defaults(seeds=0)
     a = sub.add_parser("ablate", help="ablations on task 1")
     a.add_argument("--axes", default="", help=f"comma-separated subset of {list(ABLATIONS)}")
     common(a, "runs/ablate")

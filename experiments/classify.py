@@ -19,7 +19,7 @@ from torch import nn
 
 import hyperloom as hl
 
-from .common import formulation, grad_norm, set_seed, train_and_evaluate
+from .common import build_variant, grad_norm, set_seed, trace_probe, train_and_evaluate
 from .data import ImageData, load_classification
 
 
@@ -66,11 +66,13 @@ DEFAULTS: dict[str, Any] = {
     "per_sample_gamma": False,  # one gamma per minibatch (the paper) or one per sample
     "zero_init": False,
     "head": "dense",  # or "lowrank@<rank>"
+    "theta0": "init",  # the method's theta0 init (Kaiming fan-in weights, zero biases); "model": PyTorch's
+    "probes": 10,  # trace points over training (||Delta||/||theta0||, output variation, grad norms per gamma)
 }
 
 SIZES: dict[str, dict[str, Any]] = {
     "quick": {"steps": 300, "n_test": 1000, "n_eval_gamma": 6},
-    "full": {"steps": 2000, "n_test": 10000, "n_eval_gamma": 16},
+    "full": {"steps": 1500, "n_test": 10000, "n_eval_gamma": 8},  # 5x quick
 }
 
 
@@ -78,20 +80,10 @@ def load_data(args: Any) -> ImageData:
     return load_classification(getattr(args, "data", "auto"))
 
 
-def build(variant: str, cfg: dict[str, Any], num_classes: int) -> hl.HyperModel:
-    form = formulation(variant, cfg)
-    head, _, rank = str(cfg.get("head", "dense")).partition("@")
-    return hl.hypernetize(
-        ConvNet(num_classes, depth=cfg["depth"]),
-        inputs={"z": hl.Input(0.0, 1.0, dim=cfg["k"])},
-        hidden=tuple(cfg["hidden"]),
-        activation=cfg["activation"],
-        norm=cfg["norm"],
-        zero_init=bool(cfg.get("zero_init", False)),
-        head=head,
-        rank=int(rank) if rank else None,
-        **form,
-    )
+def build(variant: str, cfg: dict[str, Any], num_classes: int) -> nn.Module:
+    """The ConvNet of one variant: every weight predicted from gamma ~ U(0, 1)^k (or plain)."""
+    cfg = {**DEFAULTS, **cfg}
+    return build_variant(variant, cfg, ConvNet(num_classes, depth=cfg["depth"]), {"z": hl.Input(0.0, 1.0, dim=cfg["k"])})
 
 
 def gamma_shape(k: int, batch: int | None = None) -> tuple[int, ...]:
@@ -102,7 +94,7 @@ def gamma_shape(k: int, batch: int | None = None) -> tuple[int, ...]:
 
 
 @torch.no_grad()
-def evaluate(model: hl.HyperModel, data: ImageData, cfg: dict[str, Any], gen: torch.Generator) -> dict[str, Any]:
+def evaluate(model: nn.Module, data: ImageData, cfg: dict[str, Any], gen: torch.Generator) -> dict[str, Any]:
     model.eval()
     x, y = data.x_test[: cfg["n_test"]], data.y_test[: cfg["n_test"]]
     accs, losses = [], []
@@ -121,9 +113,7 @@ def evaluate(model: hl.HyperModel, data: ImageData, cfg: dict[str, Any], gen: to
     }
 
 
-def grad_norm_by_gamma(
-    model: hl.HyperModel, x: torch.Tensor, y: torch.Tensor, k: int, bins: int = 5, per_sample: bool = False
-) -> list[float]:
+def grad_norm_by_gamma(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, bins: int = 5, per_sample: bool = False) -> list[float]:
     """Gradient norm of the loss w.r.t. the hypernetwork parameters, with gamma = t * 1 for t at bin centres.
 
     ``per_sample`` passes gamma as one row per sample (needed by a BatchNorm trunk while training).
@@ -165,7 +155,22 @@ def run(variant: str, seed: int, data: ImageData, cfg: dict[str, Any], *, desc: 
         )
         return metrics
 
-    out = train_and_evaluate(model, cfg, seed, make_step_loss, evaluate_all, desc=desc, checkpoint=checkpoint)
+    pgen = torch.Generator().manual_seed(60_000 + seed)
+    pidx = torch.randint(0, n, (256,), generator=pgen)
+    px, py = data.x_train[pidx], data.y_train[pidx]
+    bins = [0.1, 0.3, 0.5, 0.7, 0.9]
+    zshape = gamma_shape(cfg["k"], 256 if cfg["per_sample_gamma"] else None)
+
+    def probe() -> dict[str, Any]:
+        return trace_probe(
+            model,
+            lambda t: model(px, z=torch.full(zshape, t)),
+            lambda t: F.cross_entropy(model(px, z=torch.full(zshape, t)), py),
+            lambda t: {"z": torch.full(zshape, t)},
+            bins,
+        )
+
+    out = train_and_evaluate(model, cfg, seed, make_step_loss, evaluate_all, desc=desc, checkpoint=checkpoint, probe=probe)
     if out["metrics"]["diverged_at"] is not None:
         out["metrics"].update({"test_acc": math.nan, "test_acc_std_gamma": math.nan, "test_loss": math.nan})
     return {**out, "data": data.name}

@@ -26,13 +26,130 @@ FORMULATIONS: dict[str, dict[str, Any]] = {
     "mip": {"encoding": "cossin", "additive": True},
 }
 
+#: Every variant a study can train: the 2x2, the plain network (no hypernetwork: the task's network
+#: trained directly, with the method's init), and the baselines a reviewer asks for.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "plain": {"plain": True},
+    **FORMULATIONS,
+    # a stronger default: head rows rescaled so the generated weights start at Kaiming fan-in scale
+    "default-hyperfan": {"encoding": "raw", "additive": False, "hyperfan": True},
+    # the framework's default init of the hypernetwork (PyTorch's nn.Linear init) instead of MIP's split init
+    "default-torchinit": {"encoding": "raw", "additive": False, "init": "torch"},
+    # segmentation only: the default fed raw phi in [0, 0.5] (the quick reproduction before the input-mapping fix)
+    "default-rawphi": {"encoding": "raw", "additive": False, "raw_input": True},
+    # theta0 from PyTorch's default init of the wrapped model (Kaiming-uniform a=sqrt(5), non-zero biases)
+    "mip-theta0-model": {"encoding": "cossin", "additive": True, "theta0": "model"},
+}
+
+#: The main study's variants (the 2x2 and the plain network).
+MAIN_VARIANTS = ("plain", *FORMULATIONS)
+
 
 def formulation(variant: str, cfg: dict[str, Any]) -> dict[str, Any]:
-    """``hypernetize`` keywords of a 2x2 variant, with the config's encoding override (ablations) applied."""
-    form = dict(FORMULATIONS[variant])
+    """``hypernetize`` keywords of a variant, with the config's encoding override (ablations) applied.
+
+    ``theta0`` comes from ``cfg["theta0"]`` (``"init"``: the method's Kaiming fan-in weights and zero
+    biases, the reproduction's choice; ``"model"``: the wrapped model's PyTorch default init) unless the
+    variant fixes it.
+    """
+    spec = VARIANTS[variant]
+    if spec.get("plain"):
+        raise ValueError("the plain variant has no hypernetwork: build it with common.plain_model")
+    form = {"encoding": spec["encoding"], "additive": spec["additive"]}
     if cfg.get("encoding"):
         form["encoding"] = cfg["encoding"]
+    if spec["additive"]:
+        form["theta0"] = spec.get("theta0", cfg.get("theta0", "model"))
+    if "init" in spec:
+        form["init"] = spec["init"]
     return form
+
+
+def is_plain(variant: str) -> bool:
+    return bool(VARIANTS[variant].get("plain"))
+
+
+class Plain(torch.nn.Module):
+    """The task's network without a hypernetwork: conditioning keywords are accepted and ignored.
+
+    Its weights (those ``predict`` selects) start from the method's init, as MIP's ``theta0`` does, so
+    "plain" is exactly ``theta0`` trained on its own.
+    """
+
+    def __init__(self, primary: torch.nn.Module, conditioning: tuple[str, ...], predict: list[str] | None = None) -> None:
+        super().__init__()
+        import hyperloom as hl
+
+        self.primary = primary
+        self.conditioning = conditioning
+        with torch.no_grad():
+            for name, p in primary.named_parameters():
+                if predict is None or any(name == s or name.startswith(s + ".") for s in predict):
+                    p.copy_(hl.init_theta0(name, p.shape, dtype=p.dtype))
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.primary(*args, **{k: v for k, v in kwargs.items() if k not in self.conditioning})
+
+
+def build_variant(
+    variant: str, cfg: dict[str, Any], primary: torch.nn.Module, inputs: dict[str, Any], *, predict: list[str] | None = None
+) -> torch.nn.Module:
+    """The model of one variant: ``Plain(primary)`` or ``hypernetize(primary, ...)`` with the variant's keywords."""
+    import hyperloom as hl
+
+    if is_plain(variant):
+        return Plain(primary, tuple(inputs), predict)
+    head, _, rank = str(cfg.get("head", "dense")).partition("@")
+    model = hl.hypernetize(
+        primary,
+        inputs=inputs,
+        predict=predict,
+        hidden=tuple(cfg["hidden"]),
+        activation=cfg["activation"],
+        norm=cfg.get("norm", "none"),
+        zero_init=bool(cfg.get("zero_init", False)),
+        head=head,
+        rank=int(rank) if rank else None,
+        **formulation(variant, cfg),
+    )
+    if VARIANTS[variant].get("hyperfan"):
+        hyperfan_in_(model)
+    return model
+
+
+@torch.no_grad()
+def hyperfan_in_(model: Any, n: int = 512, seed: int = 12345) -> dict[str, float]:
+    """Rescale the head's rows so each generated weight tensor starts at Kaiming fan-in scale.
+
+    In the spirit of hyperfan-in (Chang et al., ICLR 2020): the output layer is scaled so that the
+    generated weights' second moment, averaged over conditioning drawn from its training distribution
+    (``hl.sample``), is ``2 / fan_in`` (He init) for every predicted weight; generated biases start at 0
+    (their head rows are zero under MIP's head init). Chang et al. derive the scale from the variance of
+    the hypernetwork's last features; here it is measured on ``n`` draws, which also covers the
+    encoding and the trunk. Returns the factor applied per tensor.
+    """
+    import hyperloom as hl
+
+    head = model.hypernet.head
+    bias = head.linear.bias
+    if type(head).__name__ != "DenseHead" or (bias is not None and bool(bias.abs().sum() > 0)):
+        raise ValueError("hyperfan_in_ needs a dense head with a zero bias")
+    cond = hl.sample(model, n, generator=torch.Generator().manual_seed(seed))
+    delta = model.delta(**cond)
+    factors: dict[str, float] = {}
+    start = 0
+    for name, size in zip(head._block_names, head.block_sizes):
+        key = name
+        t = delta[key]
+        if t.dim() >= 3 and size > 0:  # a weight: (n, out, in, ...)
+            fan_in = t[0, 0].numel()
+            m2 = float(t.pow(2).mean())
+            if m2 > 0:
+                c = math.sqrt(2.0 / fan_in / m2)
+                head.linear.weight[start : start + size].mul_(c)
+                factors[key] = c
+        start += size
+    return factors
 
 
 def set_seed(seed: int) -> None:
@@ -77,24 +194,33 @@ def train_loop(
     desc: str = "",
     checkpoint: Path | None = None,
     every: int = 50,
+    probe: Callable[[], dict[str, Any]] | None = None,
+    probe_every: int = 0,
 ) -> dict[str, Any]:
     """Run ``steps`` optimiser steps of ``step_loss(step)``; stop at the first non-finite loss.
+
+    With ``probe``, ``probe()`` is recorded (with its step) before the first update, every
+    ``probe_every`` steps and after the last update: the run's trace (e.g. ||Delta||/||theta0||,
+    output variation across the conditioning, gradient norms per conditioning value).
 
     With ``checkpoint``, the run (model, optimiser, curves so far, RNG states and the data generator
     ``gen``) is saved every ``every`` steps, and a run restarted after a crash resumes from there and
     ends exactly as an uninterrupted one. Returns the loss curve, the gradient norm per step, the step of
-    divergence (or None), the wall time and the final training loss (mean of the last 10% of steps).
+    divergence (or None), the wall time, the final training loss (mean of the last 10% of steps) and
+    the trace.
     """
     import hyperloom as hl
 
     params = [p for p in model.parameters() if p.requires_grad]
     losses: list[float] = []
     gnorms: list[float] = []
+    trace: list[dict[str, Any]] = []
     diverged_at = None
     start = 0
     if checkpoint is not None and checkpoint.exists():
         info = hl.load_training(checkpoint, model=model, optimizer=opt, generators={"data": gen})
         start, losses, gnorms = info["step"], info["config"]["curve"], info["config"]["grad_norms"]
+        trace = info["config"].get("trace", [])
     t0 = time.perf_counter()
     for step in progress(range(start, steps), total=steps - start, desc=desc):
         if checkpoint is not None and step > start and step % every == 0:
@@ -105,10 +231,12 @@ def train_loop(
                     optimizer=opt,
                     step=step,
                     generators={"data": gen},
-                    config={"curve": losses, "grad_norms": gnorms},
+                    config={"curve": losses, "grad_norms": gnorms, "trace": trace},
                 )
             except hl.CheckpointError:
                 pass  # non-finite weights are never checkpointed; this step's loss records the divergence
+        if probe is not None and probe_every > 0 and step % probe_every == 0 and not any(t["step"] == step for t in trace):
+            trace.append({"step": step, **probe()})
         loss = step_loss(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -119,6 +247,8 @@ def train_loop(
             diverged_at = step
             break
         opt.step()
+    if probe is not None and probe_every > 0 and diverged_at is None and not any(t["step"] == steps for t in trace):
+        trace.append({"step": steps, **probe()})
     tail = losses[-max(1, len(losses) // 10) :]
     return {
         "curve": losses,
@@ -126,6 +256,7 @@ def train_loop(
         "diverged_at": diverged_at,
         "wall_s": time.perf_counter() - t0,
         "final_train_loss": sum(tail) / len(tail),
+        "trace": trace,
     }
 
 
@@ -138,6 +269,7 @@ def train_and_evaluate(
     *,
     desc: str = "",
     checkpoint: Path | None = None,
+    probe: Callable[[], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The part every task shares: optimiser, seeded data generator, training loop, then evaluation.
 
@@ -156,11 +288,16 @@ def train_and_evaluate(
         desc=desc,
         checkpoint=checkpoint,
         every=cfg.get("checkpoint_every", 50),
+        probe=probe,
+        probe_every=max(1, cfg["steps"] // cfg["probes"]) if cfg.get("probes") else 0,
     )
     metrics: dict[str, Any] = {k: res[k] for k in ("diverged_at", "wall_s", "final_train_loss")}
     if res["diverged_at"] is None:
         metrics.update(evaluate())
-    return {"metrics": metrics, "curve": res["curve"], "grad_norms": res["grad_norms"]}
+    out = {"metrics": metrics, "curve": res["curve"], "grad_norms": res["grad_norms"]}
+    if res["trace"]:
+        out["trace"] = res["trace"]
+    return out
 
 
 def grad_norm_by_condition(model: torch.nn.Module, loss_at: Callable[[float], torch.Tensor], values: list[float]) -> list[float]:
@@ -173,6 +310,39 @@ def grad_norm_by_condition(model: torch.nn.Module, loss_at: Callable[[float], to
         out.append(grad_norm(params))
     model.zero_grad(set_to_none=True)
     return out
+
+
+def trace_probe(
+    model: torch.nn.Module,
+    forward_at: Callable[[float], torch.Tensor],
+    loss_at: Callable[[float], torch.Tensor],
+    cond_at: Callable[[float], dict[str, Any]],
+    values: list[float],
+) -> dict[str, Any]:
+    """One point of a training trace: does the model use its conditioning, and how do its gradients look?
+
+    - ``delta_ratio``: mean over ``values`` of ||Delta(value)|| / ||theta0|| (all predicted tensors
+      together); ``None`` without ``theta0`` (no additive output, or no hypernetwork).
+    - ``output_variation``: RMS over outputs of the standard deviation across ``values`` of
+      ``forward_at(value)`` (a fixed probe batch), relative to the outputs' RMS: 0 when the model ignores
+      its conditioning.
+    - ``grad_norm_by_gamma``: the gradient norm of ``loss_at(value)`` per value.
+    """
+    with torch.no_grad():
+        outs = torch.stack([forward_at(v).double() for v in values])
+        spread = outs.std(0) if len(values) > 1 else torch.zeros_like(outs[0])  # sample std across the values
+        variation = float(spread.pow(2).mean().sqrt() / outs.pow(2).mean().sqrt().clamp_min(1e-30))
+        ratio = None
+        theta0 = getattr(model, "theta0", None)
+        if theta0 is not None:
+            t0 = math.sqrt(sum(float(t.double().pow(2).sum()) for t in theta0.values()))
+            ratios = []
+            for v in values:
+                delta = model.delta(**cond_at(v))  # type: ignore[operator]
+                ratios.append(math.sqrt(sum(float(d.double().pow(2).sum()) for d in delta.values())) / max(t0, 1e-30))
+            ratio = sum(ratios) / len(ratios)
+    grads = grad_norm_by_condition(model, loss_at, values)
+    return {"delta_ratio": ratio, "output_variation": variation, "grad_norm_by_gamma": grads, "grad_norm_by_gamma_x": list(values)}
 
 
 def grad_norm(params: Iterable[torch.nn.Parameter]) -> float:

@@ -2,9 +2,11 @@
 
 A small U-Net predicts a displacement field from (moving, fixed); a spatial
 transformer warps the moving image; the loss is (1 - lambda) * MSE(warped,
-fixed) / sigma^2 + lambda * |grad u|^2 (sigma = 0.1), with lambda ~ U(0, 1) sampled per step as the
-hypernetwork input (all layers but the final flow layer are predicted). Pairs: MNI152 slices up to 3 slices (6 mm) apart, each
-deformed by its own random smooth warp. Metrics on held-out slices: Dice of
+fixed) / sigma^2 + lambda * |grad u|^2 (sigma = 0.1), with lambda drawn per step as the
+hypernetwork input (all layers but the final flow layer are predicted): uniform on [0, 1], with the
+end points lambda = 0 and 1 oversampled as HyperMorph does (``hl.sample(..., ends=0.2)``: 10 % each).
+The plain network (no hypernetwork) is trained at one fixed lambda (``plain_lambda``).
+Pairs: slices up to 3 slices (6 mm) apart, each deformed by its own random smooth warp. Metrics on held-out slices: Dice of
 the warped tissue labels and the percentage of folding pixels (Jacobian <= 0),
 both as a function of lambda.
 """
@@ -22,7 +24,7 @@ from torch import nn
 import hyperloom as hl
 
 from .brain import BrainSlices, dice_per_class, load_mni152_slices, one_hot, random_smooth_warp, warp
-from .common import formulation, grad_norm_by_condition, set_seed, train_and_evaluate
+from .common import build_variant, grad_norm_by_condition, is_plain, set_seed, trace_probe, train_and_evaluate
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -64,7 +66,7 @@ class RegUNet(nn.Module):
         return self.flow(x)
 
 
-def reg_loss(model: hl.HyperModel, mov: torch.Tensor, fix: torch.Tensor, lam: Any, sigma: float) -> torch.Tensor:
+def reg_loss(model: nn.Module, mov: torch.Tensor, fix: torch.Tensor, lam: Any, sigma: float) -> torch.Tensor:
     """(1 - lambda) * MSE(warped, fixed) / sigma^2 + lambda * |grad u|^2."""
     disp = model(mov, fix, lam=lam)
     return (1 - lam) * F.mse_loss(warp(mov, disp), fix) / sigma**2 + lam * smoothness(disp)
@@ -139,11 +141,15 @@ DEFAULTS: dict[str, Any] = {
     "n_eval": 48,
     "lambdas": [0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0],
     "encoding": None,
+    "theta0": "init",  # the method's theta0 init (Kaiming fan-in weights, zero biases); "model": PyTorch's
+    "lambda_ends": 0.2,  # probability of drawing lambda = 0 or 1 (half each), HyperMorph's oversampling
+    "plain_lambda": 0.2,  # the fixed lambda of the plain network
+    "probes": 10,  # trace points over training
 }
 
 SIZES: dict[str, dict[str, Any]] = {
     "quick": {"steps": 200, "n_eval": 32},
-    "full": {"steps": 1500, "n_eval": 128},
+    "full": {"steps": 1000, "n_eval": 128},  # 5x quick
 }
 
 
@@ -151,39 +157,45 @@ def load_data(args: Any) -> BrainSlices:
     return load_mni152_slices(DEFAULTS["size"])
 
 
-def build(variant: str, cfg: dict[str, Any]) -> hl.HyperModel:
-    form = formulation(variant, cfg)
+def draw_lambda(variant: str, cfg: dict[str, Any], gen: torch.Generator) -> torch.Tensor:
+    """A training step's lambda: ``plain_lambda`` for the plain network; otherwise uniform on [0, 1] with
+    probability ``lambda_ends`` on the end points (half each), HyperMorph's oversampling of the extremes."""
+    if is_plain(variant):
+        return torch.tensor(float(cfg["plain_lambda"]))
+    return hl.sample({"lam": (0.0, 1.0)}, generator=gen, ends=cfg["lambda_ends"])["lam"]
+
+
+def build(variant: str, cfg: dict[str, Any]) -> nn.Module:
+    cfg = {**DEFAULTS, **cfg}
     # Every conv layer but the final flow layer is predicted: the flow layer keeps VoxelMorph's near-zero
     # init in all variants, so each starts from (almost) no displacement. Predicting it too starts MIP
     # with displacements that push the image out of the field of view, where grid_sample has no gradient.
-    return hl.hypernetize(
-        RegUNet(),
-        inputs={"lam": (0.0, 1.0)},
-        predict=["down", "bottom", "up"],
-        hidden=tuple(cfg["hidden"]),
-        activation=cfg["activation"],
-        **form,
-    )
+    return build_variant(variant, cfg, RegUNet(), {"lam": (0.0, 1.0)}, predict=["down", "bottom", "up"])
 
 
 @torch.no_grad()
-def evaluate(model: hl.HyperModel, data: BrainSlices, cfg: dict[str, Any], seed: int) -> dict[str, Any]:
+def evaluate(model: nn.Module, data: BrainSlices, cfg: dict[str, Any], seed: int) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(30_000 + seed)
     mov, fix, ym, yf = make_pairs(data, cfg["n_eval"], gen, test=True, warp_strength=cfg["warp_strength"])
-    dice, fold = [], []
+    dice, fold, smooth = [], [], []
     for lam in cfg["lambdas"]:
         disp = model(mov, fix, lam=lam)
         warped_labels = warp(one_hot(ym), disp).argmax(1)
         dice.append(float(dice_per_class(warped_labels, yf).mean()))
         fold.append(100 * float(folding_fraction(disp).mean()))
+        smooth.append(float(smoothness(disp)))
+    best = max(range(len(dice)), key=dice.__getitem__)
     return {
         "dice": sum(dice) / len(dice),
-        "dice_best": max(dice),
+        "dice_best": dice[best],
+        "lambda_best": cfg["lambdas"][best],
         "folding_pct": sum(fold) / len(fold),
         "dice_by_lambda": dice,
         "dice_by_lambda_x": cfg["lambdas"],
         "folding_by_lambda": fold,
         "folding_by_lambda_x": cfg["lambdas"],
+        "smoothness_by_lambda": smooth,
+        "smoothness_by_lambda_x": cfg["lambdas"],
         "dice_unregistered": float(dice_per_class(ym, yf).mean()),
     }
 
@@ -198,7 +210,7 @@ def run(
     def make_step_loss(gen: torch.Generator) -> Callable[[int], torch.Tensor]:
         def step_loss(step: int) -> torch.Tensor:
             mov, fix, _, _ = make_pairs(data, cfg["batch"], gen, test=False, warp_strength=cfg["warp_strength"])
-            lam = torch.rand((), generator=gen)
+            lam = draw_lambda(variant, cfg, gen)
             return reg_loss(model, mov, fix, lam, cfg["image_sigma"])
 
         return step_loss
@@ -212,5 +224,17 @@ def run(
         metrics["grad_norm_by_gamma_x"] = bins
         return metrics
 
-    out = train_and_evaluate(model, cfg, seed, make_step_loss, evaluate_all, desc=desc, checkpoint=checkpoint)
+    pmov, pfix, _, _ = make_pairs(data, 8, torch.Generator().manual_seed(60_000 + seed), test=False, warp_strength=cfg["warp_strength"])
+    bins = [0.1, 0.3, 0.5, 0.7, 0.9]
+
+    def probe() -> dict[str, Any]:
+        return trace_probe(
+            model,
+            lambda lam: model(pmov, pfix, lam=lam),
+            lambda lam: reg_loss(model, pmov, pfix, lam, cfg["image_sigma"]),
+            lambda lam: {"lam": lam},
+            bins,
+        )
+
+    out = train_and_evaluate(model, cfg, seed, make_step_loss, evaluate_all, desc=desc, checkpoint=checkpoint, probe=probe)
     return {**out, "data": data.source}

@@ -2,8 +2,10 @@
 
 Between U-Net levels the features are resized by the factor (1 - phi) instead of
 a fixed 2x pooling, with phi ~ U(0, 0.5) sampled per step: phi = 0.5 is the usual
-U-Net, phi -> 0 keeps full resolution (more compute). The hypernetwork input is
-phi mapped to [0, 1] (declared range [0, 0.5]). Task: tissue segmentation
+U-Net, phi -> 0 keeps full resolution (more compute). Every variant's
+hypernetwork gets the same input u = 2 phi in [0, 1], so the variants differ
+only in encoding and output (the variant ``default-rawphi`` keeps the raw phi
+in [0, 0.5] the quick reproduction first used). Task: tissue segmentation
 (background, CSF, grey matter, white matter) of MNI152 slices under random
 smooth warps and intensity jitter; loss: soft Dice; metric: hard Dice on
 held-out slices as a function of phi.
@@ -19,10 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import hyperloom as hl
-
 from .brain import NUM_LABELS, BrainSlices, dice_per_class, load_mni152_slices, one_hot, random_smooth_warp, warp
-from .common import formulation, grad_norm_by_condition, set_seed, train_and_evaluate
+from .common import VARIANTS, build_variant, grad_norm_by_condition, set_seed, trace_probe, train_and_evaluate
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -89,11 +89,13 @@ DEFAULTS: dict[str, Any] = {
     "warp_strength": 0.04,
     "phis": [0.0, 0.1, 0.2, 0.3, 0.4, 0.5],
     "encoding": None,
+    "theta0": "init",  # the method's theta0 init (Kaiming fan-in weights, zero biases); "model": PyTorch's
+    "probes": 10,  # trace points over training
 }
 
 SIZES: dict[str, dict[str, Any]] = {
     "quick": {"steps": 150},
-    "full": {"steps": 1500},
+    "full": {"steps": 750},  # 5x quick
 }
 
 
@@ -101,24 +103,25 @@ def load_data(args: Any) -> BrainSlices:
     return load_mni152_slices(DEFAULTS["size"])
 
 
-def build(variant: str, cfg: dict[str, Any]) -> hl.HyperModel:
-    form = formulation(variant, cfg)
-    return hl.hypernetize(
-        ScaleUNet(),
-        inputs={"phi": (0.0, 0.5)},
-        hidden=tuple(cfg["hidden"]),
-        activation=cfg["activation"],
-        **form,
-    )
+def build(variant: str, cfg: dict[str, Any]) -> nn.Module:
+    """The scale-space U-Net of one variant (call it with ``scale=1 - phi, **conditioning(variant, phi)``)."""
+    cfg = {**DEFAULTS, **cfg}
+    inputs = {"phi": (0.0, 0.5)} if VARIANTS[variant].get("raw_input") else {"u": (0.0, 1.0)}
+    return build_variant(variant, cfg, ScaleUNet(), inputs)
+
+
+def conditioning(variant: str, phi: Any) -> dict[str, Any]:
+    """The hypernetwork's input for ``phi``: ``u = 2 phi`` for every variant but ``default-rawphi``."""
+    return {"phi": phi} if VARIANTS[variant].get("raw_input") else {"u": 2 * phi}
 
 
 @torch.no_grad()
-def evaluate(model: hl.HyperModel, data: BrainSlices, cfg: dict[str, Any], seed: int) -> dict[str, Any]:
+def evaluate(model: nn.Module, data: BrainSlices, cfg: dict[str, Any], seed: int, variant: str = "mip") -> dict[str, Any]:
     gen = torch.Generator().manual_seed(40_000 + seed)
     x, y = augment(data.x_test, data.y_test, gen, cfg["warp_strength"])
     dice = []
     for phi in cfg["phis"]:
-        pred = model(x, scale=1 - phi, phi=phi).argmax(1)
+        pred = model(x, scale=1 - phi, **conditioning(variant, phi)).argmax(1)
         dice.append(float(dice_per_class(pred, y).mean()))
     return {
         "dice": sum(dice) / len(dice),
@@ -140,17 +143,33 @@ def run(
             idx = torch.randint(0, len(data.x_train), (cfg["batch"],), generator=gen)
             x, y = augment(data.x_train[idx], data.y_train[idx], gen, cfg["warp_strength"])
             phi = 0.5 * float(torch.rand((), generator=gen))
-            return soft_dice_loss(model(x, scale=1 - phi, phi=phi), y)
+            return soft_dice_loss(model(x, scale=1 - phi, **conditioning(variant, phi)), y)
 
         return step_loss
 
     def evaluate_all() -> dict[str, Any]:
-        metrics = evaluate(model, data, cfg, seed)
+        metrics = evaluate(model, data, cfg, seed, variant)
         x, y = augment(data.x_test, data.y_test, torch.Generator().manual_seed(50_000 + seed), cfg["warp_strength"])
         bins = [0.05, 0.15, 0.25, 0.35, 0.45]
-        metrics["grad_norm_by_gamma"] = grad_norm_by_condition(model, lambda phi: soft_dice_loss(model(x, scale=1 - phi, phi=phi), y), bins)
+        metrics["grad_norm_by_gamma"] = grad_norm_by_condition(
+            model, lambda phi: soft_dice_loss(model(x, scale=1 - phi, **conditioning(variant, phi)), y), bins
+        )
         metrics["grad_norm_by_gamma_x"] = bins
         return metrics
 
-    out = train_and_evaluate(model, cfg, seed, make_step_loss, evaluate_all, desc=desc, checkpoint=checkpoint)
+    # trace: a fixed batch of augmented training slices; the output variation holds the U-Net's
+    # scale at 0.75 and varies only the hypernetwork's input, so it measures what the weights do with phi
+    px, py = augment(data.x_train[:8], data.y_train[:8], torch.Generator().manual_seed(60_000 + seed), cfg["warp_strength"])
+    bins = [0.05, 0.15, 0.25, 0.35, 0.45]
+
+    def probe() -> dict[str, Any]:
+        return trace_probe(
+            model,
+            lambda phi: model(px, scale=0.75, **conditioning(variant, phi)),
+            lambda phi: soft_dice_loss(model(px, scale=1 - phi, **conditioning(variant, phi)), py),
+            lambda phi: conditioning(variant, phi),
+            bins,
+        )
+
+    out = train_and_evaluate(model, cfg, seed, make_step_loss, evaluate_all, desc=desc, checkpoint=checkpoint, probe=probe)
     return {**out, "data": data.source}

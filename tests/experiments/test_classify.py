@@ -35,18 +35,34 @@ def test_run_smoke(data, variant):
     assert 0.0 <= m["test_acc"] <= 1.0 and len(m["grad_norm_by_gamma"]) == 5
 
 
-def test_cli_writes_results_report_and_resumes(tmp_path, capsys):
+def test_cli_writes_results_report_and_resumes(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("experiments.classify.SIZES", {"quick": {"n_test": 100, "n_eval_gamma": 2}})
     out = tmp_path / "run"
     args = ["reproduce", "--task", "classify", "--seeds", "1", "--steps", "3", "--out", str(out)]
     assert main(args) == 0
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert sorted(r["variant"] for r in rows) == ["additive-only", "default", "encoding-only", "mip"]
+    assert sorted(r["variant"] for r in rows) == ["additive-only", "default", "encoding-only", "mip", "plain"]
+    assert all([t["step"] for t in r["trace"]] == [0, 1, 2, 3] for r in rows)
     assert (out / "report.md").read_text().count("| mip |") == 1
     assert (out / "classify_curves.png").stat().st_size > 1000
     capsys.readouterr()
     assert main(args) == 0  # resume: nothing is re-run
     assert "all runs already finished" in capsys.readouterr().out
-    assert len((out / "results.jsonl").read_text().splitlines()) == 4
+    assert len((out / "results.jsonl").read_text().splitlines()) == 5
+
+
+def test_lr_and_baseline_studies_reuse_the_main_runs_at_the_main_rate(tmp_path, monkeypatch):
+    monkeypatch.setattr("experiments.classify.SIZES", {"quick": {"n_test": 100, "n_eval_gamma": 2, "probes": 0}})
+    monkeypatch.setattr("experiments.__main__.LRS", ("1e-3", "3e-3"))
+    monkeypatch.setattr("experiments.__main__.BASELINES", {"classify": ["default-hyperfan"]})
+    out = tmp_path / "lr"
+    assert main(["reproduce", "--task", "classify", "--studies", "main,baseline,lr", "--seeds", "1", "--steps", "2", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    trained = [r for r in rows if not r.get("alias")]
+    assert len(trained) == 5 + 1 + 4  # main (2x2 + plain), one baseline, the 2x2 at 3e-3; 1e-3 is the main runs relabelled
+    assert {(r["study"], r["variant"]) for r in rows if r.get("alias")} == {("lr", v) for v in ("default", "encoding-only", "additive-only", "mip")}
+    assert {r["config"]["lr"] for r in rows if r["study"] == "lr"} == {1e-3, 3e-3}
+    assert main(["reproduce", "--task", "classify", "--studies", "main,nope", "--out", str(out)]) == 2
 
 
 def test_cli_resumes_an_interrupted_run_exactly(tmp_path, monkeypatch, capsys):
