@@ -21,7 +21,7 @@ from torch import nn
 
 import hyperloom as hl
 
-from .brain import NUM_LABELS, BrainSlices, dice_per_class, load_mni152_slices, one_hot, random_smooth_warp, warp
+from .brain import NUM_LABELS, BrainSlices, dice_per_class, load_brain_slices, one_hot, random_smooth_warp, warp
 from .common import formulation, grad_norm_by_condition, set_seed, train_and_evaluate
 
 
@@ -98,7 +98,7 @@ SIZES: dict[str, dict[str, Any]] = {
 
 
 def load_data(args: Any) -> BrainSlices:
-    return load_mni152_slices(DEFAULTS["size"])
+    return load_brain_slices(DEFAULTS["size"])
 
 
 def build(variant: str, cfg: dict[str, Any]) -> hl.HyperModel:
