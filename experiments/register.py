@@ -23,7 +23,7 @@ from torch import nn
 
 import hyperloom as hl
 
-from .brain import BrainSlices, dice_per_class, load_mni152_slices, one_hot, random_smooth_warp, warp
+from .brain import BrainSlices, dice_per_class, load_brain_slices, one_hot, random_smooth_warp, warp
 from .common import build_variant, grad_norm_by_condition, is_plain, set_seed, trace_probe, train_and_evaluate
 
 
@@ -154,7 +154,7 @@ SIZES: dict[str, dict[str, Any]] = {
 
 
 def load_data(args: Any) -> BrainSlices:
-    return load_mni152_slices(DEFAULTS["size"])
+    return load_brain_slices(DEFAULTS["size"])
 
 
 def draw_lambda(variant: str, cfg: dict[str, Any], gen: torch.Generator) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .brain import NUM_LABELS, BrainSlices, dice_per_class, load_mni152_slices, one_hot, random_smooth_warp, warp
+from .brain import NUM_LABELS, BrainSlices, dice_per_class, load_brain_slices, one_hot, random_smooth_warp, warp
 from .common import VARIANTS, build_variant, grad_norm_by_condition, set_seed, trace_probe, train_and_evaluate
 
 
@@ -100,7 +100,7 @@ SIZES: dict[str, dict[str, Any]] = {
 
 
 def load_data(args: Any) -> BrainSlices:
-    return load_mni152_slices(DEFAULTS["size"])
+    return load_brain_slices(DEFAULTS["size"])
 
 
 def build(variant: str, cfg: dict[str, Any]) -> nn.Module:

@@ -22,6 +22,7 @@ differentiable validation loss, and the test metric at each lambda*.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -34,7 +35,7 @@ from torch import nn
 
 import hyperloom as hl
 
-from .brain import LABEL_NAMES, BrainSlices, dice_per_class, load_mni152_slices, one_hot, warp
+from .brain import LABEL_NAMES, BrainSlices, dice_per_class, load_brain_slices, one_hot, warp
 from .common import ResultStore, config_key, formulation, make_optimizer, set_seed, train_loop
 from .register import RegUNet, folding_fraction, make_pairs, smoothness
 
@@ -217,14 +218,14 @@ def ridge_reference(cfg: dict[str, Any]) -> dict[str, Any]:
 
 # -- registration ------------------------------------------------------------------------------------------
 def register_data() -> tuple[BrainSlices, BrainSlices]:
-    """(train + validation slices, train + test slices): the held-out blocks of 4 slices, alternately."""
-    d = load_mni152_slices(64)
+    """(train + validation slices, train + test slices): the held-out test-subject slices in blocks of 4, alternately."""
+    d = load_brain_slices(64)
     block = torch.arange(len(d.x_test)) // 4
     val, test = block % 2 == 0, block % 2 == 1
     zt = d.z_test
 
     def mk(m: torch.Tensor) -> BrainSlices:
-        return BrainSlices(d.x_train, d.y_train, d.x_test[m], d.y_test[m], d.source, d.z_train, None if zt is None else zt[m])
+        return dataclasses.replace(d, x_test=d.x_test[m], y_test=d.y_test[m], z_test=None if zt is None else zt[m])
 
     return mk(val), mk(test)
 

@@ -1,24 +1,37 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from experiments import register, segment
-from experiments.brain import dice_per_class, load_mni152_slices, random_smooth_warp, warp
+from experiments import brain, register, segment
+from experiments.brain import DataUnavailable, colin27_available, dice_per_class, kmeans_1d, load_brain_slices, random_smooth_warp, warp
 from experiments.register import folding_fraction, smoothness
+
+NO_COLIN = "Colin27 test subject needs Debian mricron-data (apt-get install mricron-data)"
+needs_colin = pytest.mark.skipif(not colin27_available(), reason=NO_COLIN)
 
 
 @pytest.fixture(scope="module")
 def data():
-    return load_mni152_slices(64)
+    return load_brain_slices(64)
+
+
+@pytest.fixture(scope="module")
+def colin():
+    if not colin27_available():
+        pytest.skip(NO_COLIN)
+    return load_brain_slices(64, test="colin27")
+
+
+@pytest.fixture(scope="module")
+def slab():
+    return load_brain_slices(64, test="slab")
 
 
 def test_slices_are_real_and_split(data):
-    assert data.x_train.shape[1:] == (1, 64, 64) and len(data.x_test) > 0
-    assert set(data.y_train.unique().tolist()) == {0, 1, 2, 3}
-    # held-out slices are not copies of training slices
-    d = torch.cdist(data.x_test.flatten(1), data.x_train.flatten(1))
-    assert float(d.min()) > 0
+    _check_shapes(data)
+    assert data.test_subject == ("Colin27" if colin27_available() else "MNI152 (held-out slab)")
 
 
 def test_warp_identity_and_dice(data):
@@ -57,10 +70,14 @@ def test_scale_unet_changes_resolution():
     assert not torch.allclose(net(x, scale=1.0), net(x, scale=0.5))
 
 
-def test_registration_pairs_are_at_most_6_mm_apart_in_both_splits(data):
+@pytest.mark.parametrize("split", ["colin27", "slab"])
+def test_registration_pairs_are_at_most_6_mm_apart_in_both_splits(split):
     # the partner is drawn among slices within 6 mm by position, never by index in the gapped split arrays
     from experiments.register import MAX_PAIR_MM, pair_partners
 
+    if split == "colin27" and not colin27_available():
+        pytest.skip(NO_COLIN)
+    data = load_brain_slices(64, test=split)
     g = torch.Generator().manual_seed(0)
     for z in (data.z_train, data.z_test):
         i = torch.randint(0, len(z), (4000,), generator=g)
@@ -68,7 +85,80 @@ def test_registration_pairs_are_at_most_6_mm_apart_in_both_splits(data):
         d = (z[i] - z[j]).abs()
         assert float(d.max()) <= MAX_PAIR_MM
         assert float((d > 0).double().mean()) > 0.5  # most pairs are two different slices
-    # the index-offset rule this replaces paired test slices up to 30 mm apart
-    i = torch.arange(len(data.z_test))
-    j = (i[:, None] + torch.arange(-3, 4)[None, :]).clamp(0, len(data.z_test) - 1)
-    assert float((data.z_test[i][:, None] - data.z_test[j]).abs().max()) > MAX_PAIR_MM
+    if split == "slab":
+        # the index-offset rule this replaces pairs training slices across the gap left by the slab
+        i = torch.arange(len(data.z_train))
+        j = (i[:, None] + torch.arange(-3, 4)[None, :]).clamp(0, len(data.z_train) - 1)
+        assert float((data.z_train[i][:, None] - data.z_train[j]).abs().max()) > MAX_PAIR_MM
+
+
+def _check_shapes(d):
+    for x, y in ((d.x_train, d.y_train), (d.x_test, d.y_test)):
+        assert x.ndim == 4 and x.shape[1:] == (1, 64, 64) and x.dtype == torch.float32
+        assert y.shape == (len(x), 64, 64) and y.dtype == torch.int64
+        assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0 and float(x.max()) > 0.9
+        assert set(y.unique().tolist()) == {0, 1, 2, 3}
+    assert len(d.z_train) == len(d.x_train) and len(d.z_test) == len(d.x_test)
+    # held-out slices are not copies of training slices
+    assert float(torch.cdist(d.x_test.flatten(1), d.x_train.flatten(1)).min()) > 0
+
+
+@needs_colin
+def test_colin27_split_is_another_subject_at_the_same_positions(colin):
+    _check_shapes(colin)
+    assert (colin.train_subject, colin.test_subject) == ("MNI152", "Colin27")
+    assert "Colin27" in colin.source and "MNI152" in colin.source and "intensity-based" in colin.source
+    # every MNI152 training slice has its Colin27 counterpart at the same MNI z (mm), every 2 mm
+    assert torch.equal(colin.z_test, colin.z_train) and len(colin.z_test) == 60
+    assert torch.all(torch.diff(colin.z_test) == 2) and float(colin.z_test[0]) == -48 and float(colin.z_test[-1]) == 70
+    # a different brain: the images at the same z differ clearly, not just by a resampling
+    assert float((colin.x_test - colin.x_train).abs().mean()) > 0.05
+    # the same intensity scale: brain-tissue medians agree (measured 0.773 MNI152, 0.771 Colin27)
+    med = [float(x[:, 0][y > 0].median()) for x, y in ((colin.x_train, colin.y_train), (colin.x_test, colin.y_test))]
+    assert abs(med[0] - med[1]) < 0.05
+
+
+@needs_colin
+def test_colin27_labels_agree_with_mni152_labels_at_the_same_z(colin):
+    # measured: CSF 0.29, GM 0.67, WM 0.65 (different anatomy and a different label definition)
+    dice = dice_per_class(colin.y_test, colin.y_train)
+    assert float(dice[0]) > 0.2 and float(dice[1]) > 0.55 and float(dice[2]) > 0.55
+    # the floors catch swapped classes and misaligned slices
+    swapped = colin.y_test.clone()
+    swapped[colin.y_test == 2], swapped[colin.y_test == 3] = 3, 2
+    assert float(dice_per_class(swapped, colin.y_train)[1:].max()) < 0.55
+    assert float(dice_per_class(colin.y_test[5:], colin.y_train[:-5])[1:].min()) < 0.55  # 10 mm off in z
+    # brain masks overlap well (one subject in the other's space, through the NIfTI affines)
+    fg = (colin.y_test > 0) & (colin.y_train > 0)
+    assert float(2 * fg.sum() / ((colin.y_test > 0).sum() + (colin.y_train > 0).sum())) > 0.9
+
+
+def test_kmeans_labels_are_sorted_dark_to_bright():
+    g = np.random.default_rng(0)
+    v = np.concatenate([g.normal(m, 3.0, n) for m, n in ((50, 200), (85, 900), (110, 700))])
+    assert np.allclose(kmeans_1d(v), [50, 85, 110], atol=2)
+    lab, thr = brain.colin27_tissue_labels(np.array([[[0.0, 50, 85, 110]]]), np.array([[[False, True, True, True]]]))
+    assert lab.tolist() == [[[0, 1, 2, 3]]] and thr[0] < thr[1]
+
+
+def test_slab_split_holds_out_a_contiguous_slab_far_from_training(slab):
+    _check_shapes(slab)
+    assert slab.test_subject.startswith("MNI152") and "slab" in slab.source
+    assert float((slab.z_train[:, None] - slab.z_test[None, :]).abs().min()) > brain.SLAB_MARGIN_MM
+    assert torch.all(torch.diff(slab.z_test) == 2)  # contiguous, every 2 mm
+    assert len(slab.z_test) >= 10 and len(slab.z_train) >= 30
+    assert float(slab.z_test.min()) > float(slab.z_train.min()) and float(slab.z_test.max()) < float(slab.z_train.max())
+
+
+def test_missing_colin27_raises_or_falls_back_to_the_slab(tmp_path, monkeypatch):
+    with pytest.raises(DataUnavailable, match="mricron-data"):
+        load_brain_slices(64, test="colin27", root=tmp_path)
+    monkeypatch.setenv("HYPERLOOM_MRICRON", str(tmp_path))
+    with pytest.raises(DataUnavailable, match="mricron-data"):
+        load_brain_slices(64, test="colin27")
+    d = load_brain_slices(64, test="auto")
+    assert "fell back to the slab" in d.source and "mricron-data" in d.source and "held-out MNI152 slab" in d.source
+    assert d.test_subject != "Colin27"
+    assert torch.equal(d.z_test, load_brain_slices(64, test="slab").z_test)
+    with pytest.raises(ValueError):
+        load_brain_slices(64, test="colin")
