@@ -56,11 +56,13 @@ def test_lr_and_baseline_studies_reuse_the_main_runs_at_the_main_rate(tmp_path, 
     monkeypatch.setattr("experiments.__main__.LRS", ("1e-3", "3e-3"))
     monkeypatch.setattr("experiments.__main__.BASELINES", {"classify": ["default-hyperfan"]})
     out = tmp_path / "lr"
-    assert main(["reproduce", "--task", "classify", "--studies", "main,baseline,lr", "--seeds", "1", "--steps", "2", "--out", str(out)]) == 0
+    args = ["reproduce", "--task", "classify", "--studies", "main,baseline,lr", "--seeds", "1", "--steps", "2", "--out", str(out)]
+    assert main(args) == 0
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     trained = [r for r in rows if not r.get("alias")]
     assert len(trained) == 5 + 1 + 4  # main (2x2 + plain), one baseline, the 2x2 at 3e-3; 1e-3 is the main runs relabelled
-    assert {(r["study"], r["variant"]) for r in rows if r.get("alias")} == {("lr", v) for v in ("default", "encoding-only", "additive-only", "mip")}
+    relabelled = {(r["study"], r["variant"]) for r in rows if r.get("alias")}
+    assert relabelled == {("lr", v) for v in ("default", "encoding-only", "additive-only", "mip")}
     assert {r["config"]["lr"] for r in rows if r["study"] == "lr"} == {1e-3, 3e-3}
     assert main(["reproduce", "--task", "classify", "--studies", "main,nope", "--out", str(out)]) == 2
 

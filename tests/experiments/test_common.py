@@ -16,8 +16,8 @@ from experiments.common import (
     build_variant,
     formulation,
     hyperfan_in_,
-    train_loop,
     trace_probe,
+    train_loop,
 )
 
 CFG = {"hidden": [16, 64, 128], "activation": "leaky_relu", "theta0": "init"}
@@ -99,8 +99,8 @@ def test_trace_probe_measures_use_of_the_conditioning():
     torch.manual_seed(0)
     x = torch.randn(16, 3)
     for variant in FORMULATIONS:
-        model = build_variant(variant, CFG, nn.Linear(3, 2), {"lam": (0.0, 1.0)})
-        rec = trace_probe(model, lambda v: model(x, lam=v), lambda v: model(x, lam=v).pow(2).mean(), lambda v: {"lam": v}, [0.1, 0.5, 0.9])
+        m = build_variant(variant, CFG, nn.Linear(3, 2), {"lam": (0.0, 1.0)})
+        rec = trace_probe(m, lambda v, m=m: m(x, lam=v), lambda v, m=m: m(x, lam=v).pow(2).mean(), lambda v: {"lam": v}, [0.1, 0.5, 0.9])
         assert rec["output_variation"] > 0
         assert (rec["delta_ratio"] is None) == (not FORMULATIONS[variant]["additive"])
         assert len(rec["grad_norm_by_gamma"]) == 3 and all(g > 0 for g in rec["grad_norm_by_gamma"])
