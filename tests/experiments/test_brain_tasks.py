@@ -162,3 +162,46 @@ def test_missing_colin27_raises_or_falls_back_to_the_slab(tmp_path, monkeypatch)
     assert torch.equal(d.z_test, load_brain_slices(64, test="slab").z_test)
     with pytest.raises(ValueError):
         load_brain_slices(64, test="colin")
+
+
+def test_every_segmentation_variant_gets_the_same_mapped_input():
+    """Design fix 2: default and encoding-only see the same u = 2 phi; only default-rawphi keeps raw phi."""
+    from experiments.common import FORMULATIONS
+
+    for v in FORMULATIONS:
+        model = segment.build(v, {})
+        assert list(model.inputs) == ["u"] and (model.inputs["u"].low, model.inputs["u"].high) == (0.0, 1.0)
+        assert segment.conditioning(v, 0.2) == {"u": 0.4}
+    raw = segment.build("default-rawphi", {})
+    assert list(raw.inputs) == ["phi"] and segment.conditioning("default-rawphi", 0.2) == {"phi": 0.2}
+    # same init: for phi = 0.2 the raw default's trunk sees 0.2, the mapped default's sees u = 0.4
+    torch.manual_seed(0)
+    mapped = segment.build("default", {})
+    torch.manual_seed(0)
+    raw = segment.build("default-rawphi", {})
+    with torch.no_grad():
+        d_raw, d_same, d_mapped = raw.delta(phi=0.2), mapped.delta(u=0.2), mapped.delta(**segment.conditioning("default", 0.2))
+    assert all(torch.allclose(d_raw[k], d_same[k]) for k in d_raw)
+    assert not any(torch.allclose(d_raw[k], d_mapped[k]) for k in d_raw if "weight" in k)
+
+
+def test_registration_lambda_oversamples_the_ends_and_plain_uses_its_fixed_lambda():
+    """Design fix 6: HyperMorph's oversampling of lambda = 0 and 1 (10 % each with ends=0.2)."""
+    gen = torch.Generator().manual_seed(0)
+    lam = torch.stack([register.draw_lambda("mip", register.DEFAULTS, gen) for _ in range(4000)])
+    n = len(lam)
+    for end in (0.0, 1.0):
+        frac = float((lam == end).float().mean())
+        assert abs(frac - 0.1) < 4 * math.sqrt(0.1 * 0.9 / n), (end, frac)
+    inner = lam[(lam > 0) & (lam < 1)]
+    assert abs(float(inner.mean()) - 0.5) < 0.03 and float(inner.min()) < 0.05 and float(inner.max()) > 0.95
+    assert float(register.draw_lambda("plain", {**register.DEFAULTS, "plain_lambda": 0.3}, gen)) == pytest.approx(0.3)
+
+
+def test_registration_reports_dice_at_the_best_lambda(data):
+    torch.manual_seed(0)
+    model = register.build("mip", {})
+    m = register.evaluate(model, data, {**register.DEFAULTS, "n_eval": 4}, 0)
+    best = max(range(len(m["dice_by_lambda"])), key=m["dice_by_lambda"].__getitem__)
+    assert m["dice_best"] == max(m["dice_by_lambda"]) and m["lambda_best"] == register.DEFAULTS["lambdas"][best]
+    assert len(m["smoothness_by_lambda"]) == len(register.DEFAULTS["lambdas"])
