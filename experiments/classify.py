@@ -71,7 +71,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 SIZES: dict[str, dict[str, Any]] = {
-    "quick": {"steps": 300, "n_test": 1000, "n_eval_gamma": 6},
+    "quick": {"steps": 300, "n_test": 1000, "n_eval_gamma": 6, "probes": 5, "probe_batch": 64},  # trace at 6 points
     "full": {"steps": 1500, "n_test": 10000, "n_eval_gamma": 8},  # 5x quick
 }
 
@@ -156,10 +156,10 @@ def run(variant: str, seed: int, data: ImageData, cfg: dict[str, Any], *, desc: 
         return metrics
 
     pgen = torch.Generator().manual_seed(60_000 + seed)
-    pidx = torch.randint(0, n, (256,), generator=pgen)
+    pidx = torch.randint(0, n, (cfg.get("probe_batch", 256),), generator=pgen)
     px, py = data.x_train[pidx], data.y_train[pidx]
     bins = [0.1, 0.3, 0.5, 0.7, 0.9]
-    zshape = gamma_shape(cfg["k"], 256 if cfg["per_sample_gamma"] else None)
+    zshape = gamma_shape(cfg["k"], len(pidx) if cfg["per_sample_gamma"] else None)
 
     def probe() -> dict[str, Any]:
         return trace_probe(

@@ -148,7 +148,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 SIZES: dict[str, dict[str, Any]] = {
-    "quick": {"steps": 200, "n_eval": 32},
+    "quick": {"steps": 200, "n_eval": 32, "probes": 5},
     "full": {"steps": 1000, "n_eval": 128},  # 5x quick
 }
 

@@ -94,7 +94,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 SIZES: dict[str, dict[str, Any]] = {
-    "quick": {"steps": 150},
+    "quick": {"steps": 150, "probes": 5},
     "full": {"steps": 750},  # 5x quick
 }
 
