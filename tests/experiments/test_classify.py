@@ -43,7 +43,9 @@ def test_cli_writes_results_report_and_resumes(tmp_path, monkeypatch, capsys):
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert sorted(r["variant"] for r in rows) == ["additive-only", "default", "encoding-only", "mip", "plain"]
     assert all([t["step"] for t in r["trace"]] == [0, 1, 2, 3] for r in rows)
-    assert (out / "report.md").read_text().count("| mip |") == 1
+    report = (out / "report.md").read_text()
+    assert report.count("| mip |") == 2 and report.count("| plain |") == 2  # one row in the main table, one in the trace table
+    assert "### Training traces (classify)" in report and (out / "classify_trace.png").stat().st_size > 1000
     assert (out / "classify_curves.png").stat().st_size > 1000
     capsys.readouterr()
     assert main(args) == 0  # resume: nothing is re-run
