@@ -616,6 +616,11 @@ def plot_trace(rows: list[dict[str, Any]], task: str, path: Path) -> bool:
     groups = {v: rs for v, rs in groups.items() if rs}
     if not groups:
         return False
+    # the main study's variants only (the baselines are in the trace table): 8 bands would hide each other;
+    # one colour per variant in every panel
+    main = {v: rs for v, rs in groups.items() if v in VARIANT_ORDER} or groups
+    colours = {v: f"C{i}" for i, v in enumerate(variant_order(list(groups)))}
+    groups = main
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, (k, label) in zip(axes, TRACE_KEYS):
@@ -632,8 +637,8 @@ def plot_trace(rows: list[dict[str, Any]], task: str, path: Path) -> bool:
             if not by_step:
                 continue  # e.g. delta_ratio of a variant without theta0
             steps = sorted(by_step)
-            ax.plot(steps, [np.median(by_step[s]) for s in steps], label=f"{v} (n={len(rs)})")
-            ax.fill_between(steps, [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps], alpha=0.2)
+            ax.plot(steps, [np.median(by_step[s]) for s in steps], label=f"{v} (n={len(rs)})", color=colours[v])
+            ax.fill_between(steps, [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps], alpha=0.2, color=colours[v])
             drawn = True
         ax.set_xlabel("step")
         ax.set_ylabel(label)
