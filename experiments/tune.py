@@ -371,7 +371,8 @@ def run_all(
             ckpt = out / "checkpoints" / f"{key}.safetensors"
             ckpt.parent.mkdir(parents=True, exist_ok=True)
             res = fn(kind, seed, cfg, checkpoint=ckpt)
-            store.add({**row, "key": key, "kind": kind, **res})
+            data = {"data": load_brain_slices(64).source} if task == "register" else {}
+            store.add({**row, "key": key, "kind": kind, **data, **res})
             ckpt.unlink(missing_ok=True)
             print(f"[tune {task} {i + 1}/{len(todo)}] {kind} seed={seed} ({time.perf_counter() - t0:.1f}s)", flush=True)
         if task == "ridge":

@@ -15,6 +15,13 @@ from .report import _pyplot
 from .tune import CLASSES, VARIANTS
 
 
+def _data_line(groups: dict[str, list[dict[str, Any]]]) -> str:
+    """The data set the rows name (older rows without it: the MNI152 interleaved split of their time)."""
+    names = sorted({str(r.get("data", "")) for rs in groups.values() for r in rs} - {""})
+    old = "MNI152 2009a slices, interleaved train / held-out blocks (rows written before the data was recorded)"
+    return "; ".join(names) if names else old
+
+
 def _ms(values: list[float], digits: int = 3, sci: bool = False) -> str:
     a = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
     if a.size == 0:
@@ -141,9 +148,10 @@ def register_section(rows: list[dict[str, Any]], out: Path) -> str:
     lams = sorted({a["lam"] for rs in hyper.values() for r in rs for a in r["at"]})
     n = max(len(rs) for rs in hyper.values())
     parts = [
-        "## Registration (MNI152 slices, λ ∈ [0, 1]), λ chosen on validation slices, confirmed on test slices",
+        "## Registration (brain slices, λ ∈ [0, 1]), λ chosen on validation slices, confirmed on test slices",
         f"Hypernetwork trained {next(iter(hyper.values()))[0]['steps']} steps with `hl.sample(..., ends=0.2)`; seeds: {n}. "
-        "Validation and test pairs come from alternate held-out blocks of 4 slices.",
+        "Validation and test pairs come from alternate blocks of 4 slices of the held-out test set (not seen in training). "
+        f"Data: {_data_line(groups)}",
         "\n### Amortization gap: test registration loss at λ (the training objective)\n",
         _gap_table(groups, lams, "loss", "loss", sci=False, higher_better=False),
         "\n### Amortization gap: test Dice at λ\n",
