@@ -36,7 +36,7 @@ def test_run_smoke(data, variant):
 
 
 def test_cli_writes_results_report_and_resumes(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("experiments.classify.SIZES", {"quick": {"n_test": 100, "n_eval_gamma": 2}})
+    monkeypatch.setattr("experiments.classify.SIZES", {"quick": {"n_test": 100, "n_eval_gamma": 2, "probe_batch": 16}})
     out = tmp_path / "run"
     args = ["reproduce", "--task", "classify", "--seeds", "1", "--steps", "3", "--out", str(out)]
     assert main(args) == 0
@@ -73,7 +73,9 @@ def test_cli_resumes_an_interrupted_run_exactly(tmp_path, monkeypatch, capsys):
     import experiments.common as common
 
     args = ["reproduce", "--task", "classify", "--seeds", "1", "--steps", "12"]
-    monkeypatch.setattr("experiments.classify.SIZES", {"quick": {"n_test": 100, "n_eval_gamma": 2, "checkpoint_every": 5}})
+    sizes = {"quick": {"n_test": 100, "n_eval_gamma": 2, "checkpoint_every": 5, "probes": 3, "probe_batch": 16}}
+    monkeypatch.setattr("experiments.classify.SIZES", sizes)
+    monkeypatch.setattr("experiments.__main__.MAIN_VARIANTS", ("mip", "plain"))  # a hypernetwork and a plain run suffice
     assert main([*args, "--out", str(tmp_path / "ref")]) == 0
     real = common.progress
     calls = {"n": 0}
@@ -97,10 +99,11 @@ def test_cli_resumes_an_interrupted_run_exactly(tmp_path, monkeypatch, capsys):
     for k in ref:
         assert ref[k]["curve"] == got[k]["curve"]
         assert ref[k]["metrics"]["test_acc"] == got[k]["metrics"]["test_acc"]
+        assert ref[k]["trace"] == got[k]["trace"] and [t["step"] for t in got[k]["trace"]] == [0, 4, 8, 12]
 
 
 def test_ablation_relabels_shared_baseline_runs_instead_of_retraining(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("experiments.classify.SIZES", {"quick": {"n_test": 100, "n_eval_gamma": 2}})
+    monkeypatch.setattr("experiments.classify.SIZES", {"quick": {"n_test": 100, "n_eval_gamma": 2, "probes": 0}})
     out = tmp_path / "abl"
     assert main(["ablate", "--axes", "k,depth", "--seeds", "1", "--steps", "2", "--out", str(out)]) == 0
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
