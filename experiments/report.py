@@ -512,11 +512,11 @@ def _pyplot() -> Any:
     return plt
 
 
-def _save(plt: Any, fig: Any, ax: Any, path: Path, *, log: bool = False) -> bool:
+def _save(plt: Any, fig: Any, ax: Any, path: Path, *, log: bool = False, legend_size: int = 7) -> bool:
     """Legend, optional log y-axis, tight layout, write the PNG, free the figure."""
     if log:
         ax.set_yscale("log")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=legend_size)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -11,7 +11,7 @@ import numpy as np
 
 import hyperloom as hl
 
-from .report import _pyplot
+from .report import _pyplot, _save
 from .tune import CLASSES, VARIANTS
 
 
@@ -129,15 +129,10 @@ def _plot_ridge(groups: dict[str, list[dict[str, Any]]], ref: dict[str, Any], la
         ax.plot(lams, ys, style, label=label)
     ax.axvline(ref["lam_star"], color="grey", lw=1, ls=":", label="exact λ* (validation)")
     ax.set_xscale("log")
-    ax.set_yscale("log")
     ax.set_xlabel("λ")
     ax.set_ylabel("‖w - w*‖ / ‖w*‖ (mean over seeds)")
     ax.set_title("ridge: distance to the exact solution")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, ax, path, log=True, legend_size=8)
 
 
 def register_section(rows: list[dict[str, Any]], out: Path) -> str:
