@@ -43,6 +43,7 @@ from .lora import LoRA, LoRAModel
 from .model import HyperModel, hypernetize
 from .params import ParamStore
 from .select import select_parameters
+from .selftune import SelfTuner
 from .task import Task, TaskEmbedding
 from .training import NonFiniteLossError, Trainer
 from .trunk import ACTIVATIONS, NORMS, Trunk, WeightNormLinear
@@ -82,6 +83,7 @@ __all__ = [
     "ParamDict",
     "ParamStore",
     "Raw",
+    "SelfTuner",
     "Standardize",
     "Task",
     "TaskEmbedding",
