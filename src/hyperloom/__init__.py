@@ -24,6 +24,7 @@ from .checkpoint import (
     save_training,
 )
 from .diagnostics import theta_norms
+from .dropout import BoundDropout, bind_dropout
 from .encoding import (
     ENCODINGS,
     CosSin,
@@ -52,6 +53,7 @@ from .types import Conditioning, ParamDict
 
 __all__ = [
     "ACTIVATIONS",
+    "BoundDropout",
     "CheckpointError",
     "NonFiniteLossError",
     "Sweep",
@@ -91,6 +93,7 @@ __all__ = [
     "WeightNormLinear",
     "ZOneMinusZ",
     "__version__",
+    "bind_dropout",
     "continual",
     "get_encoding",
     "hypernetize",

@@ -198,6 +198,8 @@ class HyperModel(nn.Module):
         self.check_outputs = True
         self._all_modules: list[nn.Module] = list(primary.modules())
         self._rnns: list[nn.RNNBase] = [m for m in self._all_modules if isinstance(m, nn.RNNBase)]
+        #: Buffers of the primary network fed from a conditioning input: name -> raw column (see hyperloom.dropout).
+        self.bound: dict[str, int] = {}
 
     @staticmethod
     def _check_signature(model: nn.Module, hypernet: HyperNetwork) -> frozenset[str] | None:
@@ -353,12 +355,13 @@ class HyperModel(nn.Module):
             self._check_devices(args, rest)
         raw, per_sample = self.hypernet.prepare(cond)
         if not per_sample:
-            return functional_call(self.primary, self.hypernet.theta_shared(raw), tuple(args), rest, tie_weights=False, strict=False)
+            theta = {**self.hypernet.theta_shared(raw), **{k: raw[0, c] for k, c in self.bound.items()}}
+            return functional_call(self.primary, theta, tuple(args), rest, tie_weights=False, strict=False)
         n = raw.shape[0]
         if n == 0:
             raise HyperloomError("Per-sample conditioning with an empty batch (0 samples)")
         plan = plan_arguments(args, rest, n=n, batch_dim=self.batch_dim, in_dims=self.in_dims)
-        theta = self.hypernet.theta_from_raw(raw)
+        theta = {**self.hypernet.theta_from_raw(raw), **{k: raw[:, c] for k, c in self.bound.items()}}
         state = self._bn_state(n)
         if self.per_sample_mode == "loop":
             out = run_loop(self.primary, theta, state, plan, self.out_dims, n)
