@@ -411,15 +411,17 @@ class SelfTuner(nn.Module):
         return value
 
     def _bad_grads(self) -> list[str]:
-        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+        """Names of parameters whose gradient holds a NaN or an infinity.
+
+        Fast path: a sum holding a NaN or an infinity is itself non-finite, so one sum per gradient settles the
+        usual case (a plain element-wise check cost ~30% of a small model's step); only a non-finite sum (a NaN,
+        an infinity, or an overflow of finite values) is checked element-wise.
+        """
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if not params or math.isfinite(float(torch.stack([p.grad.sum() for p in params]).sum())):  # type: ignore[union-attr]
             return []
         names = {id(p): n for n, p in self.model.named_parameters()}
-        return [
-            names.get(id(p), f"param {i}")
-            for i, p in enumerate(p for g in self.optimizer.param_groups for p in g["params"])
-            if p.grad is not None and not bool(torch.isfinite(p.grad).all())
-        ]
+        return [names.get(id(p), f"parameter {i}") for i, p in enumerate(params) if not bool(torch.isfinite(p.grad).all())]  # type: ignore[arg-type]
 
     def hyper_step(self, val_loss: Callable[..., torch.Tensor], *, n: int | None = None) -> float:
         """One step of the values and the perturbation scales on the validation loss.
