@@ -46,8 +46,9 @@ def _setups() -> list[tuple[str, Callable[[], hl.HyperModel], dict[str, Any], in
 def section_selftune(args: argparse.Namespace, report: dict[str, Any]) -> None:
     print("\n## Self-tuning: T x train_step + 1 hyper_step vs T plain hypernetwork training steps")
     rows = []
-    for label, build, _inputs, batch in _setups():
-        for period in (5, 10):
+    setups = _setups()[:1] if args.quick else _setups()
+    for label, build, _inputs, batch in setups:
+        for period in (5,) if args.quick else (5, 10):
             torch.manual_seed(0)
             x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
             xv, yv = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
