@@ -330,7 +330,7 @@ class SelfTuner(nn.Module):
             HyperloomError: On an ``n`` that is not ``None`` or a positive integer.
         """
         n = self._check_n(n)
-        eps = torch.randn((self.u.numel(),) if n is None else (n, self.u.numel()), dtype=torch.float64)
+        eps = torch.randn((self.u.numel(),) if n is None else (n, self.u.numel()), dtype=torch.float64).to(self.u.device)  # CPU stream
         up = (self.u + self.log_scale.exp() * eps).clamp(0.0, 1.0)
         self.counters[0] += 1
         return self._conditioning(up, n)
@@ -449,7 +449,7 @@ class SelfTuner(nn.Module):
             raise HyperloomError("SelfTuner.hyper_step needs autograd: call it outside torch.inference_mode()")
         u = self.u.detach().clone().requires_grad_(True)
         ls = self.log_scale.detach().clone().requires_grad_(True)
-        eps = torch.randn((u.numel(),) if n is None else (n, u.numel()), dtype=torch.float64)
+        eps = torch.randn((u.numel(),) if n is None else (n, u.numel()), dtype=torch.float64).to(u.device)  # CPU stream
         modes = [(m, m.training) for m in self.model.modules()]
         gu = gls = None
         try:
@@ -505,7 +505,7 @@ class SelfTuner(nn.Module):
             if (step - 1) % stride:
                 self.counters[4] = rows
                 return
-        row = torch.cat([torch.tensor([step, self.steps, value], dtype=torch.float64), self.u, self.log_scale])
+        row = torch.cat([torch.tensor([step, self.steps, value], dtype=torch.float64, device=self.u.device), self.u, self.log_scale])
         self.history_rows[rows] = row
         self.counters[4] = rows + 1
 
@@ -532,7 +532,7 @@ class SelfTuner(nn.Module):
         n_rows = int(self.counters[4])
         if n_rows == 0:
             raise HyperloomError("SelfTuner.plot: no hyper step recorded yet (call hyper_step first)")
-        h = self.history_rows[:n_rows]
+        h = self.history_rows[:n_rows].cpu()
         k_ = self.u.numel()
         x = h[:, 1].numpy() if bool((h[:, 1] > 0).any()) else h[:, 0].numpy()
         panels = [(k, j) for k in self.names for j in range(self._slices[k].stop - self._slices[k].start)]
