@@ -311,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     ad.add_argument("--pretrain-steps", type=int, default=0, help="override the number of pretraining steps")
     pe = sub.add_parser("personalized", help="personalised classifiers from a client's data set (PeFLL-style, hl.Data)")
     pe.add_argument("--methods", default="", help="comma-separated subset of the methods (default: all)")
+    pe.add_argument("--clients", type=int, default=0, help="override the number of clients (default 60, a fifth unseen)")
     common(pe, "runs/personalized")
     rp = sub.add_parser("report", help="rewrite plots and report.md from results.jsonl")
     rp.add_argument("--out", default="runs/reproduce")

@@ -454,6 +454,8 @@ def main(args: Any) -> int:
     cfg = {**DEFAULTS, **SIZES[size]}
     if args.steps:
         cfg["steps"] = args.steps
+    if getattr(args, "clients", 0):
+        cfg["clients"] = args.clients
     methods = args.methods.split(",") if getattr(args, "methods", "") else list(METHODS)
     bad = [m for m in methods if m not in METHODS]
     if bad:
@@ -483,7 +485,11 @@ def main(args: Any) -> int:
     for r in rows:  # keep one row per (variant, seed): the last written
         done[(r["variant"], r["seed"])] = r
     rows = list(done.values())
-    flags = (f" --steps {args.steps}" if args.steps else "") + (f" --methods {args.methods}" if getattr(args, "methods", "") else "")
+    flags = (
+        (f" --steps {args.steps}" if args.steps else "")
+        + (f" --clients {args.clients}" if getattr(args, "clients", 0) else "")
+        + (f" --methods {args.methods}" if getattr(args, "methods", "") else "")
+    )
     timing = f"Wall time of the last invocation: {wall:.0f} s ({ran} runs)" if ran else "Report regenerated (no new runs)"
     header = (
         f"Size: **{size}** ({cfg['steps']} steps, data {data.name}), seeds: {args.seeds}, torch {torch.__version__}, 1 thread. "

@@ -153,6 +153,25 @@ class Data:
         """The code used where an input needs a representative value (zeros: for shape checks only)."""
         return 0.0
 
+    def config(self) -> dict[str, Any]:
+        """The declaration as JSON, as checkpoints record and check it.
+
+        The encoder is recorded by its class name; its weights are in the ``state_dict``.
+
+        Example:
+            >>> from torch import nn
+            >>> Data(nn.Linear(3, 4), per="set").config()
+            {'kind': 'Data', 'encoder': 'Linear', 'per': 'set', 'pool': 'mean', 'norm': 'unit', 'dim': 4}
+        """
+        return {
+            "kind": "Data",
+            "encoder": type(self.encoder).__name__,
+            "per": self.per,
+            "pool": self.pool,
+            "norm": self.norm,
+            "dim": self.dim,
+        }
+
     def __repr__(self) -> str:
         return f"Data({type(self.encoder).__name__}, per={self.per!r}, pool={self.pool!r}, norm={self.norm!r}, dim={self.dim})"
 
