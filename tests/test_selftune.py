@@ -235,6 +235,11 @@ def test_bad_inputs_are_named():
         hl.SelfTuner(model, opt, perturb=2.0)
     with pytest.raises(hl.HyperloomError, match="must be a hypernetwork model"):
         hl.SelfTuner(nn.Linear(2, 1), opt)
+    enc = nn.Sequential(nn.Linear(2, 8))
+    with_data = hl.hypernetize(nn.Linear(2, 1), inputs={"support": hl.Data(enc, per="set"), "wd": (1e-4, 1.0, "log")}, hidden=(8,))
+    with pytest.raises(hl.HyperloomError, match=re.escape("['support'] are not continuous inputs ({'support': 'Data'})")):
+        hl.SelfTuner(with_data, torch.optim.SGD(with_data.parameters(), lr=0.1), inputs=["support", "wd"])
+    assert hl.SelfTuner(with_data, torch.optim.SGD(with_data.parameters(), lr=0.1)).names == ("wd",)
     tuner = hl.SelfTuner(model, opt)  # default: the continuous inputs only; the task id is the losses' business
     assert tuner.names == ("wd",)
     x = torch.randn(4, 2)

@@ -23,6 +23,7 @@ from .checkpoint import (
     save_safetensors,
     save_training,
 )
+from .data_input import Data, Masked
 from .diagnostics import theta_norms
 from .dropout import BoundDropout, bind_dropout
 from .encoding import (
@@ -70,6 +71,7 @@ __all__ = [
     "NORMS",
     "Conditioning",
     "CosSin",
+    "Data",
     "DenseHead",
     "Encoding",
     "HyperModel",
@@ -82,6 +84,7 @@ __all__ = [
     "LoRA",
     "LoRAModel",
     "LowRankHead",
+    "Masked",
     "ParamDict",
     "ParamStore",
     "Raw",
