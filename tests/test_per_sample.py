@@ -82,8 +82,8 @@ def test_mismatched_keyword_batch_names_the_argument():
     with pytest.raises(
         HyperloomError,
         match=re.escape(
-            "The conditioning has 4 per-sample values but keyword argument 'labels' of shape (3,) has 3 samples along its batch "
-            "dimension 0; pass in_dims={'labels': None} to hypernetize"
+            "The conditioning has 4 per-sample value(s) but keyword argument 'labels' of shape (3,) has 3 samples along its batch "
+            "dimension 0."
         ),
     ):
         hnet(ids, mask=mask, labels=labels[:3], lam=torch.rand(4))

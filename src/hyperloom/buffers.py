@@ -174,6 +174,8 @@ class BufferState:
         Raises:
             HyperloomError: Naming a buffer the forward registered during the call (it is removed first).
         """
+        if torch.compiler.is_compiling():
+            return  # a compiled call keeps no functorch tensor in modules (traced, not run eagerly)
         added: list[str] = []
         for mname, m in self.primary.named_modules():
             prefix = mname + "." if mname else ""
@@ -195,6 +197,8 @@ class BufferState:
             )
 
     def _tensor_attributes(self) -> dict[tuple[int, str], torch.Tensor]:
+        if torch.compiler.is_compiling():
+            return {}
         return {
             (id(m), k): v
             for m in self.primary.modules()

@@ -65,6 +65,13 @@ _MAX_CHECKED_LAYOUTS = 256
 NO_VMAP_MODULES: tuple[type[nn.Module], ...] = (nn.RNNBase,)
 
 
+def _is_scalar(a: Any) -> bool:
+    """A Python number or a 0-d tensor (what conditioning passed by position looks like)."""
+    if isinstance(a, torch.Tensor):
+        return a.dim() == 0
+    return isinstance(a, (int, float)) and not isinstance(a, bool)
+
+
 def _split_name(root: nn.Module, name: str) -> tuple[nn.Module, str]:
     mod_name, _, attr = name.rpartition(".")
     return root.get_submodule(mod_name), attr
@@ -86,6 +93,17 @@ def _remove_param(root: nn.Module, name: str) -> bool:
     assert p is not None  # selected parameters exist by construction
     _refresh_rnn(module)
     return bool(p.requires_grad)
+
+
+def _set_placeholder(root: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Leave a plain (unregistered) tensor attribute where a predicted parameter was.
+
+    ``print(model)``, ``m.bias is None`` checks and ``model.apply(init_fn)`` idioms then see the base value
+    ``theta0`` (a detached alias: an in-place init writes ``theta0``) or, with no ``theta0``, a shape-only
+    ``meta`` tensor. It is in no ``state_dict`` and no ``parameters()``: the tensor is held once, in ``theta0``.
+    """
+    module, attr = _split_name(root, name)
+    object.__setattr__(module, attr, value)  # not Module.__setattr__: nothing is registered
 
 
 def _restore_param(root: nn.Module, name: str, value: torch.Tensor, requires_grad: bool) -> None:
@@ -189,6 +207,7 @@ class HyperModel(nn.Module):
         self._requires_grad = {n: _remove_param(primary, n) for n in self.predicted}
         self.primary = primary
         self.hypernet = hypernet
+        self._set_placeholders()
         if per_sample == "auto":
             per_sample = "loop" if any(isinstance(m, NO_VMAP_MODULES) for m in primary.modules()) else "vmap"
         self.per_sample_mode: str = per_sample
@@ -240,6 +259,27 @@ class HyperModel(nn.Module):
                 raise HyperloomError(f"{name}: generated dtype {t.dtype}, expected {p.dtype}")
             if t.device != p.device:
                 raise HyperloomError(f"{name}: generated on {t.device}, the parameter is on {p.device}")
+
+    def _set_placeholders(self) -> None:
+        theta0 = self.hypernet.theta0
+        for n in self.predicted:
+            if theta0 is not None:
+                value = theta0[n].detach()
+            else:
+                shape = self.hypernet.shapes[n]
+                value = torch.empty(shape, dtype=self.hypernet.dtype, device="meta")
+            _set_placeholder(self.primary, n, value)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """After unpickling or ``copy.deepcopy``: the placeholders alias the copy's own ``theta0``."""
+        super().__setstate__(state)  # type: ignore[no-untyped-call]
+        self._set_placeholders()
+
+    def _apply(self, fn: Any, recurse: bool = True) -> HyperModel:
+        """Move and cast as usual, then point the placeholders at the moved ``theta0``."""
+        out = super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
+        self._set_placeholders()
+        return out  # type: ignore[no-any-return]
 
     # -- views ---------------------------------------------------------------------------
     @property
@@ -352,6 +392,8 @@ class HyperModel(nn.Module):
 
     def _forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         cond, rest = self._split(kwargs)
+        if len(cond) != len(self.hypernet.input_set.specs):
+            self._missing_conditioning(args, cond)
         if not _is_compiling():
             self._check_devices(args, rest)
         raw, per_sample = self.hypernet.prepare(cond)
@@ -383,6 +425,22 @@ class HyperModel(nn.Module):
         state.commit()  # after the check: a call that raises writes no buffer
         return out
 
+    def _missing_conditioning(self, args: tuple[Any, ...], cond: Mapping[str, Any]) -> None:
+        """Raise for missing conditioning, saying where a positional number went.
+
+        Raises:
+            HyperloomError: Always, naming the missing inputs and the keyword form.
+        """
+        names = list(self.hypernet.input_set.names)
+        missing = [k for k in names if k not in cond]
+        example = ", ".join(f"{k}=..." for k in missing)
+        msg = f"Missing conditioning input(s) {missing}: conditioning is passed by keyword, e.g. hnet(x, {example})"
+        numbers = [(i, a) for i, a in enumerate(args) if _is_scalar(a)]
+        if numbers:
+            shown = ", ".join(f"{i} ({a!r})" for i, a in numbers)
+            msg += f"; positional argument(s) {shown} went to the model {type(self.primary).__name__}, not to the hypernetwork"
+        raise HyperloomError(msg)
+
     def _check_outputs(self, theta: ParamDict, plan: Any, out: Any, n: int) -> None:
         """Once per argument layout, compare the stacked output shapes with a shared call of the same batch."""
         if not self.check_outputs or _is_compiling() or n < 2 or all(d is None for d in plan.dims):
@@ -410,7 +468,17 @@ class HyperModel(nn.Module):
             set_rng_state(saved)
 
     def extra_repr(self) -> str:
-        return f"predicted={len(self.predicted)} tensors, per_sample={self.per_sample_mode!r}"
+        """What is predicted, from which inputs, and how (``theta0 + Delta`` or ``Delta`` alone)."""
+        h = self.hypernet
+        inputs = ", ".join(h.input_set.names)
+        how = f"theta0 + Delta({inputs})" if h.theta0 is not None else f"Delta({inputs}) (no theta0)"
+        shown = [f"{n} {tuple(h.shapes[n])}" for n in self.predicted[:8]]
+        if len(self.predicted) > 8:
+            shown.append(f"... ({len(self.predicted) - 8} more)")
+        return (
+            f"predicted={len(self.predicted)} tensors = {how}, encoding={h.encoding.name}: {', '.join(shown)}\n"
+            f"per_sample={self.per_sample_mode!r}"
+        )
 
 
 def split_conditioning(

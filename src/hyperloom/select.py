@@ -117,6 +117,15 @@ def select_parameters(model: nn.Module, predict: Selector | Sequence[Selector] |
         owner: dict[str, object] = {}
         for sel in sels:
             names = _match(model, sel, all_names)
+            if not names and not isinstance(sel, type):
+                bufs = [n for n, _ in model.named_buffers()]
+                hit = _match(nn.Module(), sel, bufs) if bufs else []
+                if hit:
+                    raise HyperloomError(
+                        f"predict selector {_describe(sel)} matches buffer(s) {hit[:8]}, not parameters: buffers (running "
+                        "statistics, masks, position ids) are not trained and cannot be predicted; select parameters "
+                        f"(parameter names: {all_names[:12]})"
+                    )
             if not names:
                 types = sorted({type(m).__name__ for m in model.modules() if next(m.parameters(False), None) is not None})
                 shown = all_names[:12] + (["..."] if len(all_names) > 12 else [])
