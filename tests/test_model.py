@@ -586,3 +586,63 @@ def test_a_conditioning_batch_mismatch_points_to_the_conditioning(lam, batch):
         hnet(torch.randn(batch, 1, 8, 8), lam=lam)
     assert "pass each conditioning input as a number or a 0-d tensor (e.g. lam=0.3 or torch.tensor(0.3), not shape (1,))" in str(e.value)
     assert f"for one weight set per sample, pass {batch} values per input" in str(e.value)
+
+
+# --------------------------------------------------------------------------------------- #
+# parametrized modules (torch.nn.utils.parametrize)
+# --------------------------------------------------------------------------------------- #
+def test_predict_by_type_on_weight_norm_linears_predicts_the_weight():
+    # predict=[nn.Linear] used to predict only the bias and silently skip the parametrized weight
+    from torch.nn.utils.parametrizations import weight_norm
+
+    torch.manual_seed(0)
+    net = nn.Sequential(weight_norm(nn.Linear(3, 4)), nn.ReLU(), nn.Linear(4, 2))
+    hnet = hl.hypernetize(net, predict=[nn.Linear], inputs={"lam": (0.0, 1.0)}, zero_init=True)
+    assert hnet.predicted == (
+        "0.bias",
+        "0.parametrizations.weight.original0",
+        "0.parametrizations.weight.original1",
+        "2.weight",
+        "2.bias",
+    )
+    x = torch.randn(5, 3)
+    torch.testing.assert_close(hnet(x, lam=0.5), net(x))  # Delta = 0: the original network
+    for p in hnet.hypernet.head.parameters():
+        nn.init.normal_(p, std=0.1)
+    a, b = hnet(x, lam=0.0), hnet(x, lam=1.0)
+    assert not torch.allclose(a, b)
+    # the weight really comes from the generated originals: g * v / |v|
+    theta = hnet.generate(lam=1.0)
+    g, v = theta["0.parametrizations.weight.original0"], theta["0.parametrizations.weight.original1"]
+    w = g * v / v.norm(dim=1, keepdim=True)
+    ref = nn.functional.linear(torch.relu(nn.functional.linear(x, w, theta["0.bias"])), theta["2.weight"], theta["2.bias"])
+    torch.testing.assert_close(b, ref)
+    lam = torch.rand(5)
+    loop = torch.cat([hnet(x[i : i + 1], lam=float(lam[i])) for i in range(5)])
+    torch.testing.assert_close(hnet(x, lam=lam), loop)
+    torch.testing.assert_close(hnet.materialize(lam=1.0)(x), b)
+    assert "0.parametrizations.weight.original0 (4, 1)" in repr(hnet)
+
+
+def test_parametrize_cached_does_not_reuse_generated_weights():
+    # under parametrize.cached() the second call used to reuse the first call's generated weight
+    from torch.nn.utils import parametrize
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    parametrize.register_parametrization(net[0], "weight", Double())
+    hnet = hl.hypernetize(net, predict=["0.parametrizations.weight.original", "0.bias"], inputs={"lam": (0.0, 1.0)})
+    x = torch.randn(4, 3)
+    expected = [hnet(x, lam=v) for v in (0.0, 1.0)]
+    with parametrize.cached():
+        got = [hnet(x, lam=v) for v in (0.0, 1.0)]
+        per_sample = hnet(x, lam=torch.tensor([0.0, 1.0, 0.0, 1.0]))
+        original = net(x)  # the user's own model in the same block gets its own weight, not a generated one
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e)
+    torch.testing.assert_close(per_sample[1], expected[1][1])
+    torch.testing.assert_close(original, net(x))

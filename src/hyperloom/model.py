@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.nn.utils import parametrize
 
 from ._rng import rng_state, set_rng_state
 from .buffers import BufferState
@@ -63,6 +64,17 @@ _MAX_CHECKED_LAYOUTS = 256
 
 #: Module types with no ``vmap`` batching rule: per-sample mode loops over samples.
 NO_VMAP_MODULES: tuple[type[nn.Module], ...] = (nn.RNNBase,)
+
+
+def _parametrized_targets(primary: nn.Module, predicted: Sequence[str]) -> list[tuple[nn.Module, str]]:
+    """(module, tensor name) for every parametrized tensor one of whose originals is predicted."""
+    out: dict[tuple[int, str], tuple[nn.Module, str]] = {}
+    for name in predicted:
+        parts = name.split(".")
+        if len(parts) >= 3 and parts[-3] == "parametrizations" and parts[-1].startswith("original"):
+            owner = primary.get_submodule(".".join(parts[:-3]))
+            out[(id(owner), parts[-2])] = (owner, parts[-2])
+    return list(out.values())
 
 
 def _is_scalar(a: Any) -> bool:
@@ -208,6 +220,8 @@ class HyperModel(nn.Module):
         self.primary = primary
         self.hypernet = hypernet
         self._set_placeholders()
+        #: (module, tensor name) of parametrized tensors whose originals are predicted (see _drop_parametrize_cache).
+        self._parametrized: list[tuple[nn.Module, str]] = _parametrized_targets(primary, self.predicted)
         if per_sample == "auto":
             per_sample = "loop" if any(isinstance(m, NO_VMAP_MODULES) for m in primary.modules()) else "vmap"
         self.per_sample_mode: str = per_sample
@@ -384,11 +398,25 @@ class HyperModel(nn.Module):
                 another device, or a model that cannot run per sample (with
                 the way out).
         """
+        if self._parametrized:
+            self._drop_parametrize_cache()
         try:
             return self._forward(args, kwargs)
         finally:
             for m in self._rnns:  # functional_call leaves the call's tensors in an RNN's _flat_weights
                 m._init_flat_weights()
+            if self._parametrized:
+                self._drop_parametrize_cache()
+
+    def _drop_parametrize_cache(self) -> None:
+        """Forget ``parametrize.cached()`` values computed from generated originals (they change at every call)."""
+        cache = getattr(parametrize, "_cache", None)
+        if isinstance(cache, dict) and cache:
+            # keyed (id(module), tensor name), but a deep copy of a parametrized module keeps the original's id in
+            # the key (the property's closure): drop every entry of these tensor names (a cache: it is recomputed)
+            names = {t for _, t in self._parametrized}
+            for key in [k for k in cache if isinstance(k, tuple) and len(k) == 2 and k[1] in names]:
+                cache.pop(key, None)
 
     def _forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         cond, rest = self._split(kwargs)
