@@ -50,6 +50,7 @@ from .per_sample import (
     run_vmap,
     validate_in_dims,
 )
+from .recompute import Binding, CallState, Probe, leave, refuse_per_sample, route
 from .select import Selector, select_parameters
 from .types import ParamDict
 
@@ -75,6 +76,14 @@ def _parametrized_targets(primary: nn.Module, predicted: Sequence[str]) -> list[
             owner = primary.get_submodule(".".join(parts[:-3]))
             out[(id(owner), parts[-2])] = (owner, parts[-2])
     return list(out.values())
+
+
+def _hf_checkpointing(model: nn.Module) -> bool:
+    """Whether a Hugging Face model has activation (gradient) checkpointing on (the newer name first: no warning)."""
+    for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), attr):
+            return bool(getattr(model, attr))
+    return False
 
 
 def _is_scalar(a: Any) -> bool:
@@ -220,6 +229,10 @@ class HyperModel(nn.Module):
         self.primary = primary
         self.hypernet = hypernet
         self._set_placeholders()
+        # activation checkpointing: a probe on every module owning a predicted tensor (see hyperloom.recompute)
+        self._calls = CallState()
+        owners = {mod_name: primary.get_submodule(mod_name) for mod_name in {n.rpartition(".")[0] for n in self.predicted}}
+        self._probes = {m: owners[m].register_forward_pre_hook(Probe(self._calls)).id for m in owners}
         #: (module, tensor name) of parametrized tensors whose originals are predicted (see _drop_parametrize_cache).
         self._parametrized: list[tuple[nn.Module, str]] = _parametrized_targets(primary, self.predicted)
         if per_sample == "auto":
@@ -273,6 +286,10 @@ class HyperModel(nn.Module):
                 raise HyperloomError(f"{name}: generated dtype {t.dtype}, expected {p.dtype}")
             if t.device != p.device:
                 raise HyperloomError(f"{name}: generated on {t.device}, the parameter is on {p.device}")
+
+    def _bind(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        for n, t in tensors.items():
+            _set_placeholder(self.primary, n, t)
 
     def _set_placeholders(self) -> None:
         theta0 = self.hypernet.theta0
@@ -368,6 +385,8 @@ class HyperModel(nn.Module):
         with torch.no_grad():
             theta = self.hypernet.theta_shared(raw)
         plain = copy.deepcopy(self.primary)
+        for mod_name, hid in self._probes.items():
+            plain.get_submodule(mod_name)._forward_pre_hooks.pop(hid, None)
         for name, value in theta.items():
             _restore_param(plain, name, value, self._requires_grad[name])
         return plain
@@ -426,7 +445,19 @@ class HyperModel(nn.Module):
             self._check_devices(args, rest)
         raw, per_sample = self.hypernet.prepare(cond)
         if not per_sample:
-            return functional_call(self.primary, self.hypernet.theta_shared(raw), tuple(args), rest, tie_weights=False, strict=False)
+            theta = self.hypernet.theta_shared(raw)
+            if _is_compiling() or not torch.is_grad_enabled() or not any(t.requires_grad for t in theta.values()):
+                return functional_call(self.primary, theta, tuple(args), rest, tie_weights=False, strict=False)
+            binding = Binding(self.predicted, self._bind, self._set_placeholders)
+            theta = leave(binding, theta)  # the binding outlives the call for checkpoint recomputation
+            self._calls.mode, self._calls.seen = "shared", False
+            try:
+                out = functional_call(self.primary, theta, tuple(args), rest, tie_weights=False, strict=False)
+            finally:
+                self._calls.mode = None
+            return route(binding, out) if self._calls.seen else out
+        if self.primary.training and _hf_checkpointing(self.primary):  # HF checkpoints in training, with or without grad
+            raise refuse_per_sample()
         n = raw.shape[0]
         if n == 0:
             raise HyperloomError("Per-sample conditioning with an empty batch (0 samples)")
@@ -435,6 +466,19 @@ class HyperModel(nn.Module):
         modes = tuple(m.training for m in self._all_modules)
         batch_all = self.per_sample_mode == "loop" or modes in self._batched_buffers
         state = BufferState(self.primary, n, batch_all=batch_all)
+        self._calls.mode = "per_sample" if torch.is_grad_enabled() and not _is_compiling() else None
+        try:
+            out, state = self._run_per_sample(theta, state, plan, n, modes, batch_all)
+        finally:
+            self._calls.mode = None
+        self._check_outputs(theta, plan, out, n)
+        state.commit()  # after the check: a call that raises writes no buffer
+        return out
+
+    def _run_per_sample(
+        self, theta: ParamDict, state: BufferState, plan: Any, n: int, modes: tuple[bool, ...], batch_all: bool
+    ) -> tuple[Any, BufferState]:
+        """Run a per-sample call (vmap, or the loop); return its output and the buffer state to commit."""
         if self.per_sample_mode == "loop":
             out = run_loop(self.primary, theta, state, plan, self.out_dims, n)
         else:
@@ -449,9 +493,7 @@ class HyperModel(nn.Module):
                 stacked, out_plan = run_vmap(self.primary, theta, state, plan, self.out_dims)
                 self._batched_buffers.add(modes)
             out = rebuild_vmap(stacked, out_plan)
-        self._check_outputs(theta, plan, out, n)
-        state.commit()  # after the check: a call that raises writes no buffer
-        return out
+        return out, state
 
     def _missing_conditioning(self, args: tuple[Any, ...], cond: Mapping[str, Any]) -> None:
         """Raise for missing conditioning, saying where a positional number went.
