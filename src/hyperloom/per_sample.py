@@ -179,6 +179,13 @@ def plan_arguments(
     keyed: list[tuple[int | str, Any]] = [*enumerate(args), *kwargs.items()]
     for key, value in keyed:
         d = in_dims.get(key, batch_dim)
+        if d is not None and isinstance(value, nn.utils.rnn.PackedSequence):
+            raise HyperloomError(
+                f"Per-sample mode cannot split the PackedSequence {_describe_arg(key)}: its data is packed across samples, "
+                "time step by time step, so no dimension holds one sample. Pass the padded batch (B, T, ...) and the "
+                "lengths (a tensor of B values) and pack inside the model (torch.nn.utils.rnn.pack_padded_sequence with "
+                "enforce_sorted=False), or use shared conditioning (one value per input), which accepts a PackedSequence"
+            )
         sub, sub_spec = tree_flatten(value)
         sig.append((key, sub_spec))
         for j, leaf in enumerate(sub):
