@@ -244,6 +244,7 @@ class HyperModel(nn.Module):
         #: Compare the first per-sample output of each argument layout with a shared call (see hyperloom.per_sample).
         self.check_outputs = True
         self._all_modules: list[nn.Module] = list(primary.modules())
+        self._named_modules: list[tuple[str, nn.Module]] = list(primary.named_modules(remove_duplicate=False))
         self._rnns: list[nn.RNNBase] = [m for m in self._all_modules if isinstance(m, nn.RNNBase)]
         #: Train/eval layouts whose per-sample vmap calls need every buffer batched (see hyperloom.buffers).
         self._batched_buffers: set[tuple[bool, ...]] = set()
@@ -446,7 +447,12 @@ class HyperModel(nn.Module):
         raw, per_sample = self.hypernet.prepare(cond)
         if not per_sample:
             theta = self.hypernet.theta_shared(raw)
-            if _is_compiling() or not torch.is_grad_enabled() or not any(t.requires_grad for t in theta.values()):
+            if (
+                _is_compiling()
+                or not torch.is_grad_enabled()
+                or torch._C._functorch.maybe_current_level() is not None  # inside a user's vmap/grad/jacfwd: no binding
+                or not any(t.requires_grad for t in theta.values())
+            ):
                 return functional_call(self.primary, theta, tuple(args), rest, tie_weights=False, strict=False)
             binding = Binding(self.predicted, self._bind, self._set_placeholders)
             theta = leave(binding, theta)  # the binding outlives the call for checkpoint recomputation
@@ -455,7 +461,7 @@ class HyperModel(nn.Module):
                 out = functional_call(self.primary, theta, tuple(args), rest, tie_weights=False, strict=False)
             finally:
                 self._calls.mode = None
-            return route(binding, out) if self._calls.seen else out
+            return route(binding, out, theta) if self._calls.seen else out
         if self.primary.training and _hf_checkpointing(self.primary):  # HF checkpoints in training, with or without grad
             raise refuse_per_sample()
         n = raw.shape[0]
@@ -465,7 +471,7 @@ class HyperModel(nn.Module):
         theta = self.hypernet.theta_from_raw(raw)
         modes = tuple(m.training for m in self._all_modules)
         batch_all = self.per_sample_mode == "loop" or modes in self._batched_buffers
-        state = BufferState(self.primary, n, batch_all=batch_all)
+        state = BufferState(self.primary, n, batch_all=batch_all, modules=self._named_modules)
         self._calls.mode = "per_sample" if torch.is_grad_enabled() and not _is_compiling() else None
         try:
             out, state = self._run_per_sample(theta, state, plan, n, modes, batch_all)
@@ -489,7 +495,7 @@ class HyperModel(nn.Module):
                     raise
                 # a forward that writes per-sample values into a buffer in place fails on the unbatched copy: run
                 # again with every buffer batched (nothing was written: the copies are the call's own)
-                state = BufferState(self.primary, n, batch_all=True)
+                state = BufferState(self.primary, n, batch_all=True, modules=self._named_modules)
                 stacked, out_plan = run_vmap(self.primary, theta, state, plan, self.out_dims)
                 self._batched_buffers.add(modes)
             out = rebuild_vmap(stacked, out_plan)

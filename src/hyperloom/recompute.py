@@ -81,12 +81,15 @@ class Binding:
     def __init__(self, names: Sequence[str], bind: Bind, unbind: Callable[[], None]) -> None:
         self.names = tuple(names)
         self.bind, self.unbind = bind, unbind
+        #: The call's generated values, detached (no reference into the autograd graph: no reference cycle
+        #: through the nodes' ``ctx``), and whether each one requires grad.
         self.values: tuple[torch.Tensor, ...] = ()
+        self.grads: tuple[bool, ...] = ()
         self.leaves: tuple[torch.Tensor, ...] = ()
 
     def install(self) -> None:
         """Bind fresh detached leaves of this call's tensors (called by :class:`_Route` at the start of backward)."""
-        self.leaves = tuple(v.detach().requires_grad_(v.requires_grad) for v in self.values)
+        self.leaves = tuple(v.detach().requires_grad_(g) for v, g in zip(self.values, self.grads))
         self.bind(dict(zip(self.names, self.leaves)))
         torch.autograd.Variable._execution_engine.queue_callback(self.unbind)
 
@@ -97,6 +100,7 @@ class _Leave(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, binding: Binding, *theta: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ctx.binding = binding
+        ctx.set_materialize_grads(False)  # an unused tensor keeps no gradient (None), as without this node
         return tuple(t.view_as(t) for t in theta)
 
     @staticmethod
@@ -118,33 +122,34 @@ class _Route(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, binding: Binding, n_out: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ctx.binding, ctx.n_out = binding, n_out
-        ctx.w_meta = [(t.shape, t.dtype, t.device) for t in tensors[n_out:]]
+        ctx.set_materialize_grads(False)
+        ctx.n_w = len(tensors) - n_out
         return tuple(t.view_as(t) for t in tensors[:n_out])
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:
         ctx.binding.install()
-        zeros = [torch.zeros((), dtype=dt, device=dev).expand(shape) for shape, dt, dev in ctx.w_meta]
-        return (None, None, *grads, *zeros)
+        return (None, None, *grads, *([None] * ctx.n_w))  # the edge to the weights only orders backward
 
 
 def leave(binding: Binding, theta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The generated tensors as they enter the call (through :class:`_Leave`)."""
+    """The generated tensors as they enter the call (through :class:`_Leave`); pass the result to :func:`route`."""
     values = tuple(theta[n] for n in binding.names)
+    binding.values = tuple(v.detach() for v in values)
+    binding.grads = tuple(v.requires_grad for v in values)
     out = _Leave.apply(binding, *values)  # type: ignore[no-untyped-call]
-    binding.values = tuple(out)
     return dict(zip(binding.names, out))
 
 
-def route(binding: Binding, out: Any) -> Any:
-    """The call's output with its tensors requiring grad passed through :class:`_Route`."""
+def route(binding: Binding, out: Any, entered: dict[str, torch.Tensor]) -> Any:
+    """The call's output with its tensors requiring grad passed through :class:`_Route` (``entered``: from :func:`leave`)."""
     from torch.utils._pytree import tree_flatten, tree_unflatten
 
     flat, spec = tree_flatten(out)
     idx = [i for i, x in enumerate(flat) if isinstance(x, torch.Tensor) and x.requires_grad]
     if not idx:
         return out
-    routed = _Route.apply(binding, len(idx), *(flat[i] for i in idx), *binding.values)  # type: ignore[no-untyped-call]
+    routed = _Route.apply(binding, len(idx), *(flat[i] for i in idx), *(entered[n] for n in binding.names))  # type: ignore[no-untyped-call]
     for i, r in zip(idx, routed):
         flat[i] = r
     return tree_unflatten(flat, spec)
