@@ -248,6 +248,8 @@ class HyperModel(nn.Module):
         self._rnns: list[nn.RNNBase] = [m for m in self._all_modules if isinstance(m, nn.RNNBase)]
         #: Train/eval layouts whose per-sample vmap calls need every buffer batched (see hyperloom.buffers).
         self._batched_buffers: set[tuple[bool, ...]] = set()
+        #: Buffers of the primary network fed from a conditioning input: name -> raw column (see hyperloom.dropout).
+        self.bound: dict[str, int] = {}
 
     @staticmethod
     def _check_signature(model: nn.Module, hypernet: HyperNetwork) -> frozenset[str] | None:
@@ -446,22 +448,22 @@ class HyperModel(nn.Module):
             self._check_devices(args, rest)
         raw, per_sample = self.hypernet.prepare(cond)
         if not per_sample:
-            theta = self.hypernet.theta_shared(raw)
+            theta = {**self.hypernet.theta_shared(raw), **{k: raw[0, c] for k, c in self.bound.items()}}
             if (
                 _is_compiling()
                 or not torch.is_grad_enabled()
                 or torch._C._functorch.maybe_current_level() is not None  # inside a user's vmap/grad/jacfwd: no binding
-                or not any(t.requires_grad for t in theta.values())
+                or not any(theta[k].requires_grad for k in self.predicted)
             ):
                 return functional_call(self.primary, theta, tuple(args), rest, tie_weights=False, strict=False)
             binding = Binding(self.predicted, self._bind, self._set_placeholders)
-            theta = leave(binding, theta)  # the binding outlives the call for checkpoint recomputation
+            entered = leave(binding, theta)  # the binding outlives the call for checkpoint recomputation
             self._calls.mode, self._calls.seen = "shared", False
             try:
-                out = functional_call(self.primary, theta, tuple(args), rest, tie_weights=False, strict=False)
+                out = functional_call(self.primary, {**theta, **entered}, tuple(args), rest, tie_weights=False, strict=False)
             finally:
                 self._calls.mode = None
-            return route(binding, out, theta) if self._calls.seen else out
+            return route(binding, out, entered) if self._calls.seen else out
         if self.primary.training and _hf_checkpointing(self.primary):  # HF checkpoints in training, with or without grad
             raise refuse_per_sample()
         n = raw.shape[0]
@@ -476,10 +478,10 @@ class HyperModel(nn.Module):
             raise HyperloomError(
                 f"Data input(s) {data} (per='sample') give {n} per-sample codes, which the call's arguments do not match: {e}"
             ) from None
-        theta = self.hypernet.theta_from_raw(raw)
+        theta = {**self.hypernet.theta_from_raw(raw), **{k: raw[:, c] for k, c in self.bound.items()}}
         modes = tuple(m.training for m in self._all_modules)
         batch_all = self.per_sample_mode == "loop" or modes in self._batched_buffers
-        state = BufferState(self.primary, n, batch_all=batch_all, modules=self._named_modules)
+        state = self._buffer_state(n, batch_all)
         self._calls.mode = "per_sample" if torch.is_grad_enabled() and not _is_compiling() else None
         try:
             out, state = self._run_per_sample(theta, state, plan, n, modes, batch_all)
@@ -503,7 +505,7 @@ class HyperModel(nn.Module):
                     raise
                 # a forward that writes per-sample values into a buffer in place fails on the unbatched copy: run
                 # again with every buffer batched (nothing was written: the copies are the call's own)
-                state = BufferState(self.primary, n, batch_all=True, modules=self._named_modules)
+                state = self._buffer_state(n, True)
                 stacked, out_plan = run_vmap(self.primary, theta, state, plan, self.out_dims)
                 self._batched_buffers.add(modes)
             out = rebuild_vmap(stacked, out_plan)
@@ -524,6 +526,14 @@ class HyperModel(nn.Module):
             shown = ", ".join(f"{i} ({a!r})" for i, a in numbers)
             msg += f"; positional argument(s) {shown} went to the model {type(self.primary).__name__}, not to the hypernetwork"
         raise HyperloomError(msg)
+
+    def _buffer_state(self, n: int, batch_all: bool) -> BufferState:
+        """The buffers as per-sample state, less the bound ones (they travel with ``theta``: hyperloom.dropout)."""
+        state = BufferState(self.primary, n, batch_all=batch_all, modules=self._named_modules)
+        for k in self.bound:
+            state.batched.pop(k, None)
+            state.shared.pop(k, None)
+        return state
 
     def _check_outputs(self, theta: ParamDict, plan: Any, out: Any, n: int) -> None:
         """Once per argument layout, compare the stacked output shapes with a shared call of the same batch."""
