@@ -114,3 +114,32 @@ def test_outputs_are_untouched_without_checkpointing():
     out = hnet(torch.randn(3, 4), lam=0.2)
     out[0, 0] = 0.0  # in-place on the output works as for any model
     out.sum().backward()
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_checkpointing_with_a_dropout_rate_bound_to_the_conditioning(reentrant):
+    # the recomputation must see the call's dropout rate, not the module's stored one
+    class Drop(nn.Module):
+        def __init__(self, reentrant=None):
+            super().__init__()
+            self.inp, self.drop, self.out = nn.Linear(4, 16), nn.Dropout(0.5), nn.Linear(16, 2)
+            self.reentrant = reentrant
+
+        def block(self, h):
+            return self.drop(torch.tanh(self.inp(h)))
+
+        def forward(self, x):
+            h = self.block(x) if self.reentrant is None else checkpoint(self.block, x, use_reentrant=self.reentrant)
+            return self.out(h)
+
+    torch.manual_seed(0)
+    plain = hl.bind_dropout(hl.hypernetize(Drop(), predict=[nn.Linear], inputs={"p": (0.0, 0.9)}, hidden=(8,)), {"p": "drop"})
+    ck = copy.deepcopy(plain)
+    ck.primary.reentrant = reentrant
+    x = torch.randn(6, 4, requires_grad=True)
+    grads = []
+    for m in (plain, ck):
+        torch.manual_seed(3)
+        grads.append(_grads(m, m(x, p=0.7).pow(2).sum()))
+    _assert_same(grads[1], grads[0])
+    assert "rate" not in vars(ck.primary.drop)  # the shadow of the bound buffer is gone after backward

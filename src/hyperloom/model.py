@@ -291,8 +291,16 @@ class HyperModel(nn.Module):
                 raise HyperloomError(f"{name}: generated on {t.device}, the parameter is on {p.device}")
 
     def _bind(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Bind a call's tensors for its recomputation (bound buffers are shadowed by an instance attribute)."""
         for n, t in tensors.items():
             _set_placeholder(self.primary, n, t)
+
+    def _unbind(self) -> None:
+        """Undo :meth:`_bind`: placeholders back, shadows of bound buffers removed."""
+        self._set_placeholders()
+        for n in self.bound:
+            module, attr = _split_name(self.primary, n)
+            module.__dict__.pop(attr, None)
 
     def _set_placeholders(self) -> None:
         theta0 = self.hypernet.theta0
@@ -456,7 +464,8 @@ class HyperModel(nn.Module):
                 or not any(theta[k].requires_grad for k in self.predicted)
             ):
                 return functional_call(self.primary, theta, tuple(args), rest, tie_weights=False, strict=False)
-            binding = Binding(self.predicted, self._bind, self._set_placeholders)
+            binding = Binding(self.predicted, self._bind, self._unbind)
+            binding.extra = {k: theta[k].detach() for k in self.bound}
             entered = leave(binding, theta)  # the binding outlives the call for checkpoint recomputation
             self._calls.mode, self._calls.seen = "shared", False
             try:

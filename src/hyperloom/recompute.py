@@ -85,12 +85,14 @@ class Binding:
         #: through the nodes' ``ctx``), and whether each one requires grad.
         self.values: tuple[torch.Tensor, ...] = ()
         self.grads: tuple[bool, ...] = ()
+        #: Other tensors the call passed to the model (buffers fed from the conditioning), detached.
+        self.extra: dict[str, torch.Tensor] = {}
         self.leaves: tuple[torch.Tensor, ...] = ()
 
     def install(self) -> None:
         """Bind fresh detached leaves of this call's tensors (called by :class:`_Route` at the start of backward)."""
         self.leaves = tuple(v.detach().requires_grad_(g) for v, g in zip(self.values, self.grads))
-        self.bind(dict(zip(self.names, self.leaves)))
+        self.bind({**self.extra, **dict(zip(self.names, self.leaves))})
         torch.autograd.Variable._execution_engine.queue_callback(self.unbind)
 
 
