@@ -43,6 +43,7 @@ from .lora import LoRA, LoRAModel
 from .model import HyperModel, hypernetize
 from .params import ParamStore
 from .select import select_parameters
+from .shared_heads import Chunked, ChunkedHead, Structured, StructuredHead
 from .task import Task, TaskEmbedding
 from .training import NonFiniteLossError, Trainer
 from .trunk import ACTIVATIONS, NORMS, Trunk, WeightNormLinear
@@ -52,6 +53,10 @@ from .types import Conditioning, ParamDict
 __all__ = [
     "ACTIVATIONS",
     "CheckpointError",
+    "Chunked",
+    "ChunkedHead",
+    "Structured",
+    "StructuredHead",
     "NonFiniteLossError",
     "Sweep",
     "Trainer",

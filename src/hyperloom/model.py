@@ -35,6 +35,7 @@ from ._rng import rng_state, set_rng_state
 from .encoding import Encoding
 from .errors import HyperloomError
 from .heads import check_target_memory, is_bias_name
+from .shared_heads import Chunked, Structured
 from .hypernetwork import HyperNetwork, _is_compiling, init_theta0
 from .inputs import InputLike
 from .params import ParamStore
@@ -466,7 +467,7 @@ def hypernetize(
     init: str = "mip",
     zero_init: bool = False,
     theta0: Literal["model", "init"] = "model",
-    head: str = "dense",
+    head: str | Chunked | Structured = "dense",
     rank: int | None = None,
     per_sample: PerSampleMode = "auto",
     batch_dim: int = 0,
@@ -491,7 +492,7 @@ def hypernetize(
     init: str = "mip",
     zero_init: bool = False,
     theta0: Literal["model", "init"] = "model",
-    head: str = "dense",
+    head: str | Chunked | Structured = "dense",
     rank: int | None = None,
     per_sample: PerSampleMode = "auto",
     batch_dim: int = 0,
@@ -515,7 +516,7 @@ def hypernetize(
     init: str = "mip",
     zero_init: bool = False,
     theta0: Literal["model", "init"] = "model",
-    head: str = "dense",
+    head: str | Chunked | Structured = "dense",
     rank: int | None = None,
     per_sample: PerSampleMode = "auto",
     batch_dim: int = 0,
@@ -551,7 +552,9 @@ def hypernetize(
             Kaiming fan_in for tensors of two or more dimensions, zero for
             biases, and the model's own value for other vectors and scalars
             (normalisation gains stay 1).
-        head: ``"dense"`` or ``"lowrank"``; ``rank`` for the latter.
+        head: ``"dense"`` or ``"lowrank"`` (``rank`` for the latter), or a shared head that does not
+            grow with the model: ``"chunked"``, ``"structured"`` or their options
+            :class:`~hyperloom.Chunked` / :class:`~hyperloom.Structured` (see :mod:`hyperloom.shared_heads`).
         rank: Rank of the low-rank head.
         per_sample: How per-sample weights run: ``"auto"``, ``"vmap"``, ``"loop"``.
         batch_dim: Sample dimension of every tensor argument in per-sample mode.
