@@ -1,4 +1,4 @@
-"""The experiment CLI: ``python -m experiments {reproduce,ablate,proportionality,tune,continual,adapters,report}``.
+"""The experiment CLI: ``python -m experiments {reproduce,ablate,proportionality,tune,continual,adapters,heads,report}``.
 
 Every finished run is appended to ``<out>/results.jsonl`` at once; re-running
 the same command skips finished runs (so an interrupted run resumes), then
@@ -309,9 +309,15 @@ def main(argv: list[str] | None = None) -> int:
     common(ad, "runs/adapters")
     ad.set_defaults(seeds=2)
     ad.add_argument("--pretrain-steps", type=int, default=0, help="override the number of pretraining steps")
+    hd = sub.add_parser("heads", help="dense, low-rank, chunked and structured heads on task 1: accuracy vs hypernetwork size")
+    common(hd, "runs/heads")
     rp = sub.add_parser("report", help="rewrite plots and report.md from results.jsonl")
     rp.add_argument("--out", default="runs/reproduce")
     args = p.parse_args(argv)
+    if args.cmd == "heads":
+        from .heads import main as heads_main
+
+        return heads_main(args)
     if args.cmd == "continual":
         from .continual import main as continual_main
 

@@ -184,7 +184,12 @@ class HyperNetwork(nn.Module):
         self._map_cache: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._register_input_map(dtype)
         self.to(dtype=dtype, device=device)
-        if isinstance(self.head, ChunkedHead | StructuredHead) and self.head.options.combine == "concat" and not zero_init:
+        if (
+            isinstance(self.head, ChunkedHead | StructuredHead)
+            and self.head.options.combine == "concat"
+            and not zero_init
+            and self.device.type != "meta"
+        ):
             was = self.training
             self.eval()  # one row: a batch norm in the trunk uses its (initial) running statistics
             with torch.no_grad():

@@ -35,7 +35,6 @@ from ._rng import rng_state, set_rng_state
 from .encoding import Encoding
 from .errors import HyperloomError
 from .heads import check_target_memory, is_bias_name
-from .shared_heads import Chunked, Structured
 from .hypernetwork import HyperNetwork, _is_compiling, init_theta0
 from .inputs import InputLike
 from .params import ParamStore
@@ -50,6 +49,7 @@ from .per_sample import (
     validate_in_dims,
 )
 from .select import Selector, select_parameters
+from .shared_heads import Chunked, Structured
 from .types import ParamDict
 
 if TYPE_CHECKING:  # the core never imports lora.py; LoRA.build is called on the object passed in

@@ -12,8 +12,9 @@ generate every tensor with **one shared generator** keyed by a learned embedding
   are computed and not used).
 * :class:`StructuredHead` (``head="structured"`` or ``head=hl.Structured(...)``; Ha, Dai and Le's
   static hypernetwork): each tensor is seen as a matrix ``(m, n)`` (``m = shape[0]``, ``n`` the rest;
-  vectors as ``(1, m)``), cut into blocks of ``block x block`` where the block size divides (a side that
-  it does not divide stays whole), and the blocks are grouped by shape; each block has a learned
+  vectors as ``(1, m)``), cut into blocks of ``min(block, m) x min(block, n)`` (a side that the block
+  does not divide is padded: its edge blocks are generated in full and cropped), and the blocks are
+  grouped by shape; each block has a learned
   embedding and each group **one generator** that maps (features, embedding) to a whole block; large
   kernels are assembled from their generated blocks. With ``block=None`` (the default) every tensor is
   one block, so tensors of equal shape (the same projection in every layer, the ``A`` and ``B`` factors
@@ -113,8 +114,9 @@ class Structured:
     """Options of the structured head (``head=hl.Structured(...)``; ``head="structured"`` takes these defaults).
 
     Args:
-        block: Side of the square blocks that tensors are cut into (a side that it does not divide stays
-            whole); ``None``: every tensor is one block (tensors of equal shape share a generator).
+        block: Side of the square blocks that tensors are cut into (a side shorter than ``block`` is one
+            block; a longer side that it does not divide is padded and cropped); ``None``: every tensor is one
+            block (tensors of equal shape share a generator).
         dim: Width of the learned block embeddings (``>= 1``).
         width: Width ``G`` of each generator's hidden features (capped at the block size).
         combine: ``"product"`` or ``"concat"`` (see :mod:`hyperloom.shared_heads`).
@@ -175,11 +177,13 @@ def head_spec(head: Any) -> str | SharedHeadSpec:
     if isinstance(head, Mapping):
         opts = dict(head)
         kind = opts.pop("kind", None)
-        cls = {"chunked": Chunked, "structured": Structured}.get(str(kind))
+        kinds: dict[str, type[Chunked] | type[Structured]] = {"chunked": Chunked, "structured": Structured}
+        cls = kinds.get(str(kind))
         if cls is None:
             raise HyperloomError(f"Head options {dict(head)!r}: 'kind' must be 'chunked' or 'structured'")
         try:
-            return cls(**opts)
+            built: Chunked | Structured = cls(**opts)
+            return built
         except TypeError as e:
             raise HyperloomError(f"Head options {dict(head)!r}: {e}") from None
     raise HyperloomError(f"head must be a name or hl.Chunked / hl.Structured options, got {type(head).__name__}")
@@ -191,6 +195,11 @@ def _as_matrix(shape: tuple[int, ...]) -> tuple[int, int]:
     if len(shape) == 1:
         return 1, shape[0]
     return shape[0], int(math.prod(shape[1:]))
+
+
+def _on_cpu(t: torch.Tensor) -> torch.Tensor:
+    """``t`` on the CPU; on the meta device (no values: counting parameters) ones of its shape."""
+    return torch.ones(t.shape) if t.is_meta else t.detach().cpu()
 
 
 class _Generator(nn.Module):
@@ -238,8 +247,11 @@ class _SharedHead(nn.Module):
 
     gains: nn.Parameter
     shapes: dict[str, tuple[int, ...]]
+    _sizes: torch.Tensor
 
-    def _init_gains(self, in_features: int, moments: dict[str, float], *, init: str, gain: float, zero_init: bool, dtype: Any, device: Any) -> None:
+    def _init_gains(
+        self, in_features: int, moments: dict[str, float], *, init: str, gain: float, zero_init: bool, dtype: Any, device: Any
+    ) -> None:
         self._gain = gain
         values = []
         for name, shape in self.shapes.items():
@@ -335,7 +347,7 @@ class ChunkedHead(_SharedHead):
         self.generator = _Generator(
             in_features, self.num_chunks, opts.chunk_size, dim=opts.dim, width=opts.width, combine=opts.combine, dtype=dtype, device=device
         )
-        m2 = self.generator.second_moment()
+        m2 = _on_cpu(self.generator.second_moment())
         moments: dict[str, float] = {}
         start = 0
         for name, n in zip(self.shapes, self.sizes):
@@ -404,8 +416,8 @@ class StructuredHead(_SharedHead):
         for name, shape in self.shapes.items():
             m, n = _as_matrix(shape)
             b = opts.block
-            bm = b if b is not None and m % b == 0 else m
-            bn = b if b is not None and n % b == 0 else n
+            bm = min(b, m) if b is not None else m
+            bn = min(b, n) if b is not None else n
             self._layout[name] = (m, n, bm, bn)
             members.setdefault((bm, bn), []).append(name)
         blocks = {key: sum(self._nblocks(k) for k in names) for key, names in members.items()}
@@ -426,7 +438,7 @@ class StructuredHead(_SharedHead):
         moments: dict[str, float] = {}
         for gen, (_, names) in zip(self.generators, self.groups):
             assert isinstance(gen, _Generator)
-            m2 = gen.second_moment()
+            m2 = _on_cpu(gen.second_moment())
             start = 0
             for name in names:
                 k = self._nblocks(name)
@@ -439,7 +451,7 @@ class StructuredHead(_SharedHead):
 
     def _nblocks(self, name: str) -> int:
         m, n, bm, bn = self._layout[name]
-        return (m // bm) * (n // bn)
+        return -(-m // bm) * -(-n // bn)
 
     def forward(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
         flat_h, lead = self._flat(h)
@@ -454,7 +466,10 @@ class StructuredHead(_SharedHead):
                 k = self._nblocks(name)
                 piece = g[:, start : start + k]
                 if k > 1:
-                    piece = piece.reshape(rows, m // bm, n // bn, bm, bn).transpose(2, 3)
+                    mb, nb = -(-m // bm), -(-n // bn)
+                    piece = piece.reshape(rows, mb, nb, bm, bn).transpose(2, 3).reshape(rows, mb * bm, nb * bn)
+                    if mb * bm != m or nb * bn != n:
+                        piece = piece[:, :m, :n]  # the edge blocks' padding
                 out[name] = piece.reshape((*lead, *self.shapes[name]))
                 start += k
         return {name: out[name] for name in self.shapes}
