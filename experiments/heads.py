@@ -44,7 +44,7 @@ CONCAT: dict[str, Any] = {
 FORMS = ("default", "mip", "encoding-only")
 FORM_LABEL = {"default": "default", "mip": "MIP", "encoding-only": "MIP enc., no θ0"}
 SIZES: dict[str, dict[str, Any]] = {
-    "quick": {"steps": 100, "n_test": 1000, "n_eval_gamma": 4, "probes": 0, "width": 2, "checkpoint_every": 10**6},
+    "quick": {"steps": 60, "batch": 32, "n_test": 1000, "n_eval_gamma": 4, "probes": 0, "width": 2, "checkpoint_every": 10**6},
     "full": {"steps": 1500, "n_test": 10000, "n_eval_gamma": 8, "probes": 0, "width": 2},
 }
 # two-sided 95 % Student t quantiles by degrees of freedom
@@ -60,9 +60,9 @@ def runs() -> list[tuple[str, str, Any, dict[str, Any], str]]:
 
 def sizes(cfg: dict[str, Any], variant: str) -> dict[str, int]:
     """Hypernetwork parameters with and without theta0, and the target's, for one (config, variant)."""
-    from .classify import DEFAULTS, ConvNet
-
     import hyperloom as hl
+
+    from .classify import DEFAULTS, ConvNet
 
     full = {**DEFAULTS, **cfg}
     torch.manual_seed(0)
@@ -149,20 +149,22 @@ def write_report(rows: list[dict[str, Any]], out: Path, header: str) -> Path:
             if s and d:
                 notes.append(
                     f"- {h}, {FORM_LABEL[f]}: {s['acc'] - d['acc']:+.2f} accuracy points vs the dense head "
-                    f"({s['ratio']:.3f}× the target's size without θ0, dense {d['ratio']:.1f}×); step time {s['ms'] / d['ms']:.2f}× dense"
+                    f"({s['ratio']:.3f}x the target's size without θ0, dense {d['ratio']:.1f}x); step time {s['ms'] / d['ms']:.2f}x dense"
                 )
     for h in ("chunked", "structured"):
         p, c = by.get((h, "mip")), by.get((h + "-concat", "mip"))
         if p and c:
             notes.append(f"- combination, {h}, MIP: product {p['acc']:.2f} ± {p['ci']:.2f} vs concat {c['acc']:.2f} ± {c['ci']:.2f}")
+    cfg0 = rows[0]["config"] if rows else {}
     body = [
         "# Heads that scale: quick results\n",
         header + "\n",
         "Task 1 of the reproduction (Fashion-MNIST, every weight of the ConvNet at width 2 predicted from "
-        "γ ~ U(0, 1)², one γ per minibatch of 64, Adam 1e-3). Heads: dense (split init), low-rank (rank 4), "
+        f"gamma ~ U(0, 1)^2, one gamma per minibatch of {cfg0.get('batch', '?')}, Adam 1e-3, {cfg0.get('steps', '?')} steps). "
+        "Heads: dense (split init), low-rank (rank 4), "
         f"chunked ({json.dumps(HEADS['chunked'])}), structured ({json.dumps(HEADS['structured'])}); "
         "the `-concat` rows combine features and embeddings by concatenation instead of the default product. "
-        "Accuracy: mean over seeds (each seed's accuracy averaged over evaluation γ) with a 95 % Student-t interval. "
+        "Accuracy: mean over seeds (each seed's accuracy averaged over evaluation gamma values) with a 95 % Student-t interval. "
         "Step time: training wall time ÷ steps (median over seeds), on a shared machine: compare within one run only.\n",
         text + "\n",
         "## Reading\n",
