@@ -229,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/bench-heads")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--lora-seq", type=int, default=16, help="sequence length of the per-sample LoRA step")
+    p.add_argument("--rounds", type=int, default=0, dest="rounds_override", help="override the number of timed rounds")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -238,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args.rounds, args.inner, args.lora_layers, args.lora_batch = 5, 2, 12, 32
         args.conv_width, args.conv_batch = 2, 64
+    if args.rounds_override:
+        args.rounds = args.rounds_override
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu, python {sys.version.split()[0]}")
     report: dict[str, Any] = {"torch": torch.__version__, "threads": torch.get_num_threads()}
     for s in args.sections.split(","):

@@ -311,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     ad.add_argument("--pretrain-steps", type=int, default=0, help="override the number of pretraining steps")
     hd = sub.add_parser("heads", help="dense, low-rank, chunked and structured heads on task 1: accuracy vs hypernetwork size")
     common(hd, "runs/heads")
+    hd.add_argument("--heads", default="", help="comma-separated subset of the heads (default: all; several processes can share --out)")
+    hd.add_argument("--forms", default="", help="comma-separated subset of default,mip,encoding-only (default: all)")
     rp = sub.add_parser("report", help="rewrite plots and report.md from results.jsonl")
     rp.add_argument("--out", default="runs/reproduce")
     args = p.parse_args(argv)

@@ -51,11 +51,16 @@ SIZES: dict[str, dict[str, Any]] = {
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
-def runs() -> list[tuple[str, str, Any, dict[str, Any], str]]:
-    """(study, axis, level, config-overrides, variant) of every run."""
-    out = [("heads", "head", label, {"head": spec}, form) for label, spec in HEADS.items() for form in FORMS]
+def runs(heads: list[str] | None = None, forms: list[str] | None = None) -> list[tuple[str, str, Any, dict[str, Any], str]]:
+    """(study, axis, level, config-overrides, variant) of every run (or of the given heads and formulations).
+
+    Formulation-major (MIP first), so that an interrupted run has the main comparison first.
+    """
+    out = [("heads", "head", label, {"head": spec}, form) for form in FORMS for label, spec in HEADS.items()]
     out += [("heads", "head", label, {"head": spec}, "mip") for label, spec in CONCAT.items()]
-    return out
+    order = ("mip", "encoding-only", "default")
+    out.sort(key=lambda r: order.index(r[4]) if r[2] in HEADS else len(order))
+    return [r for r in out if (heads is None or r[2] in heads) and (forms is None or r[4] in forms)]
 
 
 def sizes(cfg: dict[str, Any], variant: str) -> dict[str, int]:
@@ -191,7 +196,9 @@ def main(args: argparse.Namespace) -> int:
     store = ResultStore(out / "results.jsonl")
     data = classify.load_data(args)
     t0 = time.perf_counter()
-    grid = [(study, axis, level, {**cfg, **over}, variant) for study, axis, level, over, variant in runs()]
+    heads = args.heads.split(",") if getattr(args, "heads", "") else None
+    forms = args.forms.split(",") if getattr(args, "forms", "") else None
+    grid = [(study, axis, level, {**cfg, **over}, variant) for study, axis, level, over, variant in runs(heads, forms)]
     _run_grid(store, "classify", data, grid, args.seeds)
     known: dict[str, dict[str, int]] = {}
     rows = []

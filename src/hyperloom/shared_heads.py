@@ -232,13 +232,22 @@ class _Generator(nn.Module):
             # concat: E[act(a + c)^2] with a ~ N(0, |h|^2 / H); taken at |h|^2 = H (a of unit variance)
             return (1.0 + c.pow(2)).mean(dim=1) * (1.0 + _CONCAT_SLOPE**2) / 2.0
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """``(N, H)`` -> ``(N, E, K)``; ``scale`` ``(E,)`` multiplies each embedding's output.
+
+        The scale is applied to the ``(N, E, G)`` features, not to the output (the same values, since the
+        output layer is linear): one fewer tensor of the output's size per call.
+        """
         a = F.linear(h, self.feature)  # (N, G)
         c = self.codes()  # (E, G)
         if self.combine == "product":
+            if scale is not None:
+                c = c * scale.unsqueeze(-1)  # (E, G): the cheapest place for it
             z = a.unsqueeze(1) * c  # (N, E, G)
         else:
             z = F.leaky_relu(a.unsqueeze(1) + c, _CONCAT_SLOPE)
+            if scale is not None:
+                z = z * scale.unsqueeze(-1)
         return F.linear(z, self.out)  # (N, E, K)
 
 
@@ -459,7 +468,7 @@ class StructuredHead(_SharedHead):
         out: dict[str, torch.Tensor] = {}
         for i, (gen, (_, names)) in enumerate(zip(self.generators, self.groups)):
             owner = getattr(self, f"_owner{i}")
-            g = gen(flat_h) * self.gains.index_select(0, owner).unsqueeze(-1)  # (N, E, bm * bn)
+            g = gen(flat_h, self.gains.index_select(0, owner))  # (N, E, bm * bn), each block times its tensor's gain
             start = 0
             for name in names:
                 m, n, bm, bn = self._layout[name]
