@@ -469,18 +469,17 @@ class StructuredHead(_SharedHead):
         for i, (gen, (_, names)) in enumerate(zip(self.generators, self.groups)):
             owner = getattr(self, f"_owner{i}")
             g = gen(flat_h, self.gains.index_select(0, owner))  # (N, E, bm * bn), each block times its tensor's gain
-            start = 0
-            for name in names:
+            # one split (its backward is one concatenation), not a slice per tensor (each slice's backward
+            # would allocate a zero tensor of the whole group's size)
+            for name, piece in zip(names, g.split([self._nblocks(k) for k in names], dim=1)):
                 m, n, bm, bn = self._layout[name]
                 k = self._nblocks(name)
-                piece = g[:, start : start + k]
                 if k > 1:
                     mb, nb = -(-m // bm), -(-n // bn)
                     piece = piece.reshape(rows, mb, nb, bm, bn).transpose(2, 3).reshape(rows, mb * bm, nb * bn)
                     if mb * bm != m or nb * bn != n:
                         piece = piece[:, :m, :n]  # the edge blocks' padding
                 out[name] = piece.reshape((*lead, *self.shapes[name]))
-                start += k
         return {name: out[name] for name in self.shapes}
 
 
