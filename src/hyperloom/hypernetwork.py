@@ -121,8 +121,9 @@ class HyperNetwork(nn.Module):
         {'w': (6, 4, 3), 'b': (6, 4)}
 
     Raises:
-        HyperloomError: On an unknown option, an empty target set, or
-            targets of mixed dtypes or devices.
+        HyperloomError: On an unknown option (head included; ``rank`` with another head than
+            ``"lowrank"``), an empty target set, targets of mixed dtypes or devices, or a structured
+            head over targets of which no two share a shape (see :mod:`hyperloom.shared_heads`).
     """
 
     _in_lo: torch.Tensor
