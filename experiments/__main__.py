@@ -1,4 +1,4 @@
-"""The experiment CLI: ``python -m experiments {reproduce,ablate,proportionality,tune,continual,adapters,heads,report}``.
+"""The experiment CLI: ``python -m experiments {reproduce,ablate,proportionality,tune,continual,adapters,heads,personalized,report}``.
 
 Every finished run is appended to ``<out>/results.jsonl`` at once; re-running
 the same command skips finished runs (so an interrupted run resumes), then
@@ -313,6 +313,10 @@ def main(argv: list[str] | None = None) -> int:
     common(hd, "runs/heads")
     hd.add_argument("--heads", default="", help="comma-separated subset of the heads (default: all; several processes can share --out)")
     hd.add_argument("--forms", default="", help="comma-separated subset of default,mip,encoding-only (default: all)")
+    pe = sub.add_parser("personalized", help="personalised classifiers from a client's data set (PeFLL-style, hl.Data)")
+    pe.add_argument("--methods", default="", help="comma-separated subset of the methods (default: all)")
+    pe.add_argument("--clients", type=int, default=0, help="override the number of clients (default 60, a fifth unseen)")
+    common(pe, "runs/personalized")
     rp = sub.add_parser("report", help="rewrite plots and report.md from results.jsonl")
     rp.add_argument("--out", default="runs/reproduce")
     args = p.parse_args(argv)
@@ -324,6 +328,10 @@ def main(argv: list[str] | None = None) -> int:
         from .continual import main as continual_main
 
         return continual_main(args)
+    if args.cmd == "personalized":
+        from .personalized import main as personalized_main
+
+        return personalized_main(args)
     return {
         "reproduce": cmd_reproduce,
         "ablate": cmd_ablate,

@@ -23,6 +23,7 @@ from .checkpoint import (
     save_safetensors,
     save_training,
 )
+from .data_input import Data, Masked
 from .diagnostics import theta_norms
 from .encoding import (
     ENCODINGS,
@@ -72,6 +73,7 @@ __all__ = [
     "NORMS",
     "Conditioning",
     "CosSin",
+    "Data",
     "DenseHead",
     "Encoding",
     "HyperModel",
@@ -84,6 +86,7 @@ __all__ = [
     "LoRA",
     "LoRAModel",
     "LowRankHead",
+    "Masked",
     "ParamDict",
     "ParamStore",
     "Raw",
