@@ -139,7 +139,8 @@ def plot(summary: list[dict[str, Any]], path: Path) -> bool:
     ax.set_xlabel("hypernetwork parameters (trainable; MIP includes θ0)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Fashion-MNIST classifier: accuracy vs hypernetwork size")
-    return _save(plt, fig, ax, path, log=True)
+    ax.set_xscale("log")
+    return _save(plt, fig, ax, path)
 
 
 def write_report(rows: list[dict[str, Any]], out: Path, header: str) -> Path:
