@@ -69,3 +69,10 @@ def test_heads_benchmark_quick_smoke(tmp_path, capsys):
     assert "structured ÷ dense step time =" in out and "chunked ÷ dense step time =" in out
     report = json.loads((tmp_path / "bench-heads.json").read_text())
     assert report["lora"]["time_ratio"] > 0 and set(report["convnet"]["ratios"]) == {"chunked", "structured"}
+
+
+def test_selftune_benchmark_quick_smoke(tmp_path, capsys):
+    assert main(["--quick", "--out", str(tmp_path), "--sections", "selftune"]) == 0
+    assert "selftune ÷ plain =" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "bench.json").read_text())["selftune"]
+    assert [r["T"] for r in rows] == [5] and rows[0]["ratio"] > 0
