@@ -1,4 +1,6 @@
-"""The experiment CLI: ``python -m experiments {reproduce,ablate,proportionality,tune,selftune,continual,adapters,personalized,report}``.
+"""The experiment CLI: ``python -m experiments <command>``.
+
+Commands: reproduce, ablate, proportionality, tune, selftune, continual, adapters, heads, personalized, report.
 
 Every finished run is appended to ``<out>/results.jsonl`` at once; re-running
 the same command skips finished runs (so an interrupted run resumes), then
@@ -341,6 +343,10 @@ def main(argv: list[str] | None = None) -> int:
     common(ad, "runs/adapters")
     ad.set_defaults(seeds=2)
     ad.add_argument("--pretrain-steps", type=int, default=0, help="override the number of pretraining steps")
+    hd = sub.add_parser("heads", help="dense, low-rank, chunked and structured heads on task 1: accuracy vs hypernetwork size")
+    common(hd, "runs/heads")
+    hd.add_argument("--heads", default="", help="comma-separated subset of the heads (default: all; several processes can share --out)")
+    hd.add_argument("--forms", default="", help="comma-separated subset of default,mip,encoding-only (default: all)")
     pe = sub.add_parser("personalized", help="personalised classifiers from a client's data set (PeFLL-style, hl.Data)")
     pe.add_argument("--methods", default="", help="comma-separated subset of the methods (default: all)")
     pe.add_argument("--clients", type=int, default=0, help="override the number of clients (default 60, a fifth unseen)")
@@ -348,6 +354,10 @@ def main(argv: list[str] | None = None) -> int:
     rp = sub.add_parser("report", help="rewrite plots and report.md from results.jsonl")
     rp.add_argument("--out", default="runs/reproduce")
     args = p.parse_args(argv)
+    if args.cmd == "heads":
+        from .heads import main as heads_main
+
+        return heads_main(args)
     if args.cmd == "continual":
         from .continual import main as continual_main
 

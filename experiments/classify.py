@@ -83,7 +83,8 @@ def load_data(args: Any) -> ImageData:
 def build(variant: str, cfg: dict[str, Any], num_classes: int) -> nn.Module:
     """The ConvNet of one variant: every weight predicted from gamma ~ U(0, 1)^k (or plain)."""
     cfg = {**DEFAULTS, **cfg}
-    return build_variant(variant, cfg, ConvNet(num_classes, depth=cfg["depth"]), {"z": hl.Input(0.0, 1.0, dim=cfg["k"])})
+    net = ConvNet(num_classes, width=cfg.get("width", 1), depth=cfg["depth"])
+    return build_variant(variant, cfg, net, {"z": hl.Input(0.0, 1.0, dim=cfg["k"])})
 
 
 def gamma_shape(k: int, batch: int | None = None) -> tuple[int, ...]:

@@ -91,6 +91,14 @@ class Plain(torch.nn.Module):
         return self.primary(*args, **{k: v for k, v in kwargs.items() if k not in self.conditioning})
 
 
+def shared_head(spec: dict[str, Any]) -> Any:
+    """``hl.Chunked`` / ``hl.Structured`` from a JSON-able config entry ``{"kind": "chunked", ...}``."""
+    import hyperloom as hl
+
+    opts = {k: v for k, v in spec.items() if k != "kind"}
+    return {"chunked": hl.Chunked, "structured": hl.Structured}[spec["kind"]](**opts)
+
+
 def build_variant(
     variant: str, cfg: dict[str, Any], primary: torch.nn.Module, inputs: dict[str, Any], *, predict: list[str] | None = None
 ) -> torch.nn.Module:
@@ -99,7 +107,9 @@ def build_variant(
 
     if is_plain(variant):
         return Plain(primary, tuple(inputs), predict)
-    head, _, rank = str(cfg.get("head", "dense")).partition("@")
+    # "dense", "lowrank@<rank>", or a shared head's options as a dict with "kind" (hl.Chunked / hl.Structured)
+    spec = cfg.get("head", "dense")
+    head, _, rank = ("", "", "") if isinstance(spec, dict) else str(spec).partition("@")
     model = hl.hypernetize(
         primary,
         inputs=inputs,
@@ -108,7 +118,7 @@ def build_variant(
         activation=cfg["activation"],
         norm=cfg.get("norm", "none"),
         zero_init=bool(cfg.get("zero_init", False)),
-        head=head,
+        head=shared_head(spec) if isinstance(spec, dict) else head,
         rank=int(rank) if rank else None,
         **formulation(variant, cfg),
     )

@@ -84,7 +84,7 @@ def test_dtype_follows_targets():
     ("kwargs", "msg"),
     [
         ({"formulation": "hyper"}, "Unknown formulation 'hyper'; valid options are ['default', 'mip']"),
-        ({"head": "sparse"}, "Unknown head 'sparse'; valid options are ['dense', 'lowrank']"),
+        ({"head": "sparse"}, "Unknown head 'sparse'; valid options are ['dense', 'lowrank', 'chunked', 'structured']"),
         ({"head": "lowrank"}, "head='lowrank' needs rank=<int>"),
         ({"targets": {}}, "targets must be a non-empty mapping"),
         ({"targets": {"w": "big"}}, "Target 'w': expected a shape or a tensor, got 'big'"),

@@ -46,6 +46,7 @@ from .model import HyperModel, hypernetize
 from .params import ParamStore
 from .select import select_parameters
 from .selftune import SelfTuner
+from .shared_heads import Chunked, ChunkedHead, Structured, StructuredHead
 from .task import Task, TaskEmbedding
 from .training import NonFiniteLossError, Trainer
 from .trunk import ACTIVATIONS, NORMS, Trunk, WeightNormLinear
@@ -56,6 +57,10 @@ __all__ = [
     "ACTIVATIONS",
     "BoundDropout",
     "CheckpointError",
+    "Chunked",
+    "ChunkedHead",
+    "Structured",
+    "StructuredHead",
     "NonFiniteLossError",
     "Sweep",
     "Trainer",

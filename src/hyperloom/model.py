@@ -52,6 +52,7 @@ from .per_sample import (
 )
 from .recompute import Binding, CallState, Probe, leave, refuse_per_sample, route
 from .select import Selector, select_parameters
+from .shared_heads import Chunked, Structured
 from .types import ParamDict
 
 if TYPE_CHECKING:  # the core never imports lora.py; LoRA.build is called on the object passed in
@@ -628,7 +629,7 @@ def hypernetize(
     init: str = "mip",
     zero_init: bool = False,
     theta0: Literal["model", "init"] = "model",
-    head: str = "dense",
+    head: str | Chunked | Structured = "dense",
     rank: int | None = None,
     per_sample: PerSampleMode = "auto",
     batch_dim: int = 0,
@@ -653,7 +654,7 @@ def hypernetize(
     init: str = "mip",
     zero_init: bool = False,
     theta0: Literal["model", "init"] = "model",
-    head: str = "dense",
+    head: str | Chunked | Structured = "dense",
     rank: int | None = None,
     per_sample: PerSampleMode = "auto",
     batch_dim: int = 0,
@@ -677,7 +678,7 @@ def hypernetize(
     init: str = "mip",
     zero_init: bool = False,
     theta0: Literal["model", "init"] = "model",
-    head: str = "dense",
+    head: str | Chunked | Structured = "dense",
     rank: int | None = None,
     per_sample: PerSampleMode = "auto",
     batch_dim: int = 0,
@@ -713,7 +714,9 @@ def hypernetize(
             Kaiming fan_in for tensors of two or more dimensions, zero for
             biases, and the model's own value for other vectors and scalars
             (normalisation gains stay 1).
-        head: ``"dense"`` or ``"lowrank"``; ``rank`` for the latter.
+        head: ``"dense"`` or ``"lowrank"`` (``rank`` for the latter), or a shared head that does not
+            grow with the model: ``"chunked"``, ``"structured"`` or their options
+            :class:`~hyperloom.Chunked` / :class:`~hyperloom.Structured` (see :mod:`hyperloom.shared_heads`).
         rank: Rank of the low-rank head.
         per_sample: How per-sample weights run: ``"auto"``, ``"vmap"``, ``"loop"``.
         batch_dim: Sample dimension of every tensor argument in per-sample mode.
