@@ -23,6 +23,7 @@ from .checkpoint import (
     save_safetensors,
     save_training,
 )
+from .derivatives import laplacian
 from .diagnostics import theta_norms
 from .encoding import (
     ENCODINGS,
@@ -93,6 +94,7 @@ __all__ = [
     "get_encoding",
     "hypernetize",
     "init_theta0",
+    "laplacian",
     "sample",
     "select_parameters",
     "sweep",
