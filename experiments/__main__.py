@@ -1,4 +1,4 @@
-"""The experiment CLI: ``python -m experiments {reproduce,ablate,proportionality,tune,continual,adapters,report}``.
+"""The experiment CLI: ``python -m experiments {reproduce,ablate,proportionality,tune,continual,adapters,pinn,report}``.
 
 Every finished run is appended to ``<out>/results.jsonl`` at once; re-running
 the same command skips finished runs (so an interrupted run resumes), then
@@ -247,6 +247,29 @@ def cmd_adapters(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pinn(args: argparse.Namespace) -> int:
+    """One hypernetwork per PDE family (manufactured solutions), physics-informed loss only, against per-member PINNs."""
+    from .pinn import run_all
+    from .pinn_report import write_report as write_pinn_report
+
+    size = "full" if args.full else "quick"
+    out = Path(args.out)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    families = args.families.split(",") if args.families else None
+    t0 = time.perf_counter()
+    store = run_all(size, out, seeds=args.seeds or None, steps=args.steps or None, families=families)
+    extra = (f" --seeds {args.seeds}" if args.seeds else "") + (f" --steps {args.steps}" if args.steps else "")
+    extra += f" --threads {args.threads}" if args.threads else ""
+    header = (
+        f"Size: **{size}**, torch {torch.__version__}, {torch.get_num_threads()} threads. Wall time of the last invocation: "
+        f"{time.perf_counter() - t0:.0f} s. Regenerate with `python -m experiments pinn {'--full' if args.full else '--quick'}{extra} --out {args.out}`."
+    )
+    path = write_pinn_report(store.rows, out, header=header)
+    print(f"\nReport: {path.resolve()}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     out = Path(args.out)
     store = ResultStore(out / "results.jsonl")
@@ -309,6 +332,15 @@ def main(argv: list[str] | None = None) -> int:
     common(ad, "runs/adapters")
     ad.set_defaults(seeds=2)
     ad.add_argument("--pretrain-steps", type=int, default=0, help="override the number of pretraining steps")
+    pi = sub.add_parser("pinn", help="physics-informed hypernetworks on PDE families with manufactured solutions")
+    g = pi.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_true", help="CPU-minutes budget (default)")
+    g.add_argument("--full", action="store_true", help="longer runs, more seeds")
+    pi.add_argument("--seeds", type=int, default=0, help="override the number of seeds (3 quick, 5 full)")
+    pi.add_argument("--steps", type=int, default=0, help="override the number of hypernetwork training steps")
+    pi.add_argument("--families", default="", help="comma-separated subset of poisson,helmholtz (default: both)")
+    pi.add_argument("--out", default="runs/pinn")
+    pi.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     rp = sub.add_parser("report", help="rewrite plots and report.md from results.jsonl")
     rp.add_argument("--out", default="runs/reproduce")
     args = p.parse_args(argv)
@@ -322,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         "proportionality": cmd_proportionality,
         "tune": cmd_tune,
         "adapters": cmd_adapters,
+        "pinn": cmd_pinn,
         "report": cmd_report,
     }[args.cmd](args)
 
