@@ -263,7 +263,8 @@ def cmd_pinn(args: argparse.Namespace) -> int:
     extra += f" --threads {args.threads}" if args.threads else ""
     header = (
         f"Size: **{size}**, torch {torch.__version__}, {torch.get_num_threads()} threads. Wall time of the last invocation: "
-        f"{time.perf_counter() - t0:.0f} s. Regenerate with `python -m experiments pinn {'--full' if args.full else '--quick'}{extra} --out {args.out}`."
+        f"{time.perf_counter() - t0:.0f} s. Regenerate with "
+        f"`python -m experiments pinn {'--full' if args.full else '--quick'}{extra} --out {args.out}`."
     )
     path = write_pinn_report(store.rows, out, header=header)
     print(f"\nReport: {path.resolve()}")

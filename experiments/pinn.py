@@ -1,18 +1,18 @@
 """Physics-informed hypernetworks: one hypernetwork solves a family of PDEs, checked against manufactured solutions.
 
 ``python -m experiments pinn --quick`` (``--full``: longer). A hypernetwork maps a PDE's parameters
-γ to the weights of a small tanh MLP ``u(x, y)`` (a PINN); training uses the physics-informed loss
+gamma to the weights of a small tanh MLP ``u(x, y)`` (a PINN); training uses the physics-informed loss
 only (PDE residual at collocation points + Dirichlet boundary loss, no solution labels), each batch
-mixing ``members`` family members, each with its own γ, their Laplacians computed per sample by
+mixing ``members`` family members, each with its own gamma, their Laplacians computed per sample by
 :func:`hyperloom.laplacian` (``vmap`` over members and points, no loop).
 
 Families (method of manufactured solutions: u* is chosen, f and the boundary data follow from it):
 
 * ``poisson``: ``-Δu = f`` on the unit square; ``u* = Σ_j a_j sin(m_j πx) sin(n_j πy) + a_4 g(x, y; c)``,
-  modes (1,1), (2,1), (1,2), a Gaussian bump ``g`` (width 0.15) centred at ``c``; γ: ``amp`` ∈ [-1, 1]^4
+  modes (1,1), (2,1), (1,2), a Gaussian bump ``g`` (width 0.15) centred at ``c``; gamma: ``amp`` ∈ [-1, 1]^4
   (``dim=4``), ``center`` ∈ [0.25, 0.75]^2 (``dim=2``).
-* ``helmholtz``: ``-Δu - k²u = f``, the operator changes with γ; ``u* = cos(k(x cos φ + y sin φ)) + a sin(πx) sin(πy)``
-  (a plane wave, which the homogeneous operator annihilates, plus a forced mode); γ: ``k`` ∈ [0.5, 4]
+* ``helmholtz``: ``-Δu - k²u = f``, the operator changes with gamma; ``u* = cos(k(x cos φ + y sin φ)) + a sin(πx) sin(πy)``
+  (a plane wave, which the homogeneous operator annihilates, plus a forced mode); gamma: ``k`` ∈ [0.5, 4]
   (below the first Dirichlet eigenvalue √2 π ≈ 4.44, so every member is well-posed), ``phi`` ∈ [0, π/2],
   ``amp`` ∈ [-1, 1]. The plane wave enters only through the boundary data and the operator.
 
@@ -30,7 +30,7 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -72,7 +72,7 @@ class Family:
     """A PDE family with manufactured solutions: inputs, sampling, u*, the source f and the residual."""
 
     name = ""
-    inputs: dict[str, hl.Input] = {}
+    inputs: ClassVar[dict[str, hl.Input]] = {}
     #: Typical size of f: the residual is divided by it so that PDE and boundary losses are comparable.
     scale = 1.0
 
@@ -103,10 +103,10 @@ def _col(t: torch.Tensor, i: int | None = None) -> torch.Tensor:
 
 class Poisson(Family):
     """-Δu = f on the unit square, u* = Σ_j a_j sin(m_j πx) sin(n_j πy) + a_4 exp(-|x - c|² / (2·0.15²)), modes (1,1), (2,1), (1,2);
-    γ: `amp` ∈ [-1, 1]^4 (`dim=4`), `center` c ∈ [0.25, 0.75]^2 (`dim=2`). f and the Dirichlet data follow from u*."""
+    gamma: `amp` ∈ [-1, 1]^4 (`dim=4`), `center` c ∈ [0.25, 0.75]^2 (`dim=2`). f and the Dirichlet data follow from u*."""
 
     name = "poisson"
-    inputs = {"amp": hl.Input(-1.0, 1.0, dim=4), "center": hl.Input(0.25, 0.75, dim=2)}
+    inputs: ClassVar[dict[str, hl.Input]] = {"amp": hl.Input(-1.0, 1.0, dim=4), "center": hl.Input(0.25, 0.75, dim=2)}
     modes = ((1, 1), (2, 1), (1, 2))
     width = 0.15
     scale = 30.0
@@ -134,12 +134,12 @@ class Poisson(Family):
 
 
 class Helmholtz(Family):
-    """-Δu - k²u = f (γ changes the operator), u* = cos(k(x cos φ + y sin φ)) + a sin(πx) sin(πy): a plane wave the
+    """-Δu - k²u = f (gamma changes the operator), u* = cos(k(x cos φ + y sin φ)) + a sin(πx) sin(πy): a plane wave the
     homogeneous operator annihilates (it enters through the boundary data and k alone) plus a forced mode;
-    γ: `k` ∈ [0.5, 4] (below the first Dirichlet eigenvalue √2·π ≈ 4.44), `phi` ∈ [0, π/2], `amp` ∈ [-1, 1]."""
+    gamma: `k` ∈ [0.5, 4] (below the first Dirichlet eigenvalue √2·π ≈ 4.44), `phi` ∈ [0, π/2], `amp` ∈ [-1, 1]."""
 
     name = "helmholtz"
-    inputs = {"k": hl.Input(0.5, 4.0), "phi": hl.Input(0.0, math.pi / 2), "amp": hl.Input(-1.0, 1.0)}
+    inputs: ClassVar[dict[str, hl.Input]] = {"k": hl.Input(0.5, 4.0), "phi": hl.Input(0.0, math.pi / 2), "amp": hl.Input(-1.0, 1.0)}
     scale = 10.0
 
     def exact(self, x: torch.Tensor, g: Cond) -> torch.Tensor:
@@ -178,7 +178,7 @@ def boundary(b: int, n: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def grid(n: int) -> torch.Tensor:
-    """The ``n × n`` evaluation grid (boundary included): (n², 2), row-major in y."""
+    """The ``n x n`` evaluation grid (boundary included): (n², 2), row-major in y."""
     s = torch.linspace(0, 1, n)
     yy, xx = torch.meshgrid(s, s, indexing="ij")
     return torch.stack([xx.reshape(-1), yy.reshape(-1)], -1)
@@ -288,7 +288,8 @@ def run_hyper(family: str, variant: str, seed: int, cfg: dict[str, Any], log: Ca
         if step in checkpoints:
             err, _ = evaluate_hyper(model, fam, g_test, cfg)
             curve.append([step, float(err.mean())])
-            log(f"  [{family} {variant} s{seed}] step {step}: loss {sum(losses[-50:]) / len(losses[-50:]):.3g}, test rel. L2 {float(err.mean()):.4f}")
+            recent = losses[-50:]
+            log(f"  [{family} {variant} s{seed}] step {step}: loss {sum(recent) / len(recent):.3g}, test rel. L2 {float(err.mean()):.4f}")
     train_s = time.perf_counter() - t0
     err, u = evaluate_hyper(model, fam, g_test, cfg)
     t1 = time.perf_counter()
@@ -383,5 +384,6 @@ def run_all(
         store.add({**row, "key": key, **res})
         what = f"{row['kind']} {row.get('variant', '')}{row.get('member', '')}"
         err = res.get("mean_rel_l2", res.get("rel_l2"))
-        print(f"[pinn {i}/{len(pending)}] {row['family']} {what} seed={row['seed']}: rel. L2 {err:.4f} ({time.perf_counter() - t0:.1f}s)", flush=True)
+        label = f"[pinn {i}/{len(pending)}] {row['family']} {what} seed={row['seed']}"
+        print(f"{label}: rel. L2 {err:.4f} ({time.perf_counter() - t0:.1f}s)", flush=True)
     return store

@@ -81,14 +81,18 @@ def tables(rows: list[dict[str, Any]], family: str, cfg: dict[str, Any]) -> str:
     nb = len(s["members"])
     steps = cfg["steps"]
     lines = [
-        "| method | rel. L2, all held-out members | rel. L2, the baseline members | ÷ converged PINN (gap) | − converged PINN | train s | solve ms / member |",
+        "| method | rel. L2, all held-out members | rel. L2, the baseline members | ÷ converged PINN (gap) | - converged PINN "
+        "| train s | solve ms / member |",
         "|---|---|---|---|---|---|---|",
     ]
     for v in VARIANTS:
         h = s["hyper"][v]
         if not h:
             continue
-        col = lambda k: [d[k] for d in h.values()]  # noqa: E731
+
+        def col(k: str, h: dict[int, dict[str, Any]] = h) -> list[float]:
+            return [d[k] for d in h.values()]
+
         lines.append(
             f"| hypernetwork, {v} ({len(h)} seeds) | {fmt(col('all'))} | {fmt(col('base'))} | {fmt(col('gap_ratio'), 2)} | "
             f"{fmt(col('gap_diff'))} | {statistics.fmean(col('train_s')):.0f} | {statistics.fmean(col('solve_ms')):.2f} |"
@@ -99,36 +103,39 @@ def tables(rows: list[dict[str, Any]], family: str, cfg: dict[str, Any]) -> str:
     if b:
         t = statistics.fmean(r["train_s"] for r in budget_rows)
         gap = [bb / statistics.fmean(s["converged"]) for bb in b] if s["converged"] else []
-        lines.append(f"| PINN per member, {steps} steps ({len(b)} seeds) | – | {fmt(b)} | {fmt(gap, 2)} | – | {t:.0f} per member | {t * 1000:.0f} |")
+        lines.append(
+            f"| PINN per member, {steps} steps ({len(b)} seeds) | - | {fmt(b)} | {fmt(gap, 2)} | - | {t:.0f} per member | {t * 1000:.0f} |"
+        )
     if s["converged"]:
         t = statistics.fmean(r["train_s"] for r in conv_rows)
         lines.append(
-            f"| PINN per member, converged: {cfg['converged_steps']} steps × {cfg['converged_points']} points (1 seed) | – | "
+            f"| PINN per member, converged: {cfg['converged_steps']} steps x {cfg['converged_points']} points (1 seed) | - | "
             f"{fmt([statistics.fmean(s['converged'])])} | 1 | 0 | {t:.0f} per member | {t * 1000:.0f} |"
         )
     out = "\n".join(lines)
     out += (
-        f"\n\nRelative L2 error ‖u − u*‖ / ‖u*‖ on a {cfg['grid']}×{cfg['grid']} grid (boundary included), mean over members; "
-        f"mean ± 95 % t-interval over seeds. 'All held-out members': {cfg['test_members']} γ drawn from a stream never used in training; "
+        f"\n\nRelative L2 error ‖u - u*‖ / ‖u*‖ on a {cfg['grid']}x{cfg['grid']} grid (boundary included), mean over members; "
+        f"mean ± 95 % t-interval over seeds. 'All held-out members': {cfg['test_members']} gamma from a stream never used in training; "
         f"'the baseline members': the first {nb} of them, on which the per-member PINNs were trained. Gap ÷: mean over those members "
         "of hypernetwork error ÷ converged-PINN error (1 = the ceiling). Solve time: one forward pass of the hypernetwork "
         "and the PINN per member, against training a PINN.\n"
     )
     diff = [s["hyper"]["mip"][k]["all"] - s["hyper"]["default"][k]["all"] for k in s["hyper"]["mip"] if k in s["hyper"]["default"]]
     if diff:
-        out += f"\n**MIP − default**, paired by seed, all held-out members: {fmt(diff)} (negative: MIP better).\n"
+        out += f"\n**MIP - default**, paired by seed, all held-out members: {fmt(diff)} (negative: MIP better).\n"
     reach = {v: [x for d in s["hyper"][v].values() for x in d["reach"]] for v in VARIANTS if s["hyper"][v]}
     if reach and s["converged"]:
         cells = ", ".join(f"{v}: {_reach_cell(r)}" for v, r in reach.items())
         out += (
             f"\n**What one forward pass is worth**: per-member PINN steps at which the converged run's error first falls to "
-            f"the hypernetwork's on the same member (median over members × seeds; the converged run evaluated at steps 25, 50, 100, ...): {cells}.\n"
+            "the hypernetwork's on the same member (median over members x seeds; the converged run evaluated at steps 25, 50, 100, ...): "
+            f"{cells}.\n"
         )
     return out
 
 
 def plot_maps(rows: list[dict[str, Any]], family: str, cfg: dict[str, Any], path: Path) -> bool:
-    """Seed 0: u*, u (MIP), |u − u*| for MIP, default and the converged PINN, for the mapped members."""
+    """Seed 0: u*, u (MIP), |u - u*| for MIP, default and the converged PINN, for the mapped members."""
     hyper = {v: next((r for r in _rows(rows, family, "hyper", v) if r["seed"] == 0), None) for v in VARIANTS}
     conv = {r["member"]: r for r in _rows(rows, family, "pinn-converged")}
     if hyper["mip"] is None:
@@ -138,7 +145,7 @@ def plot_maps(rows: list[dict[str, Any]], family: str, cfg: dict[str, Any], path
     x = grid(cfg["grid"])
     n = cfg["grid"]
     plt = _pyplot()
-    cols = ["u*", "u, hypernetwork (MIP)", "|u − u*| MIP", "|u − u*| default", "|u − u*| PINN converged"]
+    cols = ["u*", "u, hypernetwork (MIP)", "|u - u*| MIP", "|u - u*| default", "|u - u*| PINN converged"]
     fig, axes = plt.subplots(len(MAP_MEMBERS), len(cols), figsize=(3.0 * len(cols), 2.8 * len(MAP_MEMBERS)), squeeze=False)
     for i, m in enumerate(MAP_MEMBERS):
         gm = {k: v[m : m + 1] for k, v in g.items()}
@@ -208,10 +215,10 @@ def write_report(rows: list[dict[str, Any]], out: Path, *, header: str) -> Path:
         "",
         header,
         "",
-        "One hypernetwork per family maps γ to the weights of a PINN (a tanh MLP, "
-        f"2 → {cfg.get('width')} × {cfg.get('depth')} → 1, every Linear predicted; trunk {cfg.get('hidden')}), trained by the "
+        "One hypernetwork per family maps gamma to the weights of a PINN (a tanh MLP, "
+        f"2 → {cfg.get('width')} x {cfg.get('depth')} → 1, every Linear predicted; trunk {cfg.get('hidden')}), trained by the "
         "physics-informed loss only (residual at interior collocation points + Dirichlet boundary loss; never a solution value inside "
-        f"the domain), {cfg.get('members')} members per batch, each with its own γ, {cfg.get('points')} interior and "
+        f"the domain), {cfg.get('members')} members per batch, each with its own gamma, {cfg.get('points')} interior and "
         f"{cfg.get('boundary_points')} boundary points per member, {cfg.get('steps')} Adam steps (lr {cfg.get('lr')}, cosine to 10 %). "
         "Per-sample Laplacians by `hl.laplacian` (vmap over members and points). See `experiments/pinn.py` for the families.",
         "",

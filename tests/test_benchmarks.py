@@ -55,3 +55,11 @@ def test_lora_benchmark_quick_smoke(tmp_path, capsys):
     assert {r["threads"] for r in report["speed"]} >= {1}
     assert [(r["hidden"], r["B"]) for r in report["memory"]] == [(64, 1), (64, 4), (128, 4)]
     assert (tmp_path / "memory.png").stat().st_size > 1000
+
+
+def test_pinn_benchmark_quick_smoke(tmp_path, capsys):
+    """The per-sample PDE residual section runs (it checks that vmap and the loop compute the same residual)."""
+    assert main(["--quick", "--out", str(tmp_path), "--sections", "pinn"]) == 0
+    assert "vmap ÷ fastest loop =" in capsys.readouterr().out
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["pinn"]["B"] == 8 and report["pinn"]["ratio"] > 0

@@ -95,7 +95,7 @@ def test_cli_runs_resumes_and_reports(tmp_path, capsys):
     assert "0 to go" in capsys.readouterr().out
     path = write_report(again.rows, tmp_path, header="test")
     text = path.read_text()
-    assert "hypernetwork, mip (1 seeds)" in text and "PINN per member, converged" in text and "MIP − default" in text
+    assert "hypernetwork, mip (1 seeds)" in text and "PINN per member, converged" in text and "MIP - default" in text
     assert (tmp_path / "poisson_maps.png").stat().st_size > 1000 and (tmp_path / "poisson_curves.png").stat().st_size > 1000
     row = json.loads((tmp_path / "results.jsonl").read_text().splitlines()[0])
     assert len(row["rel_l2"]) == 3
