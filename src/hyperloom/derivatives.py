@@ -7,9 +7,11 @@ with :mod:`torch.func` (``vmap`` over members and over points of a
 per-point Hessian, ``jacrev(jacrev)``), not a Python loop; the result keeps its
 autograd graph, so a loss built from it trains the hypernetwork.
 
-The weights are generated once outside the transforms (the conditioning's
-range check reads values, which ``vmap`` cannot); only the primary network
-runs inside them.
+The weights are generated once, outside the transforms, so the conditioning's
+range checks see real values (inside a user's own ``vmap`` they are skipped
+and the values clamped); only the primary network runs inside the transforms.
+Calling the model itself inside ``torch.func.hessian`` works too, but
+generates the weights once per point.
 """
 
 from __future__ import annotations

@@ -34,6 +34,27 @@ def _is_compiling() -> bool:
     return bool(torch.compiler.is_compiling())
 
 
+def _under_vmap() -> bool:
+    """Whether a ``torch.func.vmap`` is active (also one inside ``jacfwd``/``hessian``), at any level.
+
+    Under ``vmap`` a tensor's values cannot be read (``bool(t)``, ``.item()``): checks that need them
+    are skipped there, as under ``torch.compile`` (see :meth:`HyperNetwork.prepare`).
+    """
+    if torch._C._functorch.maybe_current_level() is None:
+        return False
+    try:
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+        return any(i.key() == torch._C._functorch.TransformType.Vmap for i in retrieve_all_functorch_interpreters())
+    except Exception:  # pragma: no cover - a torch without these internals: treat every transform as a vmap
+        return True
+
+
+def value_checks_off() -> bool:
+    """Whether checks that read tensor values are skipped: under ``torch.compile`` and under ``torch.func.vmap``."""
+    return _is_compiling() or _under_vmap()
+
+
 def init_theta0(name: str, shape: Sequence[int], *, dtype: torch.dtype | None = None) -> torch.Tensor:
     """MIP's initialisation of a base value ``theta0`` from its shape alone.
 
@@ -426,8 +447,14 @@ class HyperNetwork(nn.Module):
 
     # -- the user-facing shell ----------------------------------------------------------
     def prepare(self, conditioning: Mapping[str, Any], *, batch: int | None = None) -> tuple[torch.Tensor, bool]:
-        """Validate conditioning and return ``(raw (N, K), per_sample)``; see :meth:`InputSet.prepare`."""
-        return self.input_set.prepare(conditioning, batch=batch, dtype=self.dtype, device=self.device, check=not _is_compiling())
+        """Validate conditioning and return ``(raw (N, K), per_sample)``; see :meth:`InputSet.prepare`.
+
+        The value checks (finite, in range, valid task ids) read tensor values, which neither
+        ``torch.compile`` nor ``torch.func.vmap`` allows: while either traces or runs (a model called
+        inside a user's own ``vmap``, ``jacfwd`` or ``hessian``) they are skipped and every input is
+        clamped to its declared range instead; shapes, names and dtypes are still checked.
+        """
+        return self.input_set.prepare(conditioning, batch=batch, dtype=self.dtype, device=self.device, check=not value_checks_off())
 
     def delta(self, conditioning: Mapping[str, Any]) -> ParamDict:
         """The hypernetwork's raw output ``Delta`` (``theta - theta0`` when additive).

@@ -35,7 +35,7 @@ from ._rng import rng_state, set_rng_state
 from .encoding import Encoding
 from .errors import HyperloomError
 from .heads import check_target_memory, is_bias_name
-from .hypernetwork import HyperNetwork, _is_compiling, init_theta0
+from .hypernetwork import HyperNetwork, _is_compiling, init_theta0, value_checks_off
 from .inputs import InputLike
 from .params import ParamStore
 from .per_sample import (
@@ -371,7 +371,7 @@ class HyperModel(nn.Module):
 
     def _check_outputs(self, theta: ParamDict, plan: Any, out: Any, n: int) -> None:
         """Once per argument layout, compare the stacked output shapes with a shared call of the same batch."""
-        if not self.check_outputs or _is_compiling() or n < 2 or all(d is None for d in plan.dims):
+        if not self.check_outputs or value_checks_off() or n < 2 or all(d is None for d in plan.dims):
             return  # a batch of one cannot tell the sample dimension apart; nothing batched: nothing to compare
         layout = (plan.signature, self.per_sample_mode, n, tuple(m.training for m in self._all_modules))
         if layout in self._checked_layouts:
