@@ -10,8 +10,8 @@ autograd graph, so a loss built from it trains the hypernetwork.
 The weights are generated once, outside the transforms, so the conditioning's
 range checks see real values (inside a user's own ``vmap`` they are skipped
 and the values clamped); only the primary network runs inside the transforms.
-Calling the model itself inside ``torch.func.hessian`` works too, but
-generates the weights once per point.
+Calling the model itself inside one's own ``torch.func`` transforms works
+too; this function is the one-call form for the common case.
 """
 
 from __future__ import annotations
