@@ -63,3 +63,10 @@ def test_pinn_benchmark_quick_smoke(tmp_path, capsys):
     assert "vmap ÷ fastest loop =" in capsys.readouterr().out
     report = json.loads((tmp_path / "bench.json").read_text())
     assert report["pinn"]["B"] == 8 and report["pinn"]["ratio"] > 0
+
+
+def test_selftune_benchmark_quick_smoke(tmp_path, capsys):
+    assert main(["--quick", "--out", str(tmp_path), "--sections", "selftune"]) == 0
+    assert "selftune ÷ plain =" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "bench.json").read_text())["selftune"]
+    assert [r["T"] for r in rows] == [5] and rows[0]["ratio"] > 0

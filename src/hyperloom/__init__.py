@@ -23,8 +23,10 @@ from .checkpoint import (
     save_safetensors,
     save_training,
 )
+from .data_input import Data, Masked
 from .derivatives import laplacian
 from .diagnostics import theta_norms
+from .dropout import BoundDropout, bind_dropout
 from .encoding import (
     ENCODINGS,
     CosSin,
@@ -44,6 +46,7 @@ from .lora import LoRA, LoRAModel
 from .model import HyperModel, hypernetize
 from .params import ParamStore
 from .select import select_parameters
+from .selftune import SelfTuner
 from .task import Task, TaskEmbedding
 from .training import NonFiniteLossError, Trainer
 from .trunk import ACTIVATIONS, NORMS, Trunk, WeightNormLinear
@@ -52,6 +55,7 @@ from .types import Conditioning, ParamDict
 
 __all__ = [
     "ACTIVATIONS",
+    "BoundDropout",
     "CheckpointError",
     "NonFiniteLossError",
     "Sweep",
@@ -68,6 +72,7 @@ __all__ = [
     "NORMS",
     "Conditioning",
     "CosSin",
+    "Data",
     "DenseHead",
     "Encoding",
     "HyperModel",
@@ -80,9 +85,11 @@ __all__ = [
     "LoRA",
     "LoRAModel",
     "LowRankHead",
+    "Masked",
     "ParamDict",
     "ParamStore",
     "Raw",
+    "SelfTuner",
     "Standardize",
     "Task",
     "TaskEmbedding",
@@ -90,6 +97,7 @@ __all__ = [
     "WeightNormLinear",
     "ZOneMinusZ",
     "__version__",
+    "bind_dropout",
     "continual",
     "get_encoding",
     "hypernetize",
