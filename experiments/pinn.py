@@ -60,6 +60,11 @@ SIZES: dict[str, dict[str, Any]] = {
     "full": {"steps": 6000, "converged_steps": 12000, "seeds": 5, "members": 32},
 }
 VARIANTS = ("mip", "default")
+#: The HyPINO-style variant: the hypernetwork reads the source f on a grid through an hl.Data encoder (MIP
+#: formulation, unit-norm code) instead of gamma; run on the Poisson family, where f identifies the member.
+DATA_VARIANT = "mip-data"
+DATA_FAMILIES = ("poisson",)
+SOURCE_GRID = 16
 TEST_SEED = 10_000  # the held-out members come from their own random stream, never the training one
 
 
@@ -211,13 +216,35 @@ def cosine(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.L
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
 
 
-def hyper_loss(model: hl.HyperModel, fam: Family, cfg: dict[str, Any], gen: torch.Generator) -> torch.Tensor:
+def source_encoder(cfg: dict[str, Any]) -> nn.Module:
+    """Reads f on the SOURCE_GRID x SOURCE_GRID grid (B, G, G) -> a 32-dimensional code (B, 32)."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(SOURCE_GRID**2, 128), nn.Tanh(), nn.Linear(128, 32))
+
+
+def build(fam: Family, variant: str, cfg: dict[str, Any]) -> hl.HyperModel:
+    if variant == DATA_VARIANT:
+        inputs: dict[str, Any] = {"f": hl.Data(source_encoder(cfg), per="sample")}
+        return hl.hypernetize(pinn(cfg), predict=[nn.Linear], inputs=inputs, hidden=tuple(cfg["hidden"]), formulation="mip")
+    return hl.hypernetize(pinn(cfg), predict=[nn.Linear], inputs=fam.inputs, hidden=tuple(cfg["hidden"]), formulation=variant)
+
+
+def conditioning(fam: Family, g: Cond, variant: str) -> dict[str, torch.Tensor]:
+    """What the hypernetwork reads: gamma itself, or (data variant) f on a grid scaled by the family's f scale."""
+    if variant != DATA_VARIANT:
+        return g
+    xs = grid(SOURCE_GRID)
+    n = next(iter(g.values())).shape[0]
+    f = fam.source(xs.expand(n, *xs.shape), g) / fam.scale
+    return {"f": f.reshape(n, SOURCE_GRID, SOURCE_GRID).float()}
+
+
+def hyper_loss(model: hl.HyperModel, fam: Family, cfg: dict[str, Any], gen: torch.Generator, variant: str = "mip") -> torch.Tensor:
     """The physics-informed loss of one batch of ``members`` family members (float32 training)."""
     g64 = fam.sample(cfg["members"], gen)
     g = {k: v.float() for k, v in g64.items()}
     x = interior(cfg["members"], cfg["points"], gen)
     xb = boundary(cfg["members"], cfg["boundary_points"], gen)
-    u, lap = hl.laplacian(model, torch.cat([x, xb], 1), **g)  # one generation; the boundary's Δu is unused
+    u, lap = hl.laplacian(model, torch.cat([x, xb], 1), **conditioning(fam, g, variant))  # one generation; the boundary's Δu is unused
     n = cfg["points"]
     res = fam.residual(u[:, :n, 0], lap[:, :n, 0], x, g) / fam.scale
     ub = u[:, n:, 0]
@@ -243,12 +270,14 @@ def member(g: Cond, i: int) -> Cond:
 
 
 @torch.no_grad()
-def evaluate_hyper(model: hl.HyperModel, fam: Family, g: Cond, cfg: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+def evaluate_hyper(
+    model: hl.HyperModel, fam: Family, g: Cond, cfg: dict[str, Any], variant: str = "mip"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Relative L2 error per held-out member on the grid, and the predictions (M, G²)."""
     xs = grid(cfg["grid"])
     n = next(iter(g.values())).shape[0]
     x = xs.expand(n, *xs.shape)
-    u = model(x, **g)[..., 0]
+    u = model(x, **conditioning(fam, g, variant))[..., 0]
     return rel_l2(u, fam.exact(x, g)), u
 
 
@@ -270,7 +299,7 @@ MAP_MEMBERS = (0, 1)
 def run_hyper(family: str, variant: str, seed: int, cfg: dict[str, Any], log: Callable[[str], None] = print) -> dict[str, Any]:
     fam = FAMILIES[family]
     torch.manual_seed(seed)
-    model = hl.hypernetize(pinn(cfg), predict=[nn.Linear], inputs=fam.inputs, hidden=tuple(cfg["hidden"]), formulation=variant)
+    model = build(fam, variant, cfg)
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
     sched = cosine(opt, cfg["steps"])
     gen = torch.Generator().manual_seed(seed)
@@ -279,21 +308,21 @@ def run_hyper(family: str, variant: str, seed: int, cfg: dict[str, Any], log: Ca
     t0 = time.perf_counter()
     checkpoints = _checkpoints(cfg["steps"])
     for step in range(1, cfg["steps"] + 1):
-        loss = hyper_loss(model, fam, cfg, gen)
+        loss = hyper_loss(model, fam, cfg, gen, variant)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         losses.append(float(loss.detach()))
         if step in checkpoints:
-            err, _ = evaluate_hyper(model, fam, g_test, cfg)
+            err, _ = evaluate_hyper(model, fam, g_test, cfg, variant)
             curve.append([step, float(err.mean())])
             recent = losses[-50:]
             log(f"  [{family} {variant} s{seed}] step {step}: loss {sum(recent) / len(recent):.3g}, test rel. L2 {float(err.mean()):.4f}")
     train_s = time.perf_counter() - t0
-    err, u = evaluate_hyper(model, fam, g_test, cfg)
+    err, u = evaluate_hyper(model, fam, g_test, cfg, variant)
     t1 = time.perf_counter()
-    evaluate_hyper(model, fam, g_test, cfg)
+    evaluate_hyper(model, fam, g_test, cfg, variant)
     solve_s = (time.perf_counter() - t1) / cfg["test_members"]
     return {
         "rel_l2": err.tolist(),
@@ -366,7 +395,7 @@ def run_all(
     jobs: list[tuple[dict[str, Any], Callable[[], dict[str, Any]]]] = []
     for family in families or list(FAMILIES):
         for seed in range(seeds):
-            for variant in VARIANTS:
+            for variant in (*VARIANTS, DATA_VARIANT) if family in DATA_FAMILIES else VARIANTS:
                 row = {"task": "pinn", "family": family, "kind": "hyper", "variant": variant, "seed": seed, "config": cfg}
                 jobs.append((row, lambda f=family, v=variant, s=seed: run_hyper(f, v, s, cfg)))
             for idx in range(cfg["baseline_members"]):

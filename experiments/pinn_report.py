@@ -10,8 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from .pinn import FAMILIES, MAP_MEMBERS, VARIANTS, grid, test_members
+from .pinn import DATA_VARIANT, FAMILIES, MAP_MEMBERS, VARIANTS, grid, test_members
 from .report import _pyplot, _save
+
+ALL_VARIANTS = (*VARIANTS, DATA_VARIANT)
 
 #: Two-sided 95 % Student t quantiles by degrees of freedom.
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
@@ -46,7 +48,7 @@ def family_summary(rows: list[dict[str, Any]], family: str) -> dict[str, Any]:
         budget_by_seed.setdefault(r["seed"], []).append(r["rel_l2"])
     out: dict[str, Any] = {"members": members, "converged": [conv[m] for m in members], "budget": {}, "hyper": {}}
     out["budget"] = {s: statistics.fmean(v) for s, v in sorted(budget_by_seed.items()) if len(v) == len(members)}
-    for v in VARIANTS:
+    for v in ALL_VARIANTS:
         per_seed = {}
         for r in _rows(rows, family, "hyper", v):
             on_base = [r["rel_l2"][m] for m in members]
@@ -85,7 +87,7 @@ def tables(rows: list[dict[str, Any]], family: str, cfg: dict[str, Any]) -> str:
         "| train s | solve ms / member |",
         "|---|---|---|---|---|---|---|",
     ]
-    for v in VARIANTS:
+    for v in ALL_VARIANTS:
         h = s["hyper"][v]
         if not h:
             continue
@@ -124,7 +126,7 @@ def tables(rows: list[dict[str, Any]], family: str, cfg: dict[str, Any]) -> str:
     diff = [s["hyper"]["mip"][k]["all"] - s["hyper"]["default"][k]["all"] for k in s["hyper"]["mip"] if k in s["hyper"]["default"]]
     if diff:
         out += f"\n**MIP - default**, paired by seed, all held-out members: {fmt(diff)} (negative: MIP better).\n"
-    reach = {v: [x for d in s["hyper"][v].values() for x in d["reach"]] for v in VARIANTS if s["hyper"][v]}
+    reach = {v: [x for d in s["hyper"][v].values() for x in d["reach"]] for v in ALL_VARIANTS if s["hyper"][v]}
     if reach and s["converged"]:
         cells = ", ".join(f"{v}: {_reach_cell(r)}" for v, r in reach.items())
         out += (
@@ -146,17 +148,17 @@ def member_table(rows: list[dict[str, Any]], family: str, cfg: dict[str, Any], s
     lines = [
         "Per baseline member (hypernetworks and budget PINN: mean over seeds):",
         "",
-        "| member | gamma | rms u* | hypernetwork mip | hypernetwork default | PINN, budget | PINN, converged |",
-        "|---|---|---|---|---|---|---|",
+        "| member | gamma | rms u* | hypernetwork mip | hypernetwork default | hypernetwork mip-data | PINN, budget | PINN, converged |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for m in s["members"]:
         gm = {k: v[m : m + 1] for k, v in g.items()}
         rms = float(fam.exact(x, gm).pow(2).mean().sqrt())
         desc = ", ".join(f"{k}=" + ",".join(f"{float(t):.2f}" for t in v[m].reshape(-1)) for k, v in g.items())
-        hyp = {v: [r["rel_l2"][m] for r in _rows(rows, family, "hyper", v)] for v in VARIANTS}
+        hyp = {v: [r["rel_l2"][m] for r in _rows(rows, family, "hyper", v)] for v in ALL_VARIANTS}
         bud = [r["rel_l2"] for r in _rows(rows, family, "pinn-budget") if r["member"] == m]
         conv = [r["rel_l2"] for r in _rows(rows, family, "pinn-converged") if r["member"] == m]
-        cells = [f"{statistics.fmean(v):.4f}" if v else "n/a" for v in (hyp["mip"], hyp["default"], bud, conv)]
+        cells = [f"{statistics.fmean(v):.4f}" if v else "n/a" for v in (hyp["mip"], hyp["default"], hyp[DATA_VARIANT], bud, conv)]
         lines.append(f"| {m} | {desc} | {rms:.3f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -212,7 +214,7 @@ def plot_curves(rows: list[dict[str, Any]], family: str, path: Path) -> bool:
         return False
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for v in VARIANTS:
+    for v in ALL_VARIANTS:
         curves = [d["curve"] for d in s["hyper"][v].values()]
         if not curves:
             continue
@@ -248,7 +250,9 @@ def write_report(rows: list[dict[str, Any]], out: Path, *, header: str) -> Path:
         "physics-informed loss only (residual at interior collocation points + Dirichlet boundary loss; never a solution value inside "
         f"the domain), {cfg.get('members')} members per batch, each with its own gamma, {cfg.get('points')} interior and "
         f"{cfg.get('boundary_points')} boundary points per member, {cfg.get('steps')} Adam steps (lr {cfg.get('lr')}, cosine to 10 %). "
-        "Per-sample Laplacians by `hl.laplacian` (vmap over members and points). See `experiments/pinn.py` for the families.",
+        "Per-sample Laplacians by `hl.laplacian` (vmap over members and points). See `experiments/pinn.py` for the families. "
+        "`mip-data` (Poisson only): the HyPINO-style variant, the hypernetwork reads the source f on a 16 x 16 grid through an "
+        "`hl.Data` encoder (MLP 256 -> 128 -> 32, unit-norm code) instead of gamma.",
         "",
     ]
     for family in FAMILIES:

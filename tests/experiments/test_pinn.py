@@ -89,13 +89,37 @@ def test_cli_runs_resumes_and_reports(tmp_path, capsys):
     tiny = {"steps": 4, "converged_steps": 6, "test_members": 3, "baseline_members": 1, "grid": 9, "members": 2, "points": 8}
     store = pinn.run_all("quick", tmp_path, seeds=1, families=["poisson"], overrides=tiny)
     kinds = sorted((r["kind"], r.get("variant", r.get("member"))) for r in store.rows)
-    assert kinds == [("hyper", "default"), ("hyper", "mip"), ("pinn-budget", 0), ("pinn-converged", 0)]
+    assert kinds == [("hyper", "default"), ("hyper", "mip"), ("hyper", "mip-data"), ("pinn-budget", 0), ("pinn-converged", 0)]
     again = pinn.run_all("quick", tmp_path, seeds=1, families=["poisson"], overrides=tiny)
-    assert len(again.rows) == 4  # resumed: nothing re-run
+    assert len(again.rows) == 5  # resumed: nothing re-run
     assert "0 to go" in capsys.readouterr().out
     path = write_report(again.rows, tmp_path, header="test")
     text = path.read_text()
-    assert "hypernetwork, mip (1 seeds)" in text and "PINN per member, converged" in text and "MIP - default" in text
+    assert (
+        "hypernetwork, mip (1 seeds)" in text
+        and "hypernetwork, mip-data (1 seeds)" in text
+        and "PINN per member, converged" in text
+        and "MIP - default" in text
+    )
     assert (tmp_path / "poisson_maps.png").stat().st_size > 1000 and (tmp_path / "poisson_curves.png").stat().st_size > 1000
     row = json.loads((tmp_path / "results.jsonl").read_text().splitlines()[0])
     assert len(row["rel_l2"]) == 3
+
+
+def test_the_data_variant_reads_the_source_on_a_grid():
+    """HyPINO-style: the hypernetwork's only input is f on a grid (hl.Data); its loss equals the same loop as gamma's."""
+    cfg = {**pinn.DEFAULTS, "members": 3, "points": 10, "boundary_points": 6}
+    fam = pinn.FAMILIES["poisson"]
+    torch.manual_seed(0)
+    model = pinn.build(fam, pinn.DATA_VARIANT, cfg)
+    assert list(model.inputs) == ["f"]
+    g = {k: v.float() for k, v in fam.sample(3, torch.Generator().manual_seed(2)).items()}
+    cond = pinn.conditioning(fam, g, pinn.DATA_VARIANT)
+    assert cond["f"].shape == (3, pinn.SOURCE_GRID, pinn.SOURCE_GRID)
+    x = torch.rand(3, 5, 2)
+    u, _ = hl.laplacian(model, x, **cond)
+    for i in range(3):  # per member: a call with that member's grid alone
+        torch.testing.assert_close(u[i], model(x[i : i + 1], f=cond["f"][i : i + 1])[0], rtol=1e-5, atol=1e-6)
+    loss = pinn.hyper_loss(model, fam, cfg, torch.Generator().manual_seed(5), pinn.DATA_VARIANT)
+    loss.backward()
+    assert model.hypernet.data["f"].encoder[1].weight.grad.abs().sum() > 0  # the encoder trains
