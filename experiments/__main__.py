@@ -1,6 +1,6 @@
 """The experiment CLI: ``python -m experiments <command>``.
 
-Commands: reproduce, ablate, proportionality, tune, selftune, continual, adapters, heads, personalized, report.
+Commands: reproduce, ablate, proportionality, tune, selftune, continual, adapters, heads, personalized, pinn, report.
 
 Every finished run is appended to ``<out>/results.jsonl`` at once; re-running
 the same command skips finished runs (so an interrupted run resumes), then
@@ -271,6 +271,30 @@ def cmd_adapters(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pinn(args: argparse.Namespace) -> int:
+    """One hypernetwork per PDE family (manufactured solutions), physics-informed loss only, against per-member PINNs."""
+    from .pinn import run_all
+    from .pinn_report import write_report as write_pinn_report
+
+    size = "full" if args.full else "quick"
+    out = Path(args.out)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    families = args.families.split(",") if args.families else None
+    t0 = time.perf_counter()
+    store = run_all(size, out, seeds=args.seeds or None, steps=args.steps or None, families=families)
+    extra = (f" --seeds {args.seeds}" if args.seeds else "") + (f" --steps {args.steps}" if args.steps else "")
+    extra += f" --threads {args.threads}" if args.threads else ""
+    header = (
+        f"Size: **{size}**, torch {torch.__version__}, {torch.get_num_threads()} threads. Wall time of the last invocation: "
+        f"{time.perf_counter() - t0:.0f} s. Regenerate with "
+        f"`python -m experiments pinn {'--full' if args.full else '--quick'}{extra} --out {args.out}`."
+    )
+    path = write_pinn_report(store.rows, out, header=header)
+    print(f"\nReport: {path.resolve()}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     out = Path(args.out)
     store = ResultStore(out / "results.jsonl")
@@ -347,6 +371,15 @@ def main(argv: list[str] | None = None) -> int:
     common(hd, "runs/heads")
     hd.add_argument("--heads", default="", help="comma-separated subset of the heads (default: all; several processes can share --out)")
     hd.add_argument("--forms", default="", help="comma-separated subset of default,mip,encoding-only (default: all)")
+    pi = sub.add_parser("pinn", help="physics-informed hypernetworks on PDE families with manufactured solutions")
+    g = pi.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_true", help="CPU-minutes budget (default)")
+    g.add_argument("--full", action="store_true", help="longer runs, more seeds")
+    pi.add_argument("--seeds", type=int, default=0, help="override the number of seeds (3 quick, 5 full)")
+    pi.add_argument("--steps", type=int, default=0, help="override the number of hypernetwork training steps")
+    pi.add_argument("--families", default="", help="comma-separated subset of poisson,helmholtz (default: both)")
+    pi.add_argument("--out", default="runs/pinn")
+    pi.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     pe = sub.add_parser("personalized", help="personalised classifiers from a client's data set (PeFLL-style, hl.Data)")
     pe.add_argument("--methods", default="", help="comma-separated subset of the methods (default: all)")
     pe.add_argument("--clients", type=int, default=0, help="override the number of clients (default 60, a fifth unseen)")
@@ -373,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         "tune": cmd_tune,
         "selftune": cmd_selftune,
         "adapters": cmd_adapters,
+        "pinn": cmd_pinn,
         "report": cmd_report,
     }[args.cmd](args)
 

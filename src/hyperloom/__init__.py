@@ -24,6 +24,7 @@ from .checkpoint import (
     save_training,
 )
 from .data_input import Data, Masked
+from .derivatives import laplacian
 from .diagnostics import theta_norms
 from .dropout import BoundDropout, bind_dropout
 from .encoding import (
@@ -106,6 +107,7 @@ __all__ = [
     "get_encoding",
     "hypernetize",
     "init_theta0",
+    "laplacian",
     "sample",
     "select_parameters",
     "sweep",
