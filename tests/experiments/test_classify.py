@@ -40,17 +40,30 @@ def test_cli_writes_results_report_and_resumes(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     args = ["reproduce", "--task", "classify", "--seeds", "1", "--steps", "3", "--out", str(out)]
     assert main(args) == 0
+    start = capsys.readouterr().out.split("[classify 1/5]")[0]  # printed before the first run
+    assert f"Output: {out.resolve()}" in start and "classify: 5 of 5 runs to train (0 finished before), 3 steps, 1 seeds" in start
+    assert "data: fashion-mnist" in start or "data: mnist" in start
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert sorted(r["variant"] for r in rows) == ["additive-only", "default", "encoding-only", "mip", "plain"]
+    command = f"python -m experiments reproduce --quick --task classify --seeds 1 --steps 3 --out {out}"
+    assert all(r["command"] == command for r in rows)
     assert all([t["step"] for t in r["trace"]] == [0, 1, 2, 3] for r in rows)
     report = (out / "report.md").read_text()
     assert report.count("| mip |") == 2 and report.count("| plain |") == 2  # one row in the main table, one in the trace table
     assert "### Training traces (classify)" in report and (out / "classify_trace.png").stat().st_size > 1000
     assert (out / "classify_curves.png").stat().st_size > 1000
+    assert f"Regenerate (runs resume; finished runs are skipped) with `{command}`" in report
+    assert "The last invocation trained 5 runs" in report
     capsys.readouterr()
     assert main(args) == 0  # resume: nothing is re-run
     assert "all runs already finished" in capsys.readouterr().out
     assert len((out / "results.jsonl").read_text().splitlines()) == 5
+    assert "The last invocation trained no runs (all had finished before)" in (out / "report.md").read_text()
+    # another --steps into the same folder: its own table, never pooled with the 3-step runs
+    assert main([*args[:-4], "--steps", "4", "--out", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert "## Task: classify — settings 1 of 2" in report and "## Task: classify — settings 2 of 2" in report
+    assert "steps=3" in report and "steps=4" in report and f"{command.replace('--steps 3', '--steps 4')}" in report
 
 
 def test_lr_and_baseline_studies_reuse_the_main_runs_at_the_main_rate(tmp_path, monkeypatch):
