@@ -733,7 +733,12 @@ def ablation_table(rows: list[dict[str, Any]]) -> str:
 
         sp = speedups(g).get("mip")
         div = "/".join(str(sum(r["metrics"].get("diverged_at") is not None for r in g.get(v, []))) for v in ("default", "mip"))
-        spd = "n/a" if sp is None or sp.n == 0 else sp.cell().split(" [")[0] + f" ({sp.reached}/{sp.n})"
+        if sp is None or sp.n == 0:
+            spd = "n/a"
+        elif sp.reached == sp.n:
+            spd = sp.cell().split(" [")[0].split(" (")[0] + f" ({sp.reached}/{sp.n})"
+        else:
+            spd = sp.cell()
         delta = _delta_cell(g.get("mip", []), g.get("default", []), "test_acc") if "default" in g and "mip" in g else "n/a"
         lines.append(
             f"| {axis} | {level} | {cell('default', 'test_acc')} | {cell('mip', 'test_acc')} | {delta} | "
