@@ -94,14 +94,21 @@ BASELINES: dict[str, list[str]] = {
     "register": ["default-hyperfan", "default-torchinit", "mip-theta0-model"],
     "segment": ["default-hyperfan", "default-torchinit", "mip-theta0-model", "default-rawphi"],
 }
-STUDIES = ("main", "baseline", "lr")
+STUDIES = ("main", "baseline", "lr", "gamma")
+
+#: The gamma-range stress test (``--studies gamma``, classifier only): gamma ~ U(lo, hi)^k declared with that
+#: range. [0, 1] draws exactly the main study's gammas but is its own run: these runs also record the gradient
+#: norm w.r.t. the generated weights per gamma.
+GAMMA_RANGES: dict[str, tuple[float, float]] = {"0.5-1": (0.5, 1.0), "0-1": (0.0, 1.0), "0-4": (0.0, 4.0)}
+GAMMA_VARIANTS = ("default", "default-hyperfan", "additive-only", "mip")
 
 
 def study_runs(task: str, cfg: dict[str, Any], studies: list[str]) -> list[tuple[str, str, Any, dict[str, Any], str]]:
     """(study, axis, level, config, variant) of every run the studies ask for on one task.
 
     ``main``: the 2x2 and the plain network; ``baseline``: :data:`BASELINES`; ``lr``: the 2x2 at every
-    rate of :data:`LRS` (the rate of the main config is the main study's runs, relabelled, not re-run).
+    rate of :data:`LRS` (the rate of the main config is the main study's runs, relabelled, not re-run);
+    ``gamma`` (classifier only): :data:`GAMMA_VARIANTS` at every range of :data:`GAMMA_RANGES`.
     """
     runs: list[tuple[str, str, Any, dict[str, Any], str]] = []
     if "main" in studies:
@@ -111,6 +118,9 @@ def study_runs(task: str, cfg: dict[str, Any], studies: list[str]) -> list[tuple
     if "lr" in studies:
         for lr in LRS:
             runs += [("lr", "lr", lr, {**cfg, "lr": float(lr)}, v) for v in FORMULATIONS]
+    if "gamma" in studies and task == "classify":
+        for name, span in GAMMA_RANGES.items():
+            runs += [("gamma", "gamma_range", name, {**cfg, "gamma_range": list(span)}, v) for v in GAMMA_VARIANTS]
     return runs
 
 

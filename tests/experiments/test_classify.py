@@ -125,3 +125,14 @@ def test_ablation_relabels_shared_baseline_runs_instead_of_retraining(tmp_path, 
     labels = {(r["axis"], str(r["level"]), r["variant"]) for r in rows}
     assert ("depth", "0", "mip") in labels and ("k", "2", "mip") in labels
     assert "| depth | 0 |" in (out / "report.md").read_text()
+
+
+def test_gamma_range_draws_and_theta_gradients(data):
+    cfg = {"steps": 2, "n_test": 50, "n_eval_gamma": 2, "probes": 1, "probe_batch": 8, "gamma_range": [0.5, 1.0]}
+    res = classify.run("mip", 0, data, cfg)
+    tr = res["trace"]
+    assert tr[0]["grad_norm_by_gamma_x"] == pytest.approx([0.55, 0.65, 0.75, 0.85, 0.95])  # bins inside the range
+    assert len(tr[0]["theta_grad_by_gamma"]) == 5 and all(g > 0 for g in tr[0]["theta_grad_by_gamma"])
+    # [0, 1] draws exactly what the main study draws
+    g1, g2 = __import__("torch").Generator().manual_seed(3), __import__("torch").Generator().manual_seed(3)
+    assert classify.draw_gamma({"gamma_range": [0.0, 1.0]}, (2,), g1).tolist() == classify.draw_gamma({}, (2,), g2).tolist()

@@ -406,3 +406,37 @@ def test_rows_with_other_settings_are_never_pooled(tmp_path):
     # a different data set is another setting as well
     other = [{**r, "data": "mnist"} for r in short]
     assert report.settings_diff(report.settings_groups(short + other, "classify")) == ["data=fashion-mnist", "data=mnist"]
+
+
+# ------------------------------------------------------------------------------------------------ gamma range
+
+
+def test_gamma_table_pairs_within_each_range(tmp_path):
+    rows = []
+    for level, gain in (("0.5-1", 0.01), ("0-4", 0.2)):
+        for s in range(3):
+            for v, acc in (("default", 0.6), ("mip", 0.6 + gain)):
+                tr = [{"step": 0, "theta_grad_by_gamma": [1.0, 1.0 + 9 * (v == "default") * (level == "0-4")]}, {"step": 100}]
+                r = row(v, s, study="gamma", acc=acc + 0.001 * s, trace=tr)
+                r["axis"], r["level"] = "gamma_range", level
+                rows.append(r)
+    table = report.gamma_table(rows)
+    body = [_table_rows(line) for line in table.splitlines()[2:]]
+    by = {(c[0], c[1]): c for c in body}
+    assert by[("0.5-1", "mip")][4].startswith("+0.010 [+0.010, +0.010] (n=3")
+    assert by[("0-4", "mip")][4].startswith("+0.200")
+    assert by[("0-4", "default")][6] == "10" and by[("0-4", "mip")][6] == "1"
+    assert by[("0-4", "default")][5].startswith("1.00x")
+    text = write_report(rows, tmp_path).read_text()
+    assert "## gamma-range stress test (task: classify)" in text
+    assert "## Task: classify" not in text  # gamma rows never enter the main table
+
+
+def test_gamma_study_runs():
+    from experiments.__main__ import study_runs
+
+    runs = study_runs("classify", {"steps": 10, "lr": 1e-3}, ["gamma"])
+    spans = {(lv, *c["gamma_range"]) for _, _, lv, c, _ in runs}
+    assert spans == {("0.5-1", 0.5, 1.0), ("0-1", 0.0, 1.0), ("0-4", 0.0, 4.0)}
+    assert sorted({v for *_, v in runs}) == ["additive-only", "default", "default-hyperfan", "mip"]
+    assert study_runs("segment", {"steps": 10}, ["gamma"]) == []
