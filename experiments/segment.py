@@ -91,6 +91,8 @@ DEFAULTS: dict[str, Any] = {
     "encoding": None,
     "theta0": "init",  # the method's theta0 init (Kaiming fan-in weights, zero biases); "model": PyTorch's
     "probes": 10,  # trace points over training
+    # the test subject's slices in blocks of 4, alternately validation (choose a learning rate) and test (report)
+    "val_split": "blocks4",
 }
 
 SIZES: dict[str, dict[str, Any]] = {
@@ -116,14 +118,35 @@ def conditioning(variant: str, phi: Any) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: BrainSlices, cfg: dict[str, Any], seed: int, variant: str = "mip") -> dict[str, Any]:
-    gen = torch.Generator().manual_seed(40_000 + seed)
-    x, y = augment(data.x_test, data.y_test, gen, cfg["warp_strength"])
-    dice = []
+def _dice(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: dict[str, Any], variant: str) -> tuple[list[float], list[float]]:
+    """(Dice per phi averaged over classes, Dice per class averaged over phi)."""
+    dice, per_class = [], torch.zeros(NUM_LABELS - 1)
     for phi in cfg["phis"]:
         pred = model(x, scale=1 - phi, **conditioning(variant, phi)).argmax(1)
-        dice.append(float(dice_per_class(pred, y).mean()))
+        d = dice_per_class(pred, y)
+        dice.append(float(d.mean()))
+        per_class += d
+    return dice, (per_class / len(cfg["phis"])).tolist()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: BrainSlices, cfg: dict[str, Any], seed: int, variant: str = "mip") -> dict[str, Any]:
+    """Test Dice per phi and per class; with ``cfg["val_split"]`` also the validation Dice (the test subject's
+    other slices), on which a learning rate is chosen."""
+    extra: dict[str, Any] = {}
+    if cfg.get("val_split"):
+        from .register import val_split
+
+        val, data = val_split(data)
+        vx, vy = augment(val.x_test, val.y_test, torch.Generator().manual_seed(45_000 + seed), cfg["warp_strength"])
+        vdice, _ = _dice(model, vx, vy, cfg, variant)
+        extra["val_dice"] = sum(vdice) / len(vdice)
+    gen = torch.Generator().manual_seed(40_000 + seed)
+    x, y = augment(data.x_test, data.y_test, gen, cfg["warp_strength"])
+    dice, per_class = _dice(model, x, y, cfg, variant)
     return {
+        **extra,
+        "dice_by_class": per_class,
         "dice": sum(dice) / len(dice),
         "dice_spread": max(dice) - min(dice),
         "dice_by_phi": dice,

@@ -201,7 +201,29 @@ def test_registration_lambda_oversamples_the_ends_and_plain_uses_its_fixed_lambd
 def test_registration_reports_dice_at_the_best_lambda(data):
     torch.manual_seed(0)
     model = register.build("mip", {})
-    m = register.evaluate(model, data, {**register.DEFAULTS, "n_eval": 4}, 0)
+    m = register.evaluate(model, data, {**register.DEFAULTS, "n_eval": 4, "val_split": None}, 0)
     best = max(range(len(m["dice_by_lambda"])), key=m["dice_by_lambda"].__getitem__)
     assert m["dice_best"] == max(m["dice_by_lambda"]) and m["lambda_best"] == register.DEFAULTS["lambdas"][best]
     assert len(m["smoothness_by_lambda"]) == len(register.DEFAULTS["lambdas"])
+    assert "val_dice_best" not in m
+
+
+def test_registration_chooses_lambda_on_validation_slices_and_reports_test_there(data):
+    torch.manual_seed(0)
+    model = register.build("mip", {})
+    m = register.evaluate(model, data, {**register.DEFAULTS, "n_eval": 4}, 0)
+    lams = register.DEFAULTS["lambdas"]
+    vbest = max(range(len(lams)), key=m["val_dice_by_lambda"].__getitem__)
+    assert m["lambda_best"] == lams[vbest] and m["val_dice_best"] == max(m["val_dice_by_lambda"])
+    assert m["dice_best"] == m["dice_by_lambda"][vbest]  # test Dice at the validation choice
+    assert m["dice_best_test_chosen"] == max(m["dice_by_lambda"]) >= m["dice_best"]
+    val, test = register.val_split(data)
+    assert len(val.x_test) + len(test.x_test) == len(data.x_test)
+    assert set(val.z_test.tolist()).isdisjoint(test.z_test.tolist())  # no slice in both
+
+
+def test_segmentation_records_per_class_and_validation_dice(data):
+    torch.manual_seed(0)
+    m = segment.evaluate(segment.build("mip", {}), data, {**segment.DEFAULTS, "phis": [0.0, 0.5]}, 0, "mip")
+    assert len(m["dice_by_class"]) == 3 and 0.0 <= m["val_dice"] <= 1.0
+    assert m["dice"] == pytest.approx(sum(m["dice_by_class"]) / 3, abs=1e-6)

@@ -33,6 +33,7 @@ def test_run_smoke(data, variant):
     m = res["metrics"]
     assert len(res["curve"]) == 4 and all(math.isfinite(v) for v in res["curve"])
     assert 0.0 <= m["test_acc"] <= 1.0 and len(m["grad_norm_by_gamma"]) == 5
+    assert 0.0 <= m["val_acc"] <= 1.0  # validation images held out of training
 
 
 def test_cli_writes_results_report_and_resumes(tmp_path, monkeypatch, capsys):

@@ -224,10 +224,10 @@ def test_lr_table_bolds_the_best_rate():
         rows += [row("mip", s, study="lr", lr=3e-4, acc=0.7), row("mip", s, study="lr", lr=3e-3, acc=0.85)]
     table = lr_table(rows, "classify")
     lines = table.splitlines()
-    assert _table_rows(lines[0]) == ["variant", "lr 3e-4", "lr 1e-3", "lr 3e-3", "best lr"]
+    assert _table_rows(lines[0]) == ["variant", "lr 3e-4", "lr 1e-3", "lr 3e-3", "chosen lr", "chosen on"]
     by = {c[0]: c for c in (_table_rows(line) for line in lines[2:])}
-    assert by["default"][1] == "**0.750 (3)**" and by["default"][-1] == "3e-4"
-    assert by["mip"][3] == "**0.850 (3)**" and by["mip"][-1] == "3e-3"
+    assert by["default"][1] == "**0.750 (3)**" and by["default"][-2] == "3e-4" and by["default"][-1] == "test (optimistic)"
+    assert by["mip"][3] == "**0.850 (3)**" and by["mip"][-2] == "3e-3"
     assert by["mip"][2] == "0.800 (3)"  # the main runs count as the 1e-3 cell
     assert lr_table([r for r in rows if r["study"] == "main"], "classify") == ""
 
@@ -241,7 +241,19 @@ def test_lr_table_ranks_diverged_runs_worst():
             bad["metrics"] = {"diverged_at": 10, "final_train_loss": math.nan}
         rows.append(bad)
     by = {c[0]: c for c in (_table_rows(line) for line in lr_table(rows, "classify").splitlines()[2:])}
-    assert by["mip"][-1] == "3e-4" and by["mip"][2] == "diverged (3, 2 div.)"
+    assert by["mip"][-2] == "3e-4" and by["mip"][2] == "diverged (3, 2 div.)"
+
+
+def test_lr_table_chooses_on_validation_and_reports_test_there():
+    rows = []
+    for s in range(3):
+        # on test 3e-3 looks best, on validation 3e-4 is: the choice follows validation
+        for study, lr, acc, val in (("main", 1e-3, 0.70, 0.70), ("lr", 3e-4, 0.72, 0.80), ("lr", 3e-3, 0.90, 0.60)):
+            r = row("mip", s, study=study, lr=lr, acc=acc)
+            r["metrics"]["val_acc"] = val
+            rows.append(r)
+    by = {c[0]: c for c in (_table_rows(line) for line in lr_table(rows, "classify").splitlines()[2:])}
+    assert by["mip"][1] == "**0.720 (3)**" and by["mip"][-2] == "3e-4" and by["mip"][-1] == "validation"
 
 
 def _trace(step_values):
