@@ -94,7 +94,23 @@ BASELINES: dict[str, list[str]] = {
     "register": ["default-hyperfan", "default-torchinit", "mip-theta0-model"],
     "segment": ["default-hyperfan", "default-torchinit", "mip-theta0-model", "default-rawphi"],
 }
-STUDIES = ("main", "baseline", "lr", "gamma")
+STUDIES = ("main", "baseline", "lr", "gamma", "segattr", "lrfull")
+
+#: Is the segmentation stall MIP's fault? (``--studies segattr``, segmentation only; issue 22 item 6, >= 10 seeds.)
+#: Arm name -> (variant, config overrides): loss (soft Dice / Dice + cross-entropy) x {plain, additive-only, MIP};
+#: MIP at a learning rate whose relative step matches plain's (0.0062 / 0.032 of 1e-3, about 2e-4) and plain at
+#: one matching MIP's (about 5e-3), from the probe quoted in the issue; MIP with a zero-initialised head.
+SEGATTR: dict[str, tuple[str, dict[str, Any]]] = {
+    **{f"{v}-{loss}": (v, {"loss": loss}) for loss in ("soft_dice", "dice_ce") for v in ("plain", "additive-only", "mip")},
+    "mip-lr2e-4": ("mip", {"lr": 2e-4}),
+    "plain-lr5e-3": ("plain", {"lr": 5e-3}),
+    "mip-zeroinit": ("mip", {"zero_init": True}),
+}
+
+#: The learning-rate study at the full budget (``--full --studies lrfull``; issue 22 item 5): every variant at
+#: every rate, the rate chosen on validation data.
+LRS_FULL = ("1e-4", "3e-4", "1e-3", "3e-3", "1e-2")
+LRFULL_VARIANTS = ("plain", "default", "default-torchinit", "additive-only", "mip")
 
 #: The gamma-range stress test (``--studies gamma``, classifier only): gamma ~ U(lo, hi)^k declared with that
 #: range. [0, 1] draws exactly the main study's gammas but is its own run: these runs also record the gradient
@@ -121,6 +137,11 @@ def study_runs(task: str, cfg: dict[str, Any], studies: list[str]) -> list[tuple
     if "gamma" in studies and task == "classify":
         for name, span in GAMMA_RANGES.items():
             runs += [("gamma", "gamma_range", name, {**cfg, "gamma_range": list(span)}, v) for v in GAMMA_VARIANTS]
+    if "segattr" in studies and task == "segment":
+        runs += [("segattr", "arm", name, {**cfg, **over}, v) for name, (v, over) in SEGATTR.items()]
+    if "lrfull" in studies:
+        for lr in LRS_FULL:
+            runs += [("lr", "lr", lr, {**cfg, "lr": float(lr)}, v) for v in LRFULL_VARIANTS]
     return runs
 
 

@@ -20,7 +20,7 @@ from torch import nn
 
 import hyperloom as hl
 
-from .common import build_variant, grad_norm, set_seed, trace_probe, train_and_evaluate
+from .common import build_variant, flat_weights, grad_norm, set_seed, trace_probe, train_and_evaluate
 from .data import ImageData, load_classification
 
 
@@ -221,7 +221,8 @@ def run(variant: str, seed: int, data: ImageData, cfg: dict[str, Any], *, desc: 
             out["theta_grad_by_gamma"] = theta_grad_norms(model, px, py, [torch.full(zshape, t) for t in bins])
         return out
 
-    out = train_and_evaluate(model, cfg, seed, make_step_loss, evaluate_all, desc=desc, checkpoint=checkpoint, probe=probe)
+    weights = lambda: flat_weights(model, {"z": torch.full(gamma_shape(cfg["k"]), sum(gamma_range(cfg)) / 2)})  # noqa: E731
+    out = train_and_evaluate(model, cfg, seed, make_step_loss, evaluate_all, desc=desc, checkpoint=checkpoint, probe=probe, weights=weights)
     if out["metrics"]["diverged_at"] is not None:
         out["metrics"].update({"test_acc": math.nan, "test_acc_std_gamma": math.nan, "test_loss": math.nan})
     return {**out, "data": data.name}

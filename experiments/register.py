@@ -25,7 +25,7 @@ from torch import nn
 import hyperloom as hl
 
 from .brain import BrainSlices, dice_per_class, load_brain_slices, one_hot, random_smooth_warp, warp
-from .common import build_variant, grad_norm_by_condition, is_plain, set_seed, trace_probe, train_and_evaluate
+from .common import build_variant, flat_weights, grad_norm_by_condition, is_plain, set_seed, trace_probe, train_and_evaluate
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -269,5 +269,6 @@ def run(
             bins,
         )
 
-    out = train_and_evaluate(model, cfg, seed, make_step_loss, evaluate_all, desc=desc, checkpoint=checkpoint, probe=probe)
+    weights = lambda: flat_weights(model, {"lam": 0.5})  # noqa: E731
+    out = train_and_evaluate(model, cfg, seed, make_step_loss, evaluate_all, desc=desc, checkpoint=checkpoint, probe=probe, weights=weights)
     return {**out, "data": data.source}

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .brain import NUM_LABELS, BrainSlices, dice_per_class, load_brain_slices, one_hot, random_smooth_warp, warp
-from .common import VARIANTS, build_variant, grad_norm_by_condition, set_seed, trace_probe, train_and_evaluate
+from .common import VARIANTS, build_variant, flat_weights, grad_norm_by_condition, set_seed, trace_probe, train_and_evaluate
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -67,6 +67,16 @@ def soft_dice_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     inter = (p * t).sum((2, 3))
     denom = p.sum((2, 3)) + t.sum((2, 3))
     return 1 - ((2 * inter + 1e-5) / (denom + 1e-5)).mean()
+
+
+def seg_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str = "soft_dice") -> torch.Tensor:
+    """The training loss: ``"soft_dice"`` (the paper's) or ``"dice_ce"`` (soft Dice + cross-entropy, the usual
+    remedy for a class that the soft Dice lets collapse)."""
+    if kind == "soft_dice":
+        return soft_dice_loss(logits, labels)
+    if kind == "dice_ce":
+        return soft_dice_loss(logits, labels) + F.cross_entropy(logits, labels)
+    raise ValueError(f"Unknown segmentation loss {kind!r}; choose 'soft_dice' or 'dice_ce'")
 
 
 def augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, strength: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,7 +176,7 @@ def run(
             idx = torch.randint(0, len(data.x_train), (cfg["batch"],), generator=gen)
             x, y = augment(data.x_train[idx], data.y_train[idx], gen, cfg["warp_strength"])
             phi = 0.5 * float(torch.rand((), generator=gen))
-            return soft_dice_loss(model(x, scale=1 - phi, **conditioning(variant, phi)), y)
+            return seg_loss(model(x, scale=1 - phi, **conditioning(variant, phi)), y, cfg.get("loss", "soft_dice"))
 
         return step_loss
 
@@ -194,5 +204,6 @@ def run(
             bins,
         )
 
-    out = train_and_evaluate(model, cfg, seed, make_step_loss, evaluate_all, desc=desc, checkpoint=checkpoint, probe=probe)
+    weights = lambda: flat_weights(model, conditioning(variant, 0.25))  # noqa: E731
+    out = train_and_evaluate(model, cfg, seed, make_step_loss, evaluate_all, desc=desc, checkpoint=checkpoint, probe=probe, weights=weights)
     return {**out, "data": data.source}

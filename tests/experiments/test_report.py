@@ -452,3 +452,33 @@ def test_gamma_study_runs():
     assert spans == {("0.5-1", 0.5, 1.0), ("0-1", 0.0, 1.0), ("0-4", 0.0, 4.0)}
     assert sorted({v for *_, v in runs}) == ["additive-only", "default", "default-hyperfan", "mip"]
     assert study_runs("segment", {"steps": 10}, ["gamma"]) == []
+
+
+# ------------------------------------------------------------------------------------------------ segmentation attribution
+
+
+def test_segattr_table_counts_stalls_per_arm_against_mip_soft_dice(tmp_path):
+    rows = []
+    for s in range(5):
+        for arm, variant, loss, bad in (("mip-soft_dice", "mip", "soft_dice", s < 4), ("mip-dice_ce", "mip", "dice_ce", s < 1)):
+            r = _seg(variant, s, final=0.2, dice=0.7, by_class=[0.8, 0.0 if bad else 0.6, 0.8])
+            r["study"], r["axis"], r["level"] = "segattr", "arm", arm
+            r["config"] = {**r["config"], "loss": loss}
+            r["metrics"]["rel_step_first10"] = 0.03
+            rows.append(r)
+    table = report.segattr_table(rows)
+    by = {c[0]: c for c in (_table_rows(line) for line in table.splitlines()[2:])}
+    assert by["mip-soft_dice"][5] == "4/5" and by["mip-dice_ce"][5] == "1/5" and by["mip-dice_ce"][6] == "0.21"
+    assert by["mip-dice_ce"][2] == "dice_ce" and by["mip-dice_ce"][-1] == "0.0300" and by["mip-dice_ce"][9] == "0.600"
+    assert "## Is the segmentation stall MIP's fault?" in write_report(rows, tmp_path).read_text()
+
+
+def test_lr_table_shows_the_relative_step():
+    rows = []
+    for s in range(2):
+        for study, lr in (("main", 1e-3), ("lr", 3e-3)):
+            r = row("mip", s, study=study, lr=lr)
+            r["metrics"]["rel_step_first10"] = 0.01 if lr == 1e-3 else 0.03
+            rows.append(r)
+    by = {c[0]: c for c in (_table_rows(line) for line in lr_table(rows, "classify").splitlines()[2:])}
+    assert "step 0.01)" in by["mip"][1] and "step 0.03)" in by["mip"][2]
