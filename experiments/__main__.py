@@ -251,7 +251,13 @@ ABLATIONS: dict[str, list[Any]] = {
     "norm": ["none", "batchnorm", "layernorm", "weightnorm"],
     "k": [1, 2, 4, 8],
     "hidden": [[16, 64, 128], [64, 64], [32, 128, 256, 256]],
-    "optimizer": ["adam@3e-4", "adam@1e-3", "adam@3e-3", "sgd@1e-3", "sgd@1e-2", "sgd@3e-2", "rmsprop@3e-4", "rmsprop@1e-3"],
+    "optimizer": [
+        *("adam@3e-4", "adam@1e-3", "adam@3e-3"),
+        *("sgd@1e-3", "sgd@1e-2", "sgd@3e-2", "sgd@1e-1", "sgd@1.0"),  # momentum 0.9
+        *("sgd0@1e-2", "sgd0@1e-1", "sgd0@1.0"),  # momentum 0
+        *("sgd99@1e-3", "sgd99@1e-2"),  # momentum 0.99
+        *("rmsprop@3e-4", "rmsprop@1e-3"),
+    ],
     "encoding": ["identity", "zoneminusz", "l2", "standardize"],
     "depth": [0, 2, 4],
     "zero_init": [True],

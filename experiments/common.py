@@ -173,15 +173,18 @@ def progress(it: Iterable[T], *, total: int | None = None, desc: str = "", leave
 
 
 def make_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
-    """Adam, SGD with momentum 0.9, or RMSprop; fused / foreach kernels (same maths, 3-5x faster on the
-    hypernetwork's large output layer than the default per-tensor loop on CPU)."""
+    """Adam, SGD with momentum 0.9 (``sgd``; ``sgd0`` / ``sgd99``: momentum 0 / 0.99), or RMSprop; fused /
+    foreach kernels (same maths, 3-5x faster on the hypernetwork's large output layer than the default
+    per-tensor loop on CPU)."""
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, fused=True)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9, fused=True)
+    if name in ("sgd0", "sgd99"):  # momentum 0 / 0.99 (the ablation's SGD axis)
+        return torch.optim.SGD(params, lr=lr, momentum=0.0 if name == "sgd0" else 0.99, fused=True)
     if name == "rmsprop":
         return torch.optim.RMSprop(params, lr=lr, foreach=True)
-    raise ValueError(f"Unknown optimizer {name!r}; choose adam, sgd, rmsprop")
+    raise ValueError(f"Unknown optimizer {name!r}; choose adam, sgd, sgd0, sgd99, rmsprop")
 
 
 def train_loop(
