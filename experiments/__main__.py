@@ -280,6 +280,8 @@ def _apply(cfg: dict[str, Any], axis: str, level: Any) -> dict[str, Any]:
 
 def cmd_ablate(args: argparse.Namespace) -> int:
     size = "full" if args.full else "quick"
+    if getattr(args, "threads", 0):
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     store = ResultStore(out / "results.jsonl")
     base = _configs("classify", size)
@@ -428,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
             act.help = "seeds per variant (0: 3 quick, 5 full)"
     a = sub.add_parser("ablate", help="ablations on task 1")
     a.add_argument("--axes", default="", help=f"comma-separated subset of {list(ABLATIONS)}")
+    a.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's choice; 1 on a busy machine)")
     common(a, "runs/ablate")
     pr = sub.add_parser("proportionality", help="|theta| vs gamma at initialisation")
     pr.add_argument("--seeds", type=int, default=1)
