@@ -23,7 +23,9 @@ from .checkpoint import (
     save_safetensors,
     save_training,
 )
+from .data_input import Data, Masked
 from .diagnostics import theta_norms
+from .dropout import BoundDropout, bind_dropout
 from .encoding import (
     ENCODINGS,
     CosSin,
@@ -43,6 +45,7 @@ from .lora import LoRA, LoRAModel
 from .model import HyperModel, hypernetize
 from .params import ParamStore
 from .select import select_parameters
+from .selftune import SelfTuner
 from .task import Task, TaskEmbedding
 from .training import NonFiniteLossError, Trainer
 from .trunk import ACTIVATIONS, NORMS, Trunk, WeightNormLinear
@@ -51,6 +54,7 @@ from .types import Conditioning, ParamDict
 
 __all__ = [
     "ACTIVATIONS",
+    "BoundDropout",
     "CheckpointError",
     "NonFiniteLossError",
     "Sweep",
@@ -67,6 +71,7 @@ __all__ = [
     "NORMS",
     "Conditioning",
     "CosSin",
+    "Data",
     "DenseHead",
     "Encoding",
     "HyperModel",
@@ -79,9 +84,11 @@ __all__ = [
     "LoRA",
     "LoRAModel",
     "LowRankHead",
+    "Masked",
     "ParamDict",
     "ParamStore",
     "Raw",
+    "SelfTuner",
     "Standardize",
     "Task",
     "TaskEmbedding",
@@ -89,6 +96,7 @@ __all__ = [
     "WeightNormLinear",
     "ZOneMinusZ",
     "__version__",
+    "bind_dropout",
     "continual",
     "get_encoding",
     "hypernetize",
