@@ -488,7 +488,11 @@ def section_pinn(args: argparse.Namespace, report: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     p.add_argument("--quick", action="store_true", help="few rounds, small sizes (a smoke run)")
-    p.add_argument("--sections", default="shared,per_sample,scaling,selftune,pinn")
+    p.add_argument(
+        "--sections",
+        default="shared,per_sample,scaling,selftune,pinn",
+        help="comma-separated subset of shared, per_sample, scaling, selftune, pinn",
+    )
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument(
@@ -525,6 +529,9 @@ def main(argv: list[str] | None = None) -> int:
         "selftune": section_selftune,
         "pinn": section_pinn,
     }
+    bad = [s for s in args.sections.split(",") if s not in sections]
+    if bad:
+        p.error(f"--sections: unknown {bad}; choose a comma-separated subset of {list(sections)}")
     for s in args.sections.split(","):
         sections[s](args, report)
     if args.out:
