@@ -352,6 +352,24 @@ class LoRAModel(nn.Module):
         """The conditioning-independent factors ``A0``, ``B0`` (and bias) of the MIP formulation; ``None`` if not additive."""
         return self.hypernet.theta0
 
+    def add_task(self, name: str | None = None, n: int = 1) -> range:
+        """Make ``n`` more task ids valid for a :class:`~hyperloom.Task` input; see :meth:`HyperNetwork.add_task`.
+
+        The same task API as :meth:`HyperModel.add_task <hyperloom.HyperModel.add_task>`: nothing is
+        reallocated, so the adapters of earlier tasks stay bit-identical.
+
+        Example:
+            >>> import hyperloom as hl
+            >>> net = nn.Sequential(nn.Linear(6, 6))
+            >>> hnet = hl.hypernetize(net, inputs={"task": hl.Task(1, max_tasks=3)}, lora=hl.LoRA(rank=2, targets=["0"]))
+            >>> hnet.add_task(), hnet.inputs["task"].num_tasks
+            (range(1, 2), 2)
+
+        Raises:
+            HyperloomError: See :meth:`HyperNetwork.add_task`.
+        """
+        return self.hypernet.add_task(name, n)
+
     def _split(self, kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         return split_conditioning(self.hypernet, self.primary, self._model_kwargs, kwargs)
 
