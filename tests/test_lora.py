@@ -460,3 +460,68 @@ def test_duplicate_or_unknown_targets_are_refused():
         hl.LoRAModel(net, hl.LoRA(rank=2), inputs={"lam": (0.0, 1.0)}, targets=["0", "0"], hidden=(8,))
     with pytest.raises(hl.HyperloomError, match=re.escape("LoRA target '7' is not a submodule of Sequential")):
         hl.LoRAModel(net, hl.LoRA(rank=2), inputs={"lam": (0.0, 1.0)}, targets=["7"], hidden=(8,))
+
+
+# ------------------------------------------------------------------------------------------------
+# LoRA directories: one atomic writer, a failure leaves the old adapter loadable, CheckpointError
+# ------------------------------------------------------------------------------------------------
+
+
+def small_lora(seed: int = 0, **kw: Any) -> hl.LoRAModel:
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    lora = hl.LoRA(**{"rank": 2, "alpha": 4.0, "targets": nn.Linear, **kw})
+    return hl.hypernetize(net, inputs={"lam": (0.0, 1.0)}, lora=lora, hidden=(8,)).eval()
+
+
+def _fail_at(monkeypatch: Any, name: str, k: int) -> list[int]:
+    import errno
+    import os
+
+    real, calls = getattr(os, name), [0]
+
+    def fn(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == k:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(os, name, fn)
+    return calls
+
+
+@pytest.mark.parametrize("what", ["fsync", "replace"])
+def test_a_full_disk_mid_save_leaves_the_old_adapter_loadable(tmp_path, monkeypatch, what):
+    old = small_lora()
+    perturb(old)
+    old.save_pretrained(tmp_path / "hl")
+    old.to_peft(tmp_path / "peft", lam=0.5)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "peft").iterdir()}
+    new = small_lora()
+    perturb(new, scale=0.5)
+    x = torch.randn(3, 8)
+    base = small_lora().primary  # the pretrained model (every small_lora() starts from the same one)
+    for k in (1, 2):  # the weights' write, then the config's
+        _fail_at(monkeypatch, what, k)
+        with pytest.raises(hl.CheckpointError, match=re.escape("cannot write checkpoint (No space left on device")):
+            new.save_pretrained(tmp_path / "hl")
+        monkeypatch.undo()
+        _fail_at(monkeypatch, what, k)
+        with pytest.raises(hl.CheckpointError, match=re.escape("cannot write checkpoint (No space left on device")):
+            new.to_peft(tmp_path / "peft", lam=0.5)
+        monkeypatch.undo()
+        again = hl.LoRAModel.from_pretrained(tmp_path / "hl", base).eval()
+        assert torch.equal(again(x, lam=0.3), old(x, lam=0.3)), (what, k)
+        assert {p.name: p.read_bytes() for p in (tmp_path / "peft").iterdir()} == before
+        assert sorted(p.name for p in (tmp_path / "hl").iterdir()) == [hl.lora.CONFIG_NAME, hl.lora.WEIGHTS_NAME]
+
+
+def test_bad_directories_are_checkpoint_errors_naming_the_path(tmp_path):
+    hnet = small_lora()
+    (tmp_path / "file").write_text("x")
+    for path in (tmp_path / "file", tmp_path / "file" / "sub"):
+        with pytest.raises(hl.CheckpointError, match=re.escape(f"{path / hl.lora.WEIGHTS_NAME}: cannot write checkpoint")):
+            hnet.save_pretrained(path)
+        with pytest.raises(hl.CheckpointError, match=re.escape(f"{path / 'adapter_model.safetensors'}: cannot write checkpoint")):
+            hnet.to_peft(path, lam=0.5)
+    assert (tmp_path / "file").read_text() == "x"

@@ -573,12 +573,17 @@ class LoRAModel(nn.Module):
             "init_lora_weights": True,
             "modules_to_save": None,
         }
-        from .checkpoint import save_safetensors
+        from .fileio import _as_path, atomic_write_files, safetensors_bytes
 
-        out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
-        save_safetensors(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
-        (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        out = _as_path(path)
+        weights = out / "adapter_model.safetensors"
+        # the weights first, the config (what makes the directory an adapter) last, both or neither
+        atomic_write_files(
+            {
+                weights: [safetensors_bytes(tensors, weights, metadata={"format": "pt"})],
+                out / "adapter_config.json": [(json.dumps(config, indent=2) + "\n").encode()],
+            }
+        )
 
     def _adapter_state(self) -> nn.Module:
         """A container of the trained parts (hypernetwork, shared ``A``), for saving without the frozen base."""
@@ -618,13 +623,15 @@ class LoRAModel(nn.Module):
         Raises:
             HyperloomError: If the directory cannot be written (a :class:`~hyperloom.CheckpointError`), or see :meth:`config`.
         """
-        from .checkpoint import save_model
+        from .checkpoint import model_bytes
+        from .fileio import _as_path, atomic_write_files
 
         cfg = self.config()
-        out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
-        save_model(self if cfg["include_base"] else self._adapter_state(), out / WEIGHTS_NAME, config=cfg)
-        (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
+        out = _as_path(path)
+        weights = out / WEIGHTS_NAME
+        blob = model_bytes(self if cfg["include_base"] else self._adapter_state(), weights, config=cfg)
+        # the weights first, the config last: a failure at any point leaves the old directory loadable
+        atomic_write_files({weights: [blob], out / CONFIG_NAME: [(json.dumps(cfg, indent=2) + "\n").encode()]})
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike[str], model: nn.Module) -> LoRAModel:
