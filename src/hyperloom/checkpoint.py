@@ -33,7 +33,7 @@ from torch import nn
 
 from ._rng import rng_state, set_rng_state
 from .errors import short_repr
-from .fileio import (
+from .fileio import (  # noqa: F401  (CheckpointError, the safetensors functions: importable from here as before)
     CheckpointError,
     _as_path,
     _check_storable,
@@ -703,14 +703,4 @@ def load_training(
     return {"step": step, "config": config}
 
 
-__all__ = [
-    "CheckpointError",
-    "atomic_write_bytes",
-    "atomic_write_files",
-    "load_model",
-    "load_safetensors",
-    "load_training",
-    "save_model",
-    "save_safetensors",
-    "save_training",
-]
+__all__ = ["load_model", "load_training", "save_model", "save_training"]
