@@ -19,6 +19,7 @@ was used) load unchanged (``tests/fixtures``).
 from __future__ import annotations
 
 import copy
+import fnmatch
 import json
 import numbers
 import os
@@ -48,9 +49,6 @@ from .hypernetwork import HyperNetwork
 
 _MODEL_FORMATS = {"hyperloom.model/1": False, "hyperloom.model/2": True}  # format -> carries checksums
 _TRAINING_FORMATS = {"hyperloom.training/1": False, "hyperloom.training/2": True}
-#: Declaration fields recorded and compared (``kind``: ``Input`` or ``Task``); a Task's ``num_tasks`` is
-#: recorded too but not compared: it is state (``add_task``), restored with the ``state_dict``.
-_INPUT_FIELDS = ("kind", "low", "high", "scale", "dim", "out_of_range", "embedding_norm", "max_tasks")
 
 
 def _require_checksums(p: Path, fmt: str, formats: Mapping[str, bool], unchecked: list[str]) -> None:
@@ -62,27 +60,44 @@ def _require_checksums(p: Path, fmt: str, formats: Mapping[str, bool], unchecked
 
 
 def _hypernetworks(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """The declarations of every :class:`~hyperloom.HyperNetwork` in ``model``, by module name (JSON-able)."""
-    out: dict[str, dict[str, Any]] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, HyperNetwork):
-            inputs = {
-                k: {f: getattr(spec, f, None) for f in _INPUT_FIELDS}
-                | {"kind": type(spec).__name__, "num_tasks": getattr(spec, "num_tasks", None)}
-                for k, spec in module.input_set.specs.items()
-            }
-            encoding = getattr(module, "encoding", None)
-            out[name] = {
-                "inputs": inputs,
-                "formulation": getattr(module, "formulation", None),
-                "encoding": getattr(encoding, "name", None),
-                "additive": getattr(module, "additive", None),
-            }
-    return out
+    """The whole configuration (:meth:`HyperNetwork.config <hyperloom.HyperNetwork.config>`) of every hypernetwork in ``model``."""
+    return {name: module.config() for name, module in model.named_modules() if isinstance(module, HyperNetwork)}
 
 
-def _check_hypernetworks(path: str | os.PathLike[str], saved: Any, model: nn.Module, *, strict: bool) -> None:
-    """Compare the declarations saved with the checkpoint (``None``: an older file) with the model's."""
+def _unchecked(key: str) -> bool:
+    return any(fnmatch.fnmatchcase(key, pattern) for pattern in HyperNetwork.CONFIG_UNCHECKED)
+
+
+def _config_diff(saved: Any, own: Any, key: str = "") -> tuple[str, Any, Any] | None:
+    """The first field (dotted) where a recorded configuration differs from the model's, or ``None``.
+
+    Fields the record lacks (written by an earlier version) are not compared; a field the model lacks
+    matches only a recorded ``None`` (how earlier versions recorded absent fields).
+    """
+    if _unchecked(key):
+        return None
+    if isinstance(saved, dict) and isinstance(own, dict):
+        for k, v in saved.items():
+            sub = f"{key}.{k}" if key else str(k)
+            if k not in own:
+                if v is not None and not _unchecked(sub):
+                    return sub, v, "(none)"
+                continue
+            diff = _config_diff(v, own[k], sub)
+            if diff is not None:
+                return diff
+        return None
+    if type(saved) is not type(own) and not (isinstance(saved, int | float) and isinstance(own, int | float)):
+        return key, saved, own
+    return None if saved == own else (key, saved, own)
+
+
+def _check_hypernetworks(path: str | os.PathLike[str], saved: Any, model: nn.Module, *, strict: bool, targets: bool = False) -> None:
+    """Compare the configurations saved with the checkpoint (``None``: an older file) with the model's, field by field.
+
+    ``targets``: compare the targets' shapes only (after the state's keys and shapes, which name the tensors
+    more precisely), else everything but them.
+    """
     if saved is None:
         return
     if not isinstance(saved, dict) or not all(isinstance(v, dict) and isinstance(v.get("inputs"), dict) for v in saved.values()):
@@ -91,18 +106,24 @@ def _check_hypernetworks(path: str | os.PathLike[str], saved: Any, model: nn.Mod
     if strict and sorted(saved) != sorted(own):
         raise CheckpointError(f"{path}: hypernetwork modules: saved {sorted(saved)}, model {sorted(own)}")
     for name in [n for n in saved if n in own]:
+        if targets:
+            diff = _config_diff({"targets": saved[name].get("targets")}, {"targets": own[name]["targets"]})
+            if diff is not None:
+                raise CheckpointError(f"{path}: hypernetwork {name!r} {diff[0]}: saved {diff[1]!r}, model {diff[2]!r}")
+            continue
         s_inputs, m_inputs = saved[name]["inputs"], own[name]["inputs"]
         if list(s_inputs) != list(m_inputs):
             raise CheckpointError(f"{path}: hypernetwork {name!r}: input names: saved {list(s_inputs)}, model {list(m_inputs)}")
         for inp, fields in s_inputs.items():
-            for f in _INPUT_FIELDS:
-                sv, mv = fields.get(f) if isinstance(fields, dict) else None, m_inputs[inp][f]
-                if sv is not None and sv != mv:
-                    raise CheckpointError(f"{path}: hypernetwork {name!r}: input {inp!r} {f}: saved {sv!r}, model {mv!r}")
-        for f in ("formulation", "encoding", "additive"):
-            sv, mv = saved[name].get(f), own[name][f]
-            if sv is not None and sv != mv:
-                raise CheckpointError(f"{path}: hypernetwork {name!r} {f}: saved {sv!r}, model {mv!r}")
+            if not isinstance(fields, dict):
+                raise CheckpointError(f"{path}: corrupt hypernetwork declarations in the checkpoint (input {inp!r})")
+            diff = _config_diff(fields, m_inputs[inp], f"inputs.{inp}")
+            if diff is not None:
+                field = diff[0].split(".", 2)[2]
+                raise CheckpointError(f"{path}: hypernetwork {name!r}: input {inp!r} {field}: saved {diff[1]!r}, model {diff[2]!r}")
+        diff = _config_diff({k: v for k, v in saved[name].items() if k not in ("inputs", "targets")}, own[name])
+        if diff is not None:
+            raise CheckpointError(f"{path}: hypernetwork {name!r} {diff[0]}: saved {diff[1]!r}, model {diff[2]!r}")
 
 
 def _load_json(path: str | os.PathLike[str], meta: Mapping[str, str], key: str) -> Any:
@@ -232,8 +253,10 @@ def load_model(model: nn.Module, path: str | os.PathLike[str], *, strict: bool =
     config = _load_json(p, meta, "config")
     if not isinstance(config, dict | None):
         raise CheckpointError(f"{p}: corrupt checkpoint metadata 'config': a JSON object expected, got {short_repr(config)}")
-    _check_hypernetworks(p, _load_json(p, meta, "hypernetworks"), model, strict=strict)
+    record = _load_json(p, meta, "hypernetworks")
+    _check_hypernetworks(p, record, model, strict=strict)
     _check_state(p, tensors, model.state_dict(), strict=strict)
+    _check_hypernetworks(p, record, model, strict=strict, targets=True)
     before = _cpu_copy(model.state_dict())
     try:
         model.load_state_dict(tensors, strict=strict)
@@ -640,6 +663,7 @@ def load_training(
     _check_hypernetworks(p, meta.get("hypernetworks"), model, strict=True)
     state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     _check_state(p, state, model.state_dict(), strict=True)
+    _check_hypernetworks(p, meta.get("hypernetworks"), model, strict=True, targets=True)
     opt_state = sched_state = None
     if optimizer is not None:
         if "optimizer" not in meta:
