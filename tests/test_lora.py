@@ -525,3 +525,116 @@ def test_bad_directories_are_checkpoint_errors_naming_the_path(tmp_path):
         with pytest.raises(hl.CheckpointError, match=re.escape(f"{path / 'adapter_model.safetensors'}: cannot write checkpoint")):
             hnet.to_peft(path, lam=0.5)
     assert (tmp_path / "file").read_text() == "x"
+
+
+# ------------------------------------------------------------------------------------------------
+# from_pretrained trusts only the checksummed config, and validates every field
+# ------------------------------------------------------------------------------------------------
+
+
+def _edit_json(directory: Any, edit: Any) -> None:
+    path = directory / hl.lora.CONFIG_NAME
+    cfg = json.loads(path.read_text())
+    edit(cfg)
+    path.write_text(json.dumps(cfg))
+
+
+def test_an_edited_json_config_is_refused_by_field(tmp_path):
+    hnet = small_lora(alpha=16.0)
+    perturb(hnet)
+    hnet.save_pretrained(tmp_path / "hl")
+    _edit_json(tmp_path / "hl", lambda c: c["lora"].update(alpha=36.0))  # loaded silently before, outputs off by 74.6
+    msg = "lora.alpha is 36.0, but the checksummed copy in hyperloom_lora.safetensors says 16.0"
+    with pytest.raises(hl.CheckpointError, match=re.escape(msg)):
+        hl.LoRAModel.from_pretrained(tmp_path / "hl", small_lora().primary)
+    _edit_json(tmp_path / "hl", lambda c: c["hypernetwork"].update(activation="tanh", hidden=[8]))
+    with pytest.raises(hl.CheckpointError, match=re.escape("lora.alpha is 36.0")):
+        hl.LoRAModel.from_pretrained(tmp_path / "hl", small_lora().primary)
+    _edit_json(tmp_path / "hl", lambda c: c["lora"].update(alpha=16.0))
+    with pytest.raises(hl.CheckpointError, match=re.escape("hypernetwork.activation is 'tanh', but the checksummed copy")):
+        hl.LoRAModel.from_pretrained(tmp_path / "hl", small_lora().primary)
+
+
+def _save_with_config(directory: Any, hnet: hl.LoRAModel, cfg: dict[str, Any]) -> None:
+    """A directory whose JSON and checksummed copy both hold ``cfg`` (a consistently written, malformed config)."""
+    directory.mkdir(exist_ok=True)
+    hl.save_model(hnet._adapter_state(), directory / hl.lora.WEIGHTS_NAME, config=cfg)
+    (directory / hl.lora.CONFIG_NAME).write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize(
+    ("edit", "field"),
+    [
+        (lambda c: c.update(inputs=None), "inputs must be a JSON object, got None"),
+        (lambda c: c.update(hypernetwork="x"), "hypernetwork must be a JSON object, got 'x'"),
+        (lambda c: c["hypernetwork"].update(hidden=["x"]), "hypernetwork.hidden[0] must be an integer, got 'x'"),
+        (lambda c: c["hypernetwork"].update(activation=[]), "hypernetwork.activation must be one of"),
+        (lambda c: c["inputs"]["lam"].update(dim=10**30), "inputs.lam.dim must be in [1, 65536]"),
+        (lambda c: c["hypernetwork"].update(hidden=[60000, 60000]), "hypernetwork.hidden: a layer of 60000 x 60000 weights"),
+        (lambda c: c["lora"].update(rank=2.5), "lora.rank must be an integer, got 2.5"),
+        (lambda c: c["lora"].update(alpha=-1), "lora: LoRA alpha must be a finite number > 0, got -1"),
+        (lambda c: c["lora"].pop("targets"), "lora: missing field(s) ['targets']"),
+        (lambda c: c["lora"].update(targets=["nope"]), "does not fit the Sequential given: LoRA target 'nope' is not a submodule"),
+        (lambda c: c.update(batch_dim=True), "batch_dim must be an integer, got True"),
+        (lambda c: c["inputs"]["lam"].update(low=2.0), "inputs.lam: Input range must satisfy low < high"),
+        (lambda c: c["hypernetwork"].update(extra=1), "hypernetwork: unknown field(s) ['extra']"),
+    ],
+)
+def test_malformed_config_fields_are_refused_by_name(tmp_path, edit, field):
+    hnet = small_lora()
+    cfg = hnet.config()
+    edit(cfg)
+    _save_with_config(tmp_path / "hl", hnet, cfg)
+    with pytest.raises(hl.CheckpointError, match=re.escape(field)):
+        hl.LoRAModel.from_pretrained(tmp_path / "hl", small_lora().primary)
+
+
+def _paths(obj: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    out = [prefix] if prefix else []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out += _paths(v, (*prefix, k))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            out += _paths(v, (*prefix, i))
+    return out
+
+
+def test_fuzz_every_outcome_is_a_load_or_a_checkpoint_error(tmp_path):
+    """Mutations of a valid config (deletions, type swaps, huge and negative numbers, nulls), written both
+    consistently (JSON and checksummed copy) and to the JSON alone: a successful load or a CheckpointError."""
+    import copy
+    import random
+
+    hnet = small_lora(shared_A=True)
+    base = small_lora().primary
+    valid = hnet.config()
+    values = [None, "x", [], {}, ["x"], -1, 0, 1, 2.5, 10**30, -(10**30), True, 1e308, [10**9], {"a": 1}]
+    rng = random.Random(0)
+    outcomes = {"loaded": 0, "refused": 0}
+    mutations = []
+    for path in _paths(valid):
+        mutations.append((path, "delete"))
+        mutations += [(path, v) for v in rng.sample(values, 6)]
+    for i, (path, value) in enumerate(mutations):
+        cfg = copy.deepcopy(valid)
+        parent = cfg
+        for k in path[:-1]:
+            parent = parent[k]
+        if value == "delete":
+            del parent[path[-1]]
+        else:
+            parent[path[-1]] = value
+        d = tmp_path / f"m{i}"
+        if i % 4 == 3:  # the JSON alone is edited: always refused by the checksummed copy
+            hnet.save_pretrained(d)
+            (d / hl.lora.CONFIG_NAME).write_text(json.dumps(cfg))
+        else:
+            _save_with_config(d, hnet, cfg)
+        try:
+            hl.LoRAModel.from_pretrained(d, base)
+            outcomes["loaded"] += 1
+        except hl.CheckpointError:
+            outcomes["refused"] += 1
+        # any other exception type fails the test, naming the mutation
+    assert outcomes["refused"] > 0.8 * len(mutations) and len(mutations) > 150, outcomes

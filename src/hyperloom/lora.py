@@ -44,7 +44,6 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -637,36 +636,32 @@ class LoRAModel(nn.Module):
     def from_pretrained(cls, path: str | os.PathLike[str], model: nn.Module) -> LoRAModel:
         """Rebuild a model saved by :meth:`save_pretrained` around the pretrained ``model`` (which is copied, not modified).
 
-        Raises:
-            HyperloomError: On a missing or malformed directory, or weights that do not fit (see
-                :func:`~hyperloom.load_model`).
-        """
-        from .checkpoint import load_model
+        The JSON config is trusted only where it equals the checksummed copy that :meth:`save_pretrained`
+        stores in the weights file, and every field is validated (type and range) before anything is built.
 
-        src = Path(path)
+        Raises:
+            CheckpointError: On a missing or malformed directory; a JSON config that differs from the
+                checksummed copy (naming the field and both values: an edited ``alpha`` would silently
+                rescale every update); a field of the wrong type or out of range (naming it); a config that
+                does not fit ``model`` (targets that are not its modules, a rank too large); or weights that
+                do not fit (see :func:`~hyperloom.load_model`).
+        """
+        from ._lora_config import read_config
+        from .checkpoint import load_model
+        from .fileio import CheckpointError, _as_path
+
+        src = _as_path(path)
+        cfg = read_config(src, CONFIG_NAME, WEIGHTS_NAME, LORA_FORMAT, _HYPER_KEYS)
+        where = src / CONFIG_NAME
         try:
-            cfg = json.loads((src / CONFIG_NAME).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise HyperloomError(f"{src}: not a hyperloom LoRA directory ({CONFIG_NAME}: {e})") from None
-        if not isinstance(cfg, dict) or cfg.get("format") != LORA_FORMAT:
-            got = cfg.get("format") if isinstance(cfg, dict) else type(cfg).__name__
-            raise HyperloomError(f"{src / CONFIG_NAME}: format {got!r}, expected {LORA_FORMAT!r}")
-        try:
-            targets = [str(t) for t in cfg["lora"]["targets"]]
-            lora = LoRA(**cfg["lora"])
-            inputs = {k: Input(**v) for k, v in cfg["inputs"].items()}
-            hyper = dict(cfg["hypernetwork"])
-            if "hidden" in hyper:
-                hyper["hidden"] = tuple(hyper["hidden"])
-            batch_dim = cfg["batch_dim"]
-            include_base = bool(cfg["include_base"])
-        except (KeyError, TypeError) as e:
-            raise HyperloomError(f"{src / CONFIG_NAME}: malformed config ({type(e).__name__}: {e})") from None
-        hnet = cls(model, lora, inputs=inputs, targets=targets, batch_dim=batch_dim, **hyper)  # resolved names, not selectors
-        if include_base:
-            load_model(hnet, src / WEIGHTS_NAME)
-        else:
-            load_model(hnet._adapter_state(), src / WEIGHTS_NAME)
+            lora = LoRA(**cfg.lora)
+        except HyperloomError as e:
+            raise CheckpointError(f"{where}: lora: {e}") from None
+        try:  # resolved names, not selectors
+            hnet = cls(model, lora, inputs=cfg.inputs, targets=cfg.targets, batch_dim=cfg.batch_dim, **cfg.hyper)
+        except HyperloomError as e:
+            raise CheckpointError(f"{where}: the config does not fit the {type(model).__name__} given: {e}") from None
+        load_model(hnet if cfg.include_base else hnet._adapter_state(), src / WEIGHTS_NAME)
         return hnet
 
     def extra_repr(self) -> str:
