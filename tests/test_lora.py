@@ -407,18 +407,6 @@ def test_gpt2_decoder_learns_a_scalar_conditioned_task():
 # -- regressions found by review ------------------------------------------------------------------------------
 
 
-def test_gradient_checkpointing_is_refused_while_training_and_allowed_without_grad():
-    model = gpt2()
-    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
-    h = hl.hypernetize(model, inputs={"t": (0.0, 1.0)}, predict=["*.attn.c_attn"], lora=hl.LoRA(rank=4, alpha=8), hidden=(8,))
-    h.train()
-    ids = torch.randint(0, VOCAB, (2, 6))
-    with pytest.raises(hl.HyperloomError, match=re.escape("LoRA mode cannot train through gradient checkpointing")):
-        h(ids, labels=ids, t=0.5)
-    with torch.no_grad():
-        assert h(ids, t=0.5).logits.shape == (2, 6, VOCAB)
-
-
 def test_root_module_target_round_trips_and_is_refused_by_to_peft(tmp_path):
     torch.manual_seed(0)
     h = hl.hypernetize(nn.Linear(6, 5), inputs={"lam": (0.0, 1.0)}, lora=hl.LoRA(rank=2, targets=nn.Linear), hidden=(8,))
@@ -638,3 +626,102 @@ def test_fuzz_every_outcome_is_a_load_or_a_checkpoint_error(tmp_path):
             outcomes["refused"] += 1
         # any other exception type fails the test, naming the mutation
     assert outcomes["refused"] > 0.8 * len(mutations) and len(mutations) > 150, outcomes
+
+
+# ------------------------------------------------------------------------------------------------
+# activation checkpointing done by the model itself: gradients equal those without it
+# ------------------------------------------------------------------------------------------------
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.v = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.tanh(self.q(x)) * self.v(x)
+
+
+class _CheckpointedNet(nn.Module):
+    """A model that checkpoints its own blocks (``mode``: None, "reentrant", "non-reentrant")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([_Block() for _ in range(3)])
+        self.head = nn.Linear(8, 2)
+        self.mode: str | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        for b in self.blocks:
+            x = checkpoint(b, x, use_reentrant=self.mode == "reentrant") if self.mode and torch.is_grad_enabled() else b(x)
+        return self.head(x)
+
+
+def _grads(hnet: nn.Module, loss_fn: Any) -> dict[str, torch.Tensor]:
+    hnet.zero_grad(set_to_none=True)
+    loss_fn().backward()
+    return {k: p.grad.clone() for k, p in hnet.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+def _assert_same_grads(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert sorted(a) == sorted(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-10, atol=1e-12, msg=k)
+    assert any(bool(g.abs().sum() > 0) for k, g in a.items() if k.startswith("hypernet."))
+
+
+@pytest.mark.parametrize("mode", ["reentrant", "non-reentrant"])
+@pytest.mark.parametrize("variant", [{}, {"shared_A": True, "bias": True, "freeze_base": False}], ids=["plain", "sharedA-bias-base"])
+def test_checkpointing_inside_a_custom_model_gives_the_same_gradients(mode, variant):
+    torch.manual_seed(0)
+    net = _CheckpointedNet().double()
+    lora = hl.LoRA(**{"rank": 2, "alpha": 4.0, "targets": ["*.q", "*.v"], **variant})
+    hnet = hl.hypernetize(net, inputs={"lam": (0.0, 1.0)}, lora=lora, hidden=(8,))
+    perturb(hnet)
+    x = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)  # reentrant checkpointing needs inputs that require grad
+    for lam in (0.3, torch.rand(5, dtype=torch.float64)):  # shared and per sample
+        hnet.primary.mode = None
+        ref = _grads(hnet, lambda lam=lam: hnet(x, lam=lam).pow(2).sum())
+        hnet.primary.mode = mode
+        got = _grads(hnet, lambda lam=lam: hnet(x, lam=lam).pow(2).sum())
+        _assert_same_grads(got, ref)
+    # two calls with different conditioning in one backward: each recomputation uses its own call's adapters
+    hnet.primary.mode = None
+    ref = _grads(hnet, lambda: hnet(x, lam=0.2).sum() + hnet(x, lam=0.9).pow(2).sum())
+    hnet.primary.mode = mode
+    got = _grads(hnet, lambda: hnet(x, lam=0.2).sum() + hnet(x, lam=0.9).pow(2).sum())
+    _assert_same_grads(got, ref)
+    for m in hnet.primary.modules():  # the graphs are gone: so are the hooks
+        assert not m._forward_hooks
+
+
+def _gpt2_train() -> nn.Module:
+    cfg = transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=32, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    )
+    return transformers.GPT2LMHeadModel(cfg).double().train()
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_hugging_face_gradient_checkpointing_gives_the_same_gradients(reentrant):
+    torch.manual_seed(0)
+    hnet = hl.hypernetize(_gpt2_train(), inputs={"t": (0.0, 1.0)}, predict=GPT2_TARGETS, lora=hl.LoRA(rank=4, alpha=8), hidden=(8,))
+    hnet.train()
+    perturb(hnet)
+    ids = torch.randint(0, VOCAB, (3, 6), generator=torch.Generator().manual_seed(3))
+    for t in (0.5, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)):
+        base = hnet.primary
+        # gradient_checkpointing_enable() is a deprecated alias of activation_checkpointing_enable() in transformers 5
+        (getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable)()
+        ref = _grads(hnet, lambda t=t: hnet(ids, labels=ids, t=t).loss)
+        if hasattr(base, "activation_checkpointing_enable"):
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+        else:  # pragma: no cover - transformers 4
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        assert any(getattr(m, "gradient_checkpointing", False) for m in hnet.primary.modules())
+        got = _grads(hnet, lambda t=t: hnet(ids, labels=ids, t=t).loss)
+        _assert_same_grads(got, ref)
+    with torch.no_grad():
+        assert hnet(ids, t=0.5).logits.shape == (3, 6, VOCAB)

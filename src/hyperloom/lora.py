@@ -29,9 +29,14 @@ the model runs as **one** ordinary call (no ``vmap``, so Hugging Face attention 
 special form). The inputs of the target modules must carry the samples along ``batch_dim``
 (dimension 0 for Hugging Face models).
 
-The target modules are intercepted with forward hooks registered for the duration of each call
-and removed in a ``finally``: the wrapped copy is an ordinary model between calls (no classes
-generated at run time, nothing left behind).
+The target modules are intercepted with forward hooks that each call registers and that live as long
+as the call's autograd graph (removed when it is freed, at once after a call without one): the wrapped
+copy is an ordinary model between calls (no classes generated at run time, nothing left behind), and
+activation (gradient) checkpointing works, reentrant or not, ``torch.utils.checkpoint`` in a custom
+model or Hugging Face's ``gradient_checkpointing_enable()``: layers recomputed during ``backward()``
+see the adapters of their own call, and the gradients equal those without checkpointing (see
+:mod:`hyperloom._recompute`). With reentrant checkpointing the recomputed layers' inputs must require
+grad (Hugging Face: ``model.enable_input_require_grads()``), as without a hypernetwork.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._recompute import Call
 from .encoding import Encoding
 from .errors import HyperloomError
 from .hypernetwork import HyperNetwork
@@ -375,16 +381,26 @@ class LoRAModel(nn.Module):
     # -- generation ----------------------------------------------------------------------
     def _factors(self, cond: Mapping[str, Any]) -> tuple[ParamDict, int | None]:
         raw, per_sample = self.hypernet.prepare(cond)
-        if per_sample:
-            n = int(raw.shape[0])
-            if n == 0:
-                raise HyperloomError("Per-sample conditioning with an empty batch (0 samples)")
-            factors = self.hypernet.theta_from_raw(raw)
-        else:
-            n, factors = None, self.hypernet.theta_shared(raw)
+        if per_sample and int(raw.shape[0]) == 0:
+            raise HyperloomError("Per-sample conditioning with an empty batch (0 samples)")
+        return self._generate(raw, per_sample), (int(raw.shape[0]) if per_sample else None)
+
+    def _generate(self, raw: torch.Tensor, per_sample: bool) -> ParamDict:
+        factors = self.hypernet.theta_from_raw(raw) if per_sample else self.hypernet.theta_shared(raw)
         if self.lora_A is not None:
             factors = {**factors, **dict(self.lora_A.items())}
-        return factors, n
+        return factors
+
+    def _regenerate(self, raw: torch.Tensor, per_sample: bool) -> ParamDict:
+        """The factors again, for a reentrant recomputation; the hypernetwork's buffers (BatchNorm) are left as they were."""
+        buffers = [(b, b.detach().clone()) for b in self.hypernet.buffers()]
+        try:
+            with torch.enable_grad():
+                return self._generate(raw, per_sample)
+        finally:
+            with torch.no_grad():
+                for b, before in buffers:
+                    b.copy_(before)
 
     def generate(self, **conditioning: Any) -> ParamDict:
         """The adapter factors: ``"<module>.lora_A"`` ``(r, in)``, ``"<module>.lora_B"`` ``(out, r)`` (and ``.lora_bias``).
@@ -491,33 +507,28 @@ class LoRAModel(nn.Module):
             HyperloomError: On invalid conditioning, an unknown keyword argument, or (per sample) a target
                 module whose input does not carry the samples along ``batch_dim``.
         """
-        if torch.is_grad_enabled() and self._checkpointing():
-            raise HyperloomError(
-                "LoRA mode cannot train through gradient checkpointing: the adapters are applied by forward hooks that "
-                "exist only during this call, and the checkpointed layers are recomputed during backward() without them. "
-                "Turn it off (Hugging Face: model.gradient_checkpointing_disable()) or run under torch.no_grad()"
-            )
         cond, rest = self._split(kwargs)
-        factors, n = self._factors(cond)
-        handles = []
+        raw, per_sample = self.hypernet.prepare(cond)
+        if per_sample and int(raw.shape[0]) == 0:
+            raise HyperloomError("Per-sample conditioning with an empty batch (0 samples)")
+        factors = self._generate(raw, per_sample)
+        raw = raw.detach()
+        call = Call(
+            self,
+            factors,
+            int(raw.shape[0]) if per_sample else None,
+            self._adapter,
+            lambda: self._regenerate(raw, per_sample),
+        )
+        call.register({name: self.primary.get_submodule(name) for name in self.targets})
         try:
-            for name in self.targets:
-                handles.append(self.primary.get_submodule(name).register_forward_hook(self._hook(name, factors, n), with_kwargs=True))
-            return self.primary(*args, **rest)
-        finally:
-            for h in handles:
-                h.remove()
-
-    def _checkpointing(self) -> bool:
-        """Whether Hugging Face gradient checkpointing is on anywhere in the model (``gradient_checkpointing=True``)."""
-        return any(getattr(m, "gradient_checkpointing", False) is True for m in self.primary.modules())
-
-    def _hook(self, name: str, factors: ParamDict, n: int | None) -> Any:
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: torch.Tensor) -> torch.Tensor:
-            x = args[0] if args else next(iter(kwargs.values()))
-            return output + self._adapter(name, x, factors, n)
-
-        return hook
+            with call:
+                out = self.primary(*args, **rest)
+        except BaseException:
+            call.release()
+            raise
+        call.anchor(out)  # the hooks live as long as the graph: checkpointed layers recomputed in backward() need them
+        return out
 
     # -- export and round trip -----------------------------------------------------------
     def to_peft(self, path: str | os.PathLike[str], **conditioning: Any) -> None:
