@@ -725,3 +725,49 @@ def test_hugging_face_gradient_checkpointing_gives_the_same_gradients(reentrant)
         _assert_same_grads(got, ref)
     with torch.no_grad():
         assert hnet(ids, t=0.5).logits.shape == (3, 6, VOCAB)
+
+
+def test_saving_copying_and_merging_while_a_graph_is_alive():
+    """The hooks that live with a call's graph never leak into copies, pickles or merged models."""
+    import copy
+    import io
+
+    hnet = small_lora()
+    perturb(hnet)
+    x = torch.randn(3, 8)
+    loss = hnet(x, lam=0.5).sum()  # its graph (and the call's hooks) alive while the model is saved
+    buf = io.BytesIO()
+    torch.save(hnet, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    twin = copy.deepcopy(hnet)
+    plain = hnet.materialize(lam=0.5)
+    assert all(not m._forward_hooks for m in plain.modules())
+    for other in (loaded, twin):
+        assert torch.equal(other(x, lam=0.5), hnet(x, lam=0.5))
+        assert torch.equal(other.primary(x), hnet.primary(x))  # the base model, called directly
+        assert all(not m._forward_hooks for m in other.primary.modules())  # inert copies removed themselves
+    loss.backward()
+    del loss
+    assert all(not m._forward_hooks for m in hnet.primary.modules())
+
+
+def test_gradients_to_the_conditioning_through_checkpointed_layers():
+    """Non-reentrant: equal to the run without checkpointing; reentrant cannot carry them: refused in the forward."""
+    torch.manual_seed(0)
+    lora = hl.LoRA(rank=2, targets=["*.q", "*.v"])
+    hnet = hl.hypernetize(_CheckpointedNet().double(), inputs={"lam": (0.0, 1.0)}, lora=lora, hidden=(8,))
+    perturb(hnet)
+    x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    grads = {}
+    for mode in (None, "non-reentrant"):
+        hnet.primary.mode = mode
+        lam = torch.full((4,), 0.4, dtype=torch.float64, requires_grad=True)
+        hnet(x, lam=lam).pow(2).sum().backward()
+        grads[mode] = lam.grad
+    torch.testing.assert_close(grads["non-reentrant"], grads[None], rtol=1e-10, atol=0)
+    hnet.primary.mode = "reentrant"
+    lam = torch.full((4,), 0.4, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(hl.HyperloomError, match=re.escape("LoRA target 'blocks.0.q' ran under torch.no_grad() inside a call")):
+        hnet(x, lam=lam)
+    assert all(not m._forward_hooks for m in hnet.primary.modules())

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree
 
+from .errors import HyperloomError
 from .types import ParamDict
 
 _METADATA_KEY = "hyperloom.lora_call"
@@ -78,6 +79,8 @@ class Call:
         self.adapter = adapter
         self.regenerate = regenerate
         self.grad = torch.is_grad_enabled()
+        self.conditioning_requires_grad = False  # set by the owner: the raw conditioning requires grad
+        self.names: dict[int, str] = {}
         self.lo = sequence_nr()
         self.hi: int | None = None  # set when the call returns
         self.no_grad_targets: set[int] = set()  # modules run under no_grad inside a grad call: reentrant regions
@@ -89,7 +92,8 @@ class Call:
         """Register this call's forward hook on each target module (removed by :meth:`release`)."""
         ref = weakref.ref(self)
         for name, module in modules.items():
-            self._handles.append(module.register_forward_hook(_make_hook(ref, name), with_kwargs=True))
+            self.names[id(module)] = name
+            self._handles.append(module.register_forward_hook(_Hook(ref, name), with_kwargs=True))
         weakref.finalize(self, _remove, self._handles)
 
     def release(self) -> None:
@@ -108,6 +112,13 @@ class Call:
         """The factors to use for ``module`` now: the call's own, or regenerated in a reentrant recomputation."""
         if self.hi is None:  # the call itself is running
             if self.grad and not torch.is_grad_enabled():
+                if self.conditioning_requires_grad:
+                    raise HyperloomError(
+                        f"LoRA target {self.names.get(id(module), '?')!r} ran under torch.no_grad() inside a call that records "
+                        "gradients (reentrant activation checkpointing), and the conditioning values require grad: a reentrant "
+                        "recomputation cannot carry gradients back to them; use non-reentrant checkpointing "
+                        "(use_reentrant=False, Hugging Face's default) or conditioning values that do not require grad"
+                    )
                 self.no_grad_targets.add(id(module))
             return self.factors
         if id(module) in self.no_grad_targets and torch.is_grad_enabled():
@@ -160,15 +171,38 @@ def _remove(handles: list[Any]) -> None:
     handles.clear()
 
 
-def _make_hook(ref: weakref.ReferenceType[Call], name: str) -> Callable[..., Any]:
-    def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
-        call = ref()
-        if call is None or not call.acts():
+class _Hook:
+    """The forward hook of one call on one target module (a weak reference: the graph keeps the call alive).
+
+    Pickled or deep-copied (with a model whose graph is still alive) it becomes inert, and an inert hook
+    removes itself from its module the first time it runs.
+    """
+
+    def __init__(self, ref: weakref.ReferenceType[Call] | None, name: str) -> None:
+        self.ref, self.name = ref, name
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_Hook, (None, self.name))
+
+    def __call__(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        call = None if self.ref is None else self.ref()
+        if call is None:
+            strip_hooks(module, only=self)
+            return None
+        if not call.acts():
             return None
         x = args[0] if args else next(iter(kwargs.values()))
-        out = output + call.adapter(name, x, call.factors_now(module), call.n)
+        out = output + call.adapter(self.name, x, call.factors_now(module), call.n)
         if call.hi is None and call.grad:
             call.keep_with(out)
         return out
 
-    return hook
+
+def strip_hooks(root: torch.nn.Module, *, only: _Hook | None = None) -> None:
+    """Remove the LoRA call hooks (all, or ``only`` that one) from ``root`` and its submodules (copies of a model)."""
+    for m in root.modules():
+        for key, hook in list(m._forward_hooks.items()):
+            if isinstance(hook, _Hook) and (only is None or hook is only):
+                del m._forward_hooks[key]
+                m._forward_hooks_with_kwargs.pop(key, None)
+                m._forward_hooks_always_called.pop(key, None)

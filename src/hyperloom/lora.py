@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._recompute import Call
+from ._recompute import Call, strip_hooks
 from .encoding import Encoding
 from .errors import HyperloomError
 from .hypernetwork import HyperNetwork
@@ -337,6 +337,7 @@ class LoRAModel(nn.Module):
             primary = copy.deepcopy(model)
         except Exception as e:
             raise HyperloomError(f"Could not copy {type(model).__name__} (deepcopy failed: {e})") from e
+        strip_hooks(primary)  # another LoRA model's primary, copied while a graph of it is alive
         if lora.freeze_base:
             primary.requires_grad_(False)
         self.primary = primary
@@ -453,6 +454,7 @@ class LoRAModel(nn.Module):
         with torch.no_grad():
             delta = self.delta(**conditioning)
         plain = copy.deepcopy(self.primary)
+        strip_hooks(plain)  # the hooks of calls whose graphs are alive are no part of an ordinary model
         with torch.no_grad():
             for key, d in delta.items():
                 mod_name, _, attr = key.rpartition(".")
@@ -512,6 +514,7 @@ class LoRAModel(nn.Module):
         if per_sample and int(raw.shape[0]) == 0:
             raise HyperloomError("Per-sample conditioning with an empty batch (0 samples)")
         factors = self._generate(raw, per_sample)
+        raw_requires_grad = raw.requires_grad
         raw = raw.detach()
         call = Call(
             self,
@@ -520,6 +523,7 @@ class LoRAModel(nn.Module):
             self._adapter,
             lambda: self._regenerate(raw, per_sample),
         )
+        call.conditioning_requires_grad = raw_requires_grad
         call.register({name: self.primary.get_submodule(name) for name in self.targets})
         try:
             with call:
