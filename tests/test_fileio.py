@@ -84,3 +84,16 @@ def test_sweep_tables_and_figures_go_through_the_writer(tmp_path, monkeypatch):
     with pytest.raises(hl.CheckpointError, match="No space left on device"):
         sweep.to_csv(tmp_path / "s.csv")
     assert (tmp_path / "s.csv").read_text() == old
+
+
+def test_a_file_system_without_hard_links_still_saves(tmp_path, monkeypatch):
+    a, b = tmp_path / "w.bin", tmp_path / "c.json"
+    atomic_write_files({a: [b"old"], b: [b"old"]})
+
+    def no_links(*args, **kwargs):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    atomic_write_files({a: [b"new"], b: [b"new"]})
+    assert a.read_bytes() == b"new" and b.read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json", "w.bin"]

@@ -19,9 +19,11 @@ The model and training formats built on these files are in :mod:`hyperloom.check
 from __future__ import annotations
 
 import ctypes
+import errno
 import hashlib
 import json
 import os
+import secrets
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -150,6 +152,10 @@ def _stage(target: Path, data: Sequence[bytes | bytearray | memoryview]) -> str:
     return tmp
 
 
+# os.link's refusals on file systems without hard links (FAT, exFAT, some network file systems)
+_NO_LINKS = {errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
+
+
 def atomic_write_files(files: Mapping[str | os.PathLike[str], Sequence[bytes | bytearray | memoryview]]) -> None:
     """Write several files so that a failure leaves every old file as it was: the library's one writer.
 
@@ -158,8 +164,9 @@ def atomic_write_files(files: Mapping[str | os.PathLike[str], Sequence[bytes | b
     fsynced; only when all are on disk are they renamed over their targets, **in the order given** (give a
     directory's index, e.g. its config, last), and the directories are fsynced. Any failure (a full disk,
     no permission, a rename refused) removes the temporary files and puts back the files already
-    replaced, so the old set is left complete; a crash (power loss) can at worst fall between two
-    renames. Files that are not replaced are never touched.
+    replaced, so the old set is left complete (on a file system without hard links the old files cannot
+    be kept aside: there only a failure before the first rename leaves them all); a crash (power loss) can
+    at worst fall between two renames. Files that are not replaced are never touched.
 
     Args:
         files: Target path -> the file's bytes, as a sequence of chunks (written in order).
@@ -191,8 +198,13 @@ def atomic_write_files(files: Mapping[str | os.PathLike[str], Sequence[bytes | b
     try:
         for _, target in staged if len(staged) > 1 else []:  # one file: the rename alone is atomic
             if target.exists():
-                bk = f"{target.parent}/.{target.name[:32]}.{os.getpid()}.{id(backups)}.bak"
-                os.link(target, bk)  # a second name for the old file: no data is copied
+                bk = f"{target.parent}/.{target.name[:32]}.{secrets.token_hex(8)}.bak"
+                try:
+                    os.link(target, bk)  # a second name for the old file: no data is copied
+                except OSError as e:
+                    if e.errno not in _NO_LINKS:
+                        raise
+                    continue  # a file system without hard links: no way back for this file if a later rename fails
                 backups[target] = bk
         for tmp, target in staged:
             os.replace(tmp, target)
@@ -235,7 +247,8 @@ def atomic_write_bytes(path: str | os.PathLike[str], chunks: Sequence[bytes | by
         >>> import tempfile, os
         >>> p = os.path.join(tempfile.mkdtemp(), "x.bin")
         >>> atomic_write_bytes(p, [b"hello"])
-        >>> open(p, "rb").read()
+        >>> from pathlib import Path
+        >>> Path(p).read_bytes()
         b'hello'
 
     Raises:
@@ -252,7 +265,8 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
         >>> import tempfile, os
         >>> p = os.path.join(tempfile.mkdtemp(), "x.json")
         >>> atomic_write_text(p, "ok")
-        >>> open(p).read()
+        >>> from pathlib import Path
+        >>> Path(p).read_text()
         'ok'
 
     Raises:
