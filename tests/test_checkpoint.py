@@ -1116,3 +1116,29 @@ def test_the_record_holds_every_constructor_argument():
     import json
 
     assert json.loads(json.dumps(cfg)) == cfg  # JSON as it is
+
+
+def test_files_with_the_earlier_partial_record_still_load(tmp_path):
+    """Files written before the whole configuration was recorded (inputs, formulation, encoding, additive only)."""
+    import json
+
+    a = _net_with()
+    a.add_task()
+    p = tmp_path / "m.safetensors"
+    hl.save_model(a, p)
+    tensors, meta = hl.load_safetensors(p)
+    lam = {"kind": "Input", "low": 0.0, "high": 1.0, "scale": "linear", "dim": 1, "out_of_range": "raise"}
+    task = {"kind": "Task", "dim": 4, "embedding_norm": "unit", "max_tasks": 3, "num_tasks": 3}
+    for f in ("low", "high", "scale", "out_of_range"):
+        task[f] = None
+    lam.update(embedding_norm=None, max_tasks=None, num_tasks=None)
+    old = {"hypernet": {"inputs": {"lam": lam, "task": task}, "formulation": "mip", "encoding": "cossin", "additive": True}}
+    hl.save_safetensors(tensors, p, metadata={**meta, "hypernetworks": json.dumps(old)})
+    b = _net_with()
+    hl.load_model(b, p)
+    x = torch.randn(2, 4)
+    assert torch.equal(a(x, lam=0.3, task=2), b(x, lam=0.3, task=2))
+    task["embedding_norm"] = "none"
+    hl.save_safetensors(tensors, p, metadata={**meta, "hypernetworks": json.dumps(old)})
+    with pytest.raises(CheckpointError, match=re.escape("input 'task' embedding_norm: saved 'none', model 'unit'")):
+        hl.load_model(_net_with(), p)

@@ -107,7 +107,9 @@ def _check_hypernetworks(path: str | os.PathLike[str], saved: Any, model: nn.Mod
         raise CheckpointError(f"{path}: hypernetwork modules: saved {sorted(saved)}, model {sorted(own)}")
     for name in [n for n in saved if n in own]:
         if targets:
-            diff = _config_diff({"targets": saved[name].get("targets")}, {"targets": own[name]["targets"]})
+            if "targets" not in saved[name]:  # written before the whole configuration was recorded
+                continue
+            diff = _config_diff({"targets": saved[name]["targets"]}, {"targets": own[name]["targets"]})
             if diff is not None:
                 raise CheckpointError(f"{path}: hypernetwork {name!r} {diff[0]}: saved {diff[1]!r}, model {diff[2]!r}")
             continue
