@@ -948,7 +948,9 @@ def test_a_model_checkpoint_of_version_0_1_0_loads_with_the_recorded_values():
     for k, entry in rec["state"].items():
         assert torch.equal(state[k], _as_tensor(entry, state[k].dtype)), k
     x, lam = fx.probe()
-    assert model(x, lam=lam).flatten().tolist() == torch.tensor(rec["output"]).tolist()
+    # the state is compared bit for bit above; the output is a float32 computation whose last bit depends on the
+    # CPU's matmul kernels (it differs between the AMD EPYC machines this runs on), so it is compared to 1e-6
+    torch.testing.assert_close(model(x, lam=lam).flatten(), torch.tensor(rec["output"]), rtol=1e-6, atol=1e-7)
 
 
 def test_a_training_checkpoint_of_version_0_1_0_restores_the_recorded_run():
@@ -972,7 +974,9 @@ def test_a_training_checkpoint_of_version_0_1_0_restores_the_recorded_run():
     assert random.random() == draws["random"]
     assert torch.rand(3, generator=gen).tolist() == torch.tensor(draws["data"]).tolist()
     x, lam = fx.probe()
-    assert model(x, lam=lam).flatten().tolist() == torch.tensor(rec["output"]).tolist()
+    # the state is compared bit for bit above; the output is a float32 computation whose last bit depends on the
+    # CPU's matmul kernels (it differs between the AMD EPYC machines this runs on), so it is compared to 1e-6
+    torch.testing.assert_close(model(x, lam=lam).flatten(), torch.tensor(rec["output"]), rtol=1e-6, atol=1e-7)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -65,3 +65,26 @@ def test_theta_norms_leaves_no_graph():
     assert all(isinstance(v, float) for v in hl.theta_norms(h, "a", [0.5]))
     assert h.head.linear.weight.grad is None
     assert torch.is_grad_enabled()
+
+
+def test_theta_norms_with_a_task_input_uses_one_id():
+    # a Task(dim=8) input used to get a list of 8 ids (its embedding width): 8 per-sample copies, norms sqrt(8) too large
+    hnet = hl.hypernetize(nn.Linear(3, 2), inputs={"task": hl.Task(3, dim=8), "lam": (0.0, 1.0)}, hidden=(8,))
+    norms = hl.theta_norms(hnet, "lam", [0.0, 1.0])
+    expected = [float(torch.cat([t.reshape(-1) for t in hnet.generate(task=0, lam=v).values()]).norm().detach()) for v in (0.0, 1.0)]
+    assert norms == pytest.approx(expected, rel=1e-6)
+    by_task = hl.theta_norms(hnet, "task", [0, 2], lam=0.5)
+    assert by_task[1] == pytest.approx(float(torch.cat([t.reshape(-1) for t in hnet.generate(task=2, lam=0.5).values()]).norm().detach()))
+
+
+def test_theta_norms_on_a_lora_model():
+    # used to raise a raw AttributeError: 'input_set'
+    base = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4))
+    lm = hl.hypernetize(base, predict=[nn.Linear], inputs={"lam": (0.0, 1.0)}, lora=hl.LoRA(rank=2), hidden=(8,))
+    norms = hl.theta_norms(lm, "lam", [0.0, 1.0])
+    expected = [float(torch.cat([t.reshape(-1) for t in lm.hypernet({"lam": v}).values()]).norm().detach()) for v in (0.0, 1.0)]
+    assert norms == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(
+        hl.HyperloomError, match=re.escape("hl.theta_norms expects a HyperModel, a LoRAModel or a HyperNetwork, got Linear")
+    ):
+        hl.theta_norms(nn.Linear(2, 2), "lam", [0.0])

@@ -80,3 +80,36 @@ def test_page_code_blocks_run(page, tmp_path, monkeypatch):
     namespace: dict = {"__name__": "__docs__"}
     for i, block in enumerate(BLOCK.findall(page.read_text())):
         exec(compile(block, f"{page.relative_to(ROOT)} block {i}", "exec"), namespace)
+
+
+def _glance_table() -> list[str]:
+    text = (DOCS / "reference" / "index.md").read_text()
+    section = text.split("## At a glance", 1)[1].split("\n## ", 1)[0]
+    return [ln.split(" | ", 1)[0] for ln in section.splitlines() if ln.startswith("| `")]
+
+
+def _glance_entries() -> dict[str, str | None]:
+    """Name -> its parameter list as written in the table (None where the row names it without a signature)."""
+    entries: dict[str, str | None] = {}
+    for cell in _glance_table():
+        for m in re.finditer(r"`([A-Za-z_]\w*)(?:\(([^`]*)\))?`", cell):
+            entries[m.group(1)] = m.group(2)
+    return entries
+
+
+def test_the_api_table_lists_exactly_the_public_names():
+    listed = set(_glance_entries())
+    public = set(hl.__all__) - {"__version__"}
+    assert listed == public, f"missing from the table: {sorted(public - listed)}; not public: {sorted(listed - public)}"
+
+
+@pytest.mark.parametrize("name", sorted(n for n, p in _glance_entries().items() if p is not None))
+def test_the_api_table_signatures_match_the_code(name):
+    import inspect
+
+    written = _glance_entries()[name]
+    flat = re.sub(r"\([^()]*\)", "", written)  # drop tuple defaults such as hidden=(16, 64, 128)
+    names = [re.split(r"[=:]", part.strip().lstrip("*"), maxsplit=1)[0].strip() for part in flat.split(",")]
+    names = [n for n in names if n and n != "/"]
+    actual = [p for p in inspect.signature(getattr(hl, name)).parameters if p not in ("args", "kwargs")]
+    assert names == actual, f"{name}: the table says ({written}), the code has {actual}"

@@ -427,7 +427,6 @@ class UpdatesBuffer(nn.Module):
     "make",
     [
         DataDependent,
-        UpdatesBuffer,
         lambda: nn.utils.spectral_norm(nn.Linear(3, 2)),
         lambda: nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, momentum=None)),
     ],

@@ -28,3 +28,11 @@ def test_readme_starts_with_the_two_commands():
     assert len(lines) == 2
     ci = (README.parent / ".ci" / "run").read_text()
     assert lines[1].strip() in ci, "the README's test command must be what .ci/run runs"
+
+
+def test_the_readme_has_no_repository_relative_links_or_images():
+    # the README is the wheel's long description: a relative link or image breaks off the repository
+    text = README.read_text()
+    relative = [t for t in re.findall(r"!?\[[^\]]*\]\(([^)\s]+)\)", text) if not t.startswith(("http://", "https://"))]
+    assert not relative, f"relative links in README.md (they break in the packaged description): {relative}"
+    assert len(text) < 15_000, f"README.md is {len(text)} characters: keep it a five-minute read, move the rest to docs/"

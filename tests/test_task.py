@@ -207,10 +207,36 @@ def test_loading_an_impossible_task_count_is_refused():
 
 
 def test_ids_must_be_exact_in_the_dtype():
+    # ids travel at least in float32: 2**24 + 1 rows cannot be addressed exactly (checked before allocating)
     with pytest.raises(
-        hl.HyperloomError, match=re.escape("Task: max_tasks=300 ids cannot be held exactly in torch.bfloat16 (at most 256)")
+        hl.HyperloomError, match=re.escape("Task: max_tasks=16777217 ids cannot be held exactly in torch.float32 (at most 16777216)")
     ):
-        hl.HyperNetwork({"task": hl.Task(300)}, {"w": (2,)}, hidden=(4,), dtype=torch.bfloat16)
+        hl.HyperNetwork({"task": hl.Task(2**24 + 1, dim=1)}, {"w": (2,)}, hidden=(4,), dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize(("dtype", "ids"), [(torch.bfloat16, (256, 257)), (torch.float16, (2048, 2049))])
+@pytest.mark.parametrize("cast", ["to", "build"])
+def test_task_ids_never_travel_in_half_precision(dtype, ids, cast):
+    # task 257 used to get task 256's weights after .to(torch.bfloat16) (above 2048 after .half())
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    inputs = {"task": hl.Task(ids[1] + 1, dim=4), "lam": (0.0, 1.0)}
+    if cast == "to":
+        hnet = hl.hypernetize(net, inputs=inputs, hidden=(8,)).to(dtype)
+    else:
+        hnet = hl.hypernetize(net.to(dtype), inputs=inputs, hidden=(8,))
+    a, b = (hnet.generate(task=i, lam=0.5)["0.weight"] for i in ids)
+    assert not torch.equal(a, b)
+    table = hnet.hypernet.task_table().weight
+    assert not torch.equal(table[ids[0]], table[ids[1]])
+    # per sample: each row equals the shared call for its id
+    x = torch.randn(2, 3, dtype=dtype)
+    w = hnet.generate(task=torch.tensor(ids), lam=0.5)["0.weight"]
+    torch.testing.assert_close(w, torch.stack([a, b]))
+    assert not torch.equal(w[0], w[1])
+    per_sample = hnet(x, task=torch.tensor(ids), lam=0.5)
+    for i, t in enumerate(ids):
+        torch.testing.assert_close(per_sample[i : i + 1], hnet(x[i : i + 1], task=t, lam=0.5))
 
 
 def test_skipped_checks_clamp_ids():

@@ -8,12 +8,13 @@ from typing import Any
 import torch
 
 from .errors import HyperloomError
-from .hypernetwork import HyperNetwork
+from .hypernetwork import HyperNetwork, find_hypernetwork
 from .model import HyperModel
+from .task import Task
 
 
 def theta_norms(
-    model: HyperModel | HyperNetwork,
+    model: HyperModel | HyperNetwork | Any,
     name: str,
     values: Sequence[float],
     *,
@@ -28,11 +29,13 @@ def theta_norms(
     observation, measured.
 
     Args:
-        model: A :class:`HyperModel` or :class:`HyperNetwork`.
+        model: A :class:`HyperModel`, a :class:`~hyperloom.LoRAModel` (the norms of its generated
+            adapter factors) or a :class:`HyperNetwork` (or a DDP wrapper of one).
         name: The input to vary.
         values: Values of that input.
         delta: Measure ``Delta`` instead of ``theta``.
-        **others: Values for the other inputs (default: their midpoints).
+        **others: Values for the other inputs (default: their midpoints; task 0 for a
+            :class:`~hyperloom.Task` input).
 
     Returns:
         ``|theta(value)|`` for each value.
@@ -45,14 +48,19 @@ def theta_norms(
         [1.0, 2.0, 4.0]
 
     Raises:
-        HyperloomError: If ``name`` is not a declared input.
+        HyperloomError: If ``model`` holds no hypernetwork, or ``name`` is not a declared input.
     """
-    hnet = model.hypernet if isinstance(model, HyperModel) else model
+    hnet = find_hypernetwork(model)
+    if hnet is None:
+        raise HyperloomError(f"hl.theta_norms expects a HyperModel, a LoRAModel or a HyperNetwork, got {type(model).__name__}")
     specs = hnet.input_set.specs
     if name not in specs:
         raise HyperloomError(f"Unknown input {name!r}; declared inputs are {list(specs)}")
     cond: dict[str, Any] = {}
     for k, spec in specs.items():
+        if isinstance(spec, Task):  # one id, whatever the embedding's width
+            cond[k] = others.get(k, spec.midpoint())
+            continue
         mid = spec.midpoint()
         cond[k] = others.get(k, mid if spec.dim == 1 else [mid] * spec.dim)
     norms = []

@@ -36,6 +36,27 @@ def _is_compiling() -> bool:
     return bool(torch.compiler.is_compiling())
 
 
+def _under_vmap() -> bool:
+    """Whether a ``torch.func.vmap`` is active (also one inside ``jacfwd``/``hessian``), at any level.
+
+    Under ``vmap`` a tensor's values cannot be read (``bool(t)``, ``.item()``): checks that need them
+    are skipped there, as under ``torch.compile`` (see :meth:`HyperNetwork.prepare`).
+    """
+    if torch._C._functorch.maybe_current_level() is None:
+        return False
+    try:
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+        return any(i.key() == torch._C._functorch.TransformType.Vmap for i in retrieve_all_functorch_interpreters())
+    except Exception:  # pragma: no cover - a torch without these internals: treat every transform as a vmap
+        return True
+
+
+def value_checks_off() -> bool:
+    """Whether checks that read tensor values are skipped: under ``torch.compile`` and under ``torch.func.vmap``."""
+    return _is_compiling() or _under_vmap()
+
+
 def init_theta0(name: str, shape: Sequence[int], *, dtype: torch.dtype | None = None) -> torch.Tensor:
     """MIP's initialisation of a base value ``theta0`` from its shape alone.
 
@@ -420,8 +441,9 @@ class HyperNetwork(nn.Module):
         """
         if not self._task_cols:
             return self._encode(raw)
-        parts = [self._encode(raw.index_select(1, self._cont_index))] if self._num_continuous else []
-        parts += [self.tasks[name](raw[:, col]) for name, col in self._task_cols]
+        dt = self.dtype  # raw may be wider (task ids are kept exact, see raw_dtype)
+        parts = [self._encode(raw.index_select(1, self._cont_index)).to(dt)] if self._num_continuous else []
+        parts += [self.tasks[name](raw[:, col]).to(dt) for name, col in self._task_cols]
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
     def _encode(self, raw: torch.Tensor) -> torch.Tensor:
@@ -467,9 +489,35 @@ class HyperNetwork(nn.Module):
         return {k: t0 + delta[k] for k, t0 in self.theta0.items()}
 
     # -- the user-facing shell ----------------------------------------------------------
+    @property
+    def raw_dtype(self) -> torch.dtype:
+        """Dtype of the raw ``(N, K)`` conditioning: the parameters' dtype, at least float32 with Task inputs.
+
+        Task ids travel in the raw tensor as floating values: never in a half-precision dtype, which would
+        alias ids (above 256 in bfloat16, 2048 in float16) after a ``.to(torch.bfloat16)`` / ``.half()``.
+        """
+        return torch.promote_types(self.dtype, torch.float32) if self._task_cols else self.dtype
+
     def prepare(self, conditioning: Mapping[str, Any], *, batch: int | None = None) -> tuple[torch.Tensor, bool]:
-        """Validate conditioning and return ``(raw (N, K), per_sample)``; see :meth:`InputSet.prepare`."""
-        return self.input_set.prepare(conditioning, batch=batch, dtype=self.dtype, device=self.device, check=not _is_compiling())
+        """Validate conditioning and return ``(raw (N, K), per_sample)``; see :meth:`InputSet.prepare`.
+
+        The value checks (finite, in range, valid task ids) read tensor values, which neither
+        ``torch.compile`` nor ``torch.func.vmap`` allows: while either traces or runs (a model called
+        inside a user's own ``vmap``, ``jacfwd`` or ``hessian``) they are skipped and every input is
+        clamped to its declared range instead; shapes, names and dtypes are still checked.
+        ``raw`` is in :attr:`raw_dtype`; values are checked against the parameters' dtype.
+
+        Raises:
+            HyperloomError: On invalid conditioning (see :meth:`InputSet.prepare`).
+        """
+        return self.input_set.prepare(
+            conditioning,
+            batch=batch,
+            dtype=self.raw_dtype,
+            device=self.device,
+            check=not value_checks_off(),
+            check_dtype=self.dtype,
+        )
 
     def delta(self, conditioning: Mapping[str, Any]) -> ParamDict:
         """The hypernetwork's raw output ``Delta`` (``theta - theta0`` when additive).

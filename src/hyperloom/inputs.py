@@ -264,6 +264,7 @@ class InputSet:
         dtype: torch.dtype,
         device: torch.device | str | None = None,
         check: bool = True,
+        check_dtype: torch.dtype | None = None,
     ) -> tuple[torch.Tensor, bool]:
         """Validate conditioning values and stack them into raw ``(N, K)`` form.
 
@@ -288,6 +289,9 @@ class InputSet:
                 ``[low, high]`` in its own precision: Python numbers exactly,
                 tensors and NumPy values against the endpoints rounded
                 outwards to their dtype.
+            check_dtype: The dtype whose overflow the value checks guard against
+                (default ``dtype``): the hypernetwork's, when ``dtype`` is wider
+                to hold task ids exactly.
 
         Returns:
             ``(raw, per_sample)``: raw values of shape ``(N, K)`` with ``N = 1``
@@ -308,6 +312,7 @@ class InputSet:
         if missing:
             raise HyperloomError(f"Missing conditioning input(s) {missing}; declared inputs are {list(self.specs)}")
         dev = torch.device(device) if device is not None else None
+        cdt = dtype if check_dtype is None else check_dtype
         cols: list[torch.Tensor] = []
         pending: list[tuple[str, InputSpec, str | _Pending | _TaskPending]] = []
         per_sample_n: int | None = None
@@ -355,17 +360,17 @@ class InputSet:
                 raise HyperloomError(f"Conditioning input {name!r}: expected {expected}, got shape {shape}")
             if src is None:  # a Python number: checked exactly, in Python, without tensor work
                 x = _to_float(value)
-                if check and (msg := _number_problem(name, spec, value, x, dtype)):
+                if check and (msg := _number_problem(name, spec, value, x, cdt)):
                     pending.append((name, spec, msg))
                 cols.append(torch.as_tensor(x, dtype=dtype, device=dev).reshape(1, 1))
                 continue
             src = src.reshape(n, spec.dim)
             col = src.to(device=dev, dtype=dtype)
             if check and src.numel() > 0 and src.device.type != "meta":
-                pending.append((name, spec, _Pending(src.detach(), col.detach(), spec, dtype)))
+                pending.append((name, spec, _Pending(src.detach(), col.detach().to(cdt), spec, cdt)))
             cols.append(col)
         if pending:
-            self._raise_first(pending, dtype)
+            self._raise_first(pending, cdt)
         if per_sample_n is not None:
             cols = [c.expand(per_sample_n, -1) if c.shape[0] == 1 and per_sample_n != 1 else c for c in cols]
         raw = torch.cat(cols, dim=1)

@@ -13,11 +13,11 @@ through :func:`torch.func.functional_call`:
 Which arguments carry the batch in per-sample mode, and how outputs come
 back, is the rule of :mod:`hyperloom.per_sample`.
 
-BatchNorm in per-sample mode: while training, each sample is normalised with
-its own statistics (a batch of one) and the running statistics are updated
-with the mean of the per-sample updates; in eval mode the running statistics
-are used as usual. In shared mode BatchNorm behaves exactly as in the
-original model.
+Buffers in per-sample mode (BatchNorm's running statistics, any buffer a
+forward writes): every sample starts from the buffer's value and the buffer
+gets the mean of the per-sample results, written into its existing tensor
+(the rule of :mod:`hyperloom.buffers`). In shared mode buffers behave exactly
+as in the original model.
 """
 
 from __future__ import annotations
@@ -32,10 +32,11 @@ from torch import nn
 from torch.func import functional_call
 
 from ._rng import rng_state, set_rng_state
+from .buffers import BufferState
 from .encoding import Encoding
 from .errors import HyperloomError
 from .heads import check_target_memory, is_bias_name
-from .hypernetwork import HyperNetwork, _is_compiling, init_theta0
+from .hypernetwork import HyperNetwork, _is_compiling, init_theta0, value_checks_off
 from .inputs import InputLike
 from .params import ParamStore
 from .per_sample import (
@@ -198,6 +199,8 @@ class HyperModel(nn.Module):
         self.check_outputs = True
         self._all_modules: list[nn.Module] = list(primary.modules())
         self._rnns: list[nn.RNNBase] = [m for m in self._all_modules if isinstance(m, nn.RNNBase)]
+        #: Train/eval layouts whose per-sample vmap calls need every buffer batched (see hyperloom.buffers).
+        self._batched_buffers: set[tuple[bool, ...]] = set()
 
     @staticmethod
     def _check_signature(model: nn.Module, hypernet: HyperNetwork) -> frozenset[str] | None:
@@ -359,19 +362,30 @@ class HyperModel(nn.Module):
             raise HyperloomError("Per-sample conditioning with an empty batch (0 samples)")
         plan = plan_arguments(args, rest, n=n, batch_dim=self.batch_dim, in_dims=self.in_dims)
         theta = self.hypernet.theta_from_raw(raw)
-        state = self._bn_state(n)
+        modes = tuple(m.training for m in self._all_modules)
+        batch_all = self.per_sample_mode == "loop" or modes in self._batched_buffers
+        state = BufferState(self.primary, n, batch_all=batch_all)
         if self.per_sample_mode == "loop":
             out = run_loop(self.primary, theta, state, plan, self.out_dims, n)
         else:
-            stacked, out_plan = run_vmap(self.primary, theta, state, plan, self.out_dims)
+            try:
+                stacked, out_plan = run_vmap(self.primary, theta, state, plan, self.out_dims)
+            except HyperloomError as e:
+                if batch_all or not state.shared or e.__cause__ is None or isinstance(e.__cause__, HyperloomError):
+                    raise
+                # a forward that writes per-sample values into a buffer in place fails on the unbatched copy: run
+                # again with every buffer batched (nothing was written: the copies are the call's own)
+                state = BufferState(self.primary, n, batch_all=True)
+                stacked, out_plan = run_vmap(self.primary, theta, state, plan, self.out_dims)
+                self._batched_buffers.add(modes)
             out = rebuild_vmap(stacked, out_plan)
         self._check_outputs(theta, plan, out, n)
-        self._write_back(state)  # after the check: a call that raises changes no running statistics
+        state.commit()  # after the check: a call that raises writes no buffer
         return out
 
     def _check_outputs(self, theta: ParamDict, plan: Any, out: Any, n: int) -> None:
         """Once per argument layout, compare the stacked output shapes with a shared call of the same batch."""
-        if not self.check_outputs or _is_compiling() or n < 2 or all(d is None for d in plan.dims):
+        if not self.check_outputs or value_checks_off() or n < 2 or all(d is None for d in plan.dims):
             return  # a batch of one cannot tell the sample dimension apart; nothing batched: nothing to compare
         layout = (plan.signature, self.per_sample_mode, n, tuple(m.training for m in self._all_modules))
         if layout in self._checked_layouts:
@@ -394,29 +408,6 @@ class HyperModel(nn.Module):
             return functional_call(self.primary, {**theta, **bufs}, args, kwargs, tie_weights=False, strict=False)
         finally:
             set_rng_state(saved)
-
-    def _bn_state(self, n: int) -> dict[str, torch.Tensor]:
-        """Per-sample copies of the running statistics of BatchNorm layers in training mode."""
-        state: dict[str, torch.Tensor] = {}
-        for mname, m in self.primary.named_modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats:
-                prefix = mname + "." if mname else ""
-                for bname, buf in m.named_buffers(recurse=False):
-                    if buf is not None:
-                        state[prefix + bname] = buf.unsqueeze(0).expand(n, *buf.shape).clone()
-        return state
-
-    def _write_back(self, state: dict[str, torch.Tensor]) -> None:
-        """Store the mean of the per-sample running-stat updates.
-
-        The buffers are rebound to new tensors, not written in place: an earlier forward's autograd graph
-        may have saved the old ones (BatchNorm saves its running stats), and an in-place write would make
-        its ``backward()`` fail.
-        """
-        for name, stacked in state.items():
-            module, attr = _split_name(self.primary, name)
-            new = stacked.detach().mean(0) if stacked.dtype.is_floating_point else stacked.detach()[0].clone()
-            module._buffers[attr] = new
 
     def extra_repr(self) -> str:
         return f"predicted={len(self.predicted)} tensors, per_sample={self.per_sample_mode!r}"

@@ -65,6 +65,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 from torch.utils._pytree import TreeSpec, _broadcast_to_and_flatten, tree_flatten, tree_unflatten
 
+from .buffers import BufferState
 from .errors import HyperloomError
 from .types import ParamDict
 
@@ -77,8 +78,8 @@ _CONSTANTS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, to
 
 _VMAP_HINT = (
     "vmap cannot batch models with data-dependent control flow (`if tensor:`, `.item()`, `.all()` on an input, as "
-    "Hugging Face masking code does), in-place updates of buffers or of unbatched tensors in forward, spectral_norm, "
-    "or BatchNorm with momentum=None; pass per_sample='loop' to hypernetize (one call per sample), or use shared "
+    "Hugging Face masking code does), in-place updates of unbatched tensors that are not buffers in forward, "
+    "spectral_norm; pass per_sample='loop' to hypernetize (one call per sample), or use shared "
     "conditioning (one value per input)"
 )
 
@@ -290,14 +291,21 @@ def _other_leaf(x: Any, spec: TreeSpec, i: int) -> None:
     )
 
 
-def run_vmap(primary: nn.Module, theta: ParamDict, state: ParamDict, plan: _Plan, out_dims: OutDims) -> tuple[list[Any], _OutPlan]:
-    """One ``vmap`` call; returns the output leaves (tensors stacked at dim 0) and how to rebuild them."""
-    info: dict[str, _OutPlan] = {}
+def run_vmap(primary: nn.Module, theta: ParamDict, state: BufferState, plan: _Plan, out_dims: OutDims) -> tuple[list[Any], _OutPlan]:
+    """One ``vmap`` call; returns the output leaves (tensors stacked at dim 0) and how to rebuild them.
+
+    The buffers travel as ``state`` (see :mod:`hyperloom.buffers`): the buffers the forward reassigns come
+    back as extra outputs and are recorded in ``state``; nothing is written into the module here.
+    """
+    info: dict[str, Any] = {}
 
     def one(params: ParamDict, bufs: ParamDict, *leaves: Any) -> tuple[torch.Tensor, ...]:
         unsq = [x.unsqueeze(d) if d is not None else x for x, d in zip(leaves, plan.dims)]
         a, kw = _unflatten_call(plan, unsq)
-        out = functional_call(primary, {**params, **bufs}, a, kw, tie_weights=False, strict=False)
+        given = {**bufs, **state.shared}
+        used = {**params, **given}
+        out = functional_call(primary, used, a, kw, tie_weights=False, strict=False)
+        reassigned = state.reassigned_in_vmap(given, used)
         flat, spec = tree_flatten(out)
         ods = _out_dims_per_leaf(out_dims, spec, len(flat))
         kinds: list[str] = []
@@ -318,16 +326,27 @@ def run_vmap(primary: nn.Module, theta: ParamDict, state: ParamDict, plan: _Plan
                     _other_leaf(x, spec, i)  # a cache is dropped (None); anything else raises
                 consts.append(x if _is_constant(x) else None)
         info["plan"] = _OutPlan(spec, kinds, dims, consts)
-        return tuple(tensors)
+        info["reassigned"] = reassigned
+        for k in reassigned:
+            if not isinstance(used[k], torch.Tensor):
+                state.after_vmap({k: used[k]})  # raises, naming the buffer
+        return (*tensors, *(used[k] for k in reassigned))
 
     in_dims = (0, 0, *plan.dims)
     try:
-        stacked = vmap(one, in_dims=in_dims, out_dims=0, randomness="different")(theta, state, *plan.leaves)
+        try:
+            stacked = vmap(one, in_dims=in_dims, out_dims=0, randomness="different")(theta, state.batched, *plan.leaves)
+        finally:
+            state.restore_attributes()
     except HyperloomError:
         raise
     except Exception as e:
         raise _vmap_failure(primary, e) from e
-    return list(stacked), info["plan"]
+    names: list[str] = info["reassigned"]
+    outs = list(stacked)
+    k = len(outs) - len(names)
+    state.after_vmap(dict(zip(names, outs[k:])))
+    return outs[:k], info["plan"]
 
 
 def _vmap_failure(primary: nn.Module, e: Exception) -> HyperloomError:
@@ -360,13 +379,17 @@ def rebuild_vmap(stacked: list[torch.Tensor], op: _OutPlan) -> Any:
     return tree_unflatten(leaves, op.spec)
 
 
-def run_loop(primary: nn.Module, theta: ParamDict, state: ParamDict, plan: _Plan, out_dims: OutDims, n: int) -> Any:
-    """A Python loop over samples, each a call with a batch of one; outputs combined by the module's rule."""
+def run_loop(primary: nn.Module, theta: ParamDict, state: BufferState, plan: _Plan, out_dims: OutDims, n: int) -> Any:
+    """A Python loop over samples, each a call with a batch of one; outputs combined by the module's rule.
+
+    Each sample gets its own copy of the buffers from ``state`` (see :mod:`hyperloom.buffers`).
+    """
     outs: list[list[Any]] = []
     spec: TreeSpec | None = None
     for i in range(n):
+        given = state.sample(i)
         tensors = {k: v[i] for k, v in theta.items()}
-        tensors.update({k: v[i] for k, v in state.items()})
+        tensors.update(given)
         leaves = [x.narrow(d, i, 1) if d is not None else x for x, d in zip(plan.leaves, plan.dims)]
         a, kw = _unflatten_call(plan, leaves)
         try:
@@ -377,6 +400,7 @@ def run_loop(primary: nn.Module, theta: ParamDict, state: ParamDict, plan: _Plan
             raise HyperloomError(
                 f"Per-sample call {i} of {n} of {type(primary).__name__} failed: {type(e).__name__}: {e}{batchnorm_hint(e)}"
             ) from e
+        state.after_sample(i, given, tensors)
         flat, s = tree_flatten(out)
         if spec is None:
             spec = s

@@ -148,7 +148,8 @@ class TaskEmbedding(nn.Module):
 
     Raises:
         HyperloomError: If ``max_tasks`` ids cannot be held exactly in ``dtype``
-            (ids travel with the other inputs as floating values).
+            promoted to at least float32 (ids travel with the other inputs as
+            floating values, never in half precision).
     """
 
     num_tasks: torch.Tensor
@@ -156,9 +157,10 @@ class TaskEmbedding(nn.Module):
     def __init__(self, spec: Task, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
         super().__init__()
         dtype = dtype or torch.get_default_dtype()
-        exact = 2.0 / torch.finfo(dtype).eps  # every integer up to 2^(mantissa bits + 1) is exact
+        id_dtype = torch.promote_types(dtype, torch.float32)  # ids travel at least in float32 (HyperNetwork.raw_dtype)
+        exact = 2.0 / torch.finfo(id_dtype).eps  # every integer up to 2^(mantissa bits + 1) is exact
         if spec.capacity > exact:
-            raise HyperloomError(f"Task: max_tasks={spec.capacity} ids cannot be held exactly in {dtype} (at most {int(exact)})")
+            raise HyperloomError(f"Task: max_tasks={spec.capacity} ids cannot be held exactly in {id_dtype} (at most {int(exact)})")
         table = torch.randn(spec.capacity, spec.dim, dtype=torch.float32) / math.sqrt(spec.dim)
         self.weight = nn.Parameter(table.to(dtype=dtype, device=device))
         self.register_buffer("num_tasks", torch.tensor(spec.num_tasks, dtype=torch.int64, device=device))

@@ -1,0 +1,132 @@
+"""Input derivatives of a hypernetwork model (PINNs, neural fields): torch.func and autograd, shared and per sample.
+
+The reference is always a loop of shared calls (one weight set each, the plain materialised network); float64, 1e-8.
+"""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.func import hessian, jacrev, jvp, vmap
+
+import hyperloom as hl
+from hyperloom import HyperloomError
+
+with warnings.catch_warnings():  # torch's first forward-mode use scripts its jvp decompositions (deprecated jit: a warning)
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import torch._decomp.decompositions_for_jvp
+
+MODES = ["vmap", "loop"]
+TOL = {"atol": 1e-8, "rtol": 1e-8}
+
+
+def make(per_sample="vmap", inputs=None):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    return hl.hypernetize(net, inputs=inputs or {"a": (0.0, 1.0)}, hidden=(8,), per_sample=per_sample)
+
+
+def data(n=4):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 2, generator=g, dtype=torch.float64), torch.rand(n, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_jacrev_per_sample_equals_loop(mode):
+    hnet = make(mode)
+    x, a = data()
+    j = jacrev(lambda x: hnet(x, a=a))(x)  # (B, 1, B, 2): block diagonal
+    for i in range(len(a)):
+        plain = hnet.materialize(a=float(a[i]))
+        ref = jacrev(lambda z, plain=plain: plain(z[None])[0])(x[i])
+        torch.testing.assert_close(j[i, :, i, :], ref, **TOL)
+        off = torch.cat([j[i, :, :i, :].reshape(-1), j[i, :, i + 1 :, :].reshape(-1)])
+        assert off.abs().max().item() == 0.0  # samples never mix
+
+
+def test_jacrev_and_hessian_shared_equal_the_materialised_network():
+    hnet = make()
+    x, _ = data()
+    plain = hnet.materialize(a=0.3)
+    torch.testing.assert_close(jacrev(lambda x: hnet(x, a=0.3))(x), jacrev(plain)(x), **TOL)
+    torch.testing.assert_close(hessian(lambda z: hnet(z[None], a=0.3)[0, 0])(x[0]), hessian(lambda z: plain(z[None])[0, 0])(x[0]), **TOL)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_jvp_per_sample_equals_loop(mode):
+    hnet = make(mode)
+    x, a = data()
+    v = torch.randn_like(x)
+    out, tangent = jvp(lambda x: hnet(x, a=a), (x,), (v,))
+    for i in range(len(a)):
+        plain = hnet.materialize(a=float(a[i]))
+        o, t = jvp(lambda z, plain=plain: plain(z[None])[0], (x[i],), (v[i],))
+        torch.testing.assert_close(out[i], o, **TOL)
+        torch.testing.assert_close(tangent[i], t, **TOL)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_hessian_inside_the_users_vmap_equals_loop(shared):
+    """The issue's call: a HyperModel inside a user's own vmap(hessian(...)) (the range check reads no values there)."""
+    hnet = make()
+    x, a = data()
+    if shared:
+        h = vmap(lambda z: hessian(lambda z: hnet(z[None], a=0.3)[0, 0])(z))(x)
+    else:
+        h = vmap(lambda z, a: hessian(lambda z: hnet(z[None], a=a[None])[0, 0])(z))(x, a)
+    for i in range(len(a)):
+        plain = hnet.materialize(a=0.3 if shared else float(a[i]))
+        torch.testing.assert_close(h[i], hessian(lambda z, plain=plain: plain(z[None])[0, 0])(x[i]), **TOL)
+
+
+def test_users_vmap_with_a_0d_value_and_a_task():
+    hnet = make(inputs={"task": hl.Task(3, dim=4), "a": (0.0, 1.0)})
+    x, a = data(3)
+    ids = torch.tensor([0, 2, 1])
+    lap = vmap(lambda z, a, t: torch.trace(hessian(lambda z: hnet(z[None], a=a[None], task=t[None])[0, 0])(z)))(x, a, ids)
+    for i in range(3):
+        plain = hnet.materialize(a=float(a[i]), task=int(ids[i]))
+        ref = torch.trace(hessian(lambda z, plain=plain: plain(z[None])[0, 0])(x[i]))
+        torch.testing.assert_close(lap[i], ref, **TOL)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_autograd_create_graph_per_sample_equals_loop(mode):
+    """A PINN residual: the Laplacian by autograd.grad(create_graph=True), then a loss backpropagated to the hypernetwork."""
+    hnet = make(mode)
+    x, a = data()
+
+    def laplacian(u, z):
+        (g,) = torch.autograd.grad(u.sum(), z, create_graph=True)
+        return sum(torch.autograd.grad(g[:, k].sum(), z, create_graph=True)[0][:, k] for k in range(z.shape[1]))
+
+    z = x.clone().requires_grad_(True)
+    lap = laplacian(hnet(z, a=a)[:, 0], z)
+    hnet.zero_grad()
+    lap.pow(2).sum().backward()
+    grads = {n: p.grad.clone() for n, p in hnet.named_parameters() if p.grad is not None}  # the last bias: no gradient
+    hnet.zero_grad()
+    refs = []
+    for i in range(len(a)):
+        zi = x[i : i + 1].clone().requires_grad_(True)
+        li = laplacian(hnet(zi, a=float(a[i]))[:, 0], zi)
+        li.pow(2).sum().backward()
+        refs.append(li.detach())
+    torch.testing.assert_close(lap.detach(), torch.cat(refs), **TOL)
+    assert len(grads) >= 5
+    for n, p in hnet.named_parameters():
+        if n in grads:
+            torch.testing.assert_close(grads[n], p.grad, **TOL, msg=n)
+        else:
+            assert p.grad is None, n
+
+
+def test_under_vmap_values_are_clamped_not_checked():
+    """Documented: under a transform that cannot read values the range check is skipped and values are clamped."""
+    hnet = make()
+    x, _ = data(2)
+    with pytest.raises(HyperloomError, match="out of its declared range"):
+        hnet(x, a=torch.tensor([0.5, 1.5], dtype=torch.float64))
+    out = vmap(lambda z, a: hnet(z[None], a=a[None])[0])(x, torch.tensor([0.5, 1.5], dtype=torch.float64))
+    torch.testing.assert_close(out[1], hnet(x[1:], a=1.0)[0], **TOL)
