@@ -455,11 +455,11 @@ def test_duplicate_or_unknown_targets_are_refused():
 # ------------------------------------------------------------------------------------------------
 
 
-def small_lora(seed: int = 0, **kw: Any) -> hl.LoRAModel:
+def small_lora(seed: int = 0, inputs: Any = None, **kw: Any) -> hl.LoRAModel:
     torch.manual_seed(seed)
     net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     lora = hl.LoRA(**{"rank": 2, "alpha": 4.0, "targets": nn.Linear, **kw})
-    return hl.hypernetize(net, inputs={"lam": (0.0, 1.0)}, lora=lora, hidden=(8,)).eval()
+    return hl.hypernetize(net, inputs=inputs or {"lam": (0.0, 1.0)}, lora=lora, hidden=(8,)).eval()
 
 
 def _fail_at(monkeypatch: Any, name: str, k: int) -> list[int]:
@@ -594,7 +594,8 @@ def test_fuzz_every_outcome_is_a_load_or_a_checkpoint_error(tmp_path):
     import copy
     import random
 
-    hnet = small_lora(shared_A=True)
+    hnet = small_lora(inputs={"lam": (0.0, 1.0), "task": hl.Task(1, dim=4, max_tasks=3)}, shared_A=True)
+    hnet.add_task()
     base = small_lora().primary
     valid = hnet.config()
     values = [None, "x", [], {}, ["x"], -1, 0, 1, 2.5, 10**30, -(10**30), True, 1e308, [10**9], {"a": 1}]
@@ -771,3 +772,22 @@ def test_gradients_to_the_conditioning_through_checkpointed_layers():
     with pytest.raises(hl.HyperloomError, match=re.escape("LoRA target 'blocks.0.q' ran under torch.no_grad() inside a call")):
         hnet(x, lam=lam)
     assert all(not m._forward_hooks for m in hnet.primary.modules())
+
+
+def test_a_task_conditioned_adapter_round_trips_with_its_tasks(tmp_path):
+    """The continual recipe's model in LoRA mode saves and loads with its Task input and the tasks added since."""
+    hnet = small_lora(inputs={"task": hl.Task(1, dim=4, max_tasks=4), "lam": (0.0, 1.0)}, shared_A=True)
+    assert hnet.add_task(n=2) == range(1, 3)
+    perturb(hnet)
+    hnet.save_pretrained(tmp_path / "hl")
+    again = hl.LoRAModel.from_pretrained(tmp_path / "hl", small_lora().primary).eval()
+    assert again.inputs["task"] == hnet.inputs["task"] and again.inputs["task"].num_tasks == 3
+    x = torch.randn(3, 8)
+    ids = torch.tensor([2, 0, 1])
+    assert torch.equal(again(x, task=ids, lam=0.5), hnet(x, task=ids, lam=0.5))
+    assert again.add_task() == range(3, 4)
+    cfg = hnet.config()
+    cfg["inputs"]["task"]["max_tasks"] = 2
+    _save_with_config(tmp_path / "bad", hnet, cfg)
+    with pytest.raises(hl.CheckpointError, match=re.escape("inputs.task.max_tasks must be in [3, 16777216], got 2")):
+        hl.LoRAModel.from_pretrained(tmp_path / "bad", small_lora().primary)

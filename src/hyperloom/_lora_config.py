@@ -22,6 +22,7 @@ from .fileio import CheckpointError, load_safetensors
 from .heads import HEADS
 from .hypernetwork import FORMULATIONS
 from .inputs import Input
+from .task import Task
 from .trunk import ACTIVATIONS, INITS, NORMS
 
 #: Largest width, input dim or rank a config may declare, and deepest trunk: far beyond any real adapter's
@@ -34,6 +35,9 @@ MAX_LAYER = 1 << 28
 _LORA_KEYS = ("rank", "alpha", "dropout", "shared_A", "bias", "targets", "freeze_base")
 _TOP_KEYS = ("format", "lora", "inputs", "hypernetwork", "batch_dim", "base_class", "include_base")
 _INPUT_KEYS = tuple(f.name for f in fields(Input))
+_TASK_KEYS = ("kind", *(f.name for f in fields(Task)))
+#: Most task ids a config may declare (rows of the embedding table).
+MAX_TASKS = 1 << 24
 
 
 @dataclass
@@ -43,7 +47,7 @@ class LoRAConfig:
     raw: dict[str, Any]
     lora: dict[str, Any]
     targets: list[str]
-    inputs: dict[str, Input]
+    inputs: dict[str, Input | Task]
     hyper: dict[str, Any]
     batch_dim: int
     include_base: bool
@@ -134,18 +138,35 @@ def validate(where: Path, cfg: Any, fmt: str, hyper_keys: tuple[str, ...]) -> Lo
     inputs_raw = _object(where, "inputs", top["inputs"], None)
     if not inputs_raw:
         raise CheckpointError(f"{where}: inputs must declare at least one input, got {{}}")
-    inputs: dict[str, Input] = {}
+    inputs: dict[str, Input | Task] = {}
     width = 0
     for name, spec in inputs_raw.items():
         field = f"inputs.{name}"
+        if isinstance(spec, dict) and spec.get("kind") == "Task":
+            spec = _object(where, field, spec, _TASK_KEYS, required=("num_tasks",))
+            n = _int(where, f"{field}.num_tasks", spec["num_tasks"], 1, MAX_TASKS)
+            if "dim" in spec:
+                _int(where, f"{field}.dim", spec["dim"], 1, MAX_WIDTH)
+            if spec.get("max_tasks") is not None:
+                _int(where, f"{field}.max_tasks", spec["max_tasks"], n, MAX_TASKS)
+            if "norm" in spec and spec["norm"] is not None:
+                _choice(where, f"{field}.norm", spec["norm"], ("unit",), optional=True)
+            try:
+                task = Task(**{k: v for k, v in spec.items() if k != "kind"})
+            except HyperloomError as e:
+                raise CheckpointError(f"{where}: {field}: {e}") from None
+            inputs[name] = task
+            width += task.dim
+            continue
         spec = _object(where, field, spec, _INPUT_KEYS, required=("low", "high"))
         if "dim" in spec:
             _int(where, f"{field}.dim", spec["dim"], 1, MAX_WIDTH)
         try:
-            inputs[name] = Input(**spec)
+            inp = Input(**spec)
         except HyperloomError as e:
             raise CheckpointError(f"{where}: {field}: {e}") from None
-        width += 2 * inputs[name].dim  # the widest encoding (cos|sin) doubles the coordinates
+        inputs[name] = inp
+        width += 2 * inp.dim  # the widest encoding (cos|sin) doubles the coordinates
     hy = _object(where, "hypernetwork", top["hypernetwork"], hyper_keys)
     if "hidden" in hy:
         hidden = hy["hidden"]

@@ -63,6 +63,7 @@ from .inputs import Input, InputLike
 from .model import HyperModel, split_conditioning
 from .params import ParamStore
 from .select import Selector, select_parameters
+from .task import Task
 from .types import ParamDict
 
 #: The format tag of :meth:`LoRAModel.save_pretrained` directories.
@@ -685,9 +686,13 @@ class LoRAModel(nn.Module):
 
 
 def _input_json(name: str, spec: Any) -> dict[str, Any]:
-    """An :class:`~hyperloom.Input` declaration as JSON; other kinds of input are refused (they cannot be rebuilt)."""
+    """An :class:`~hyperloom.Input` or :class:`~hyperloom.Task` declaration as JSON; other kinds are refused (they cannot be rebuilt)."""
+    if isinstance(spec, Task):  # num_tasks as it is now (add_task): restored with the state too
+        return {"kind": "Task", **dataclasses.asdict(spec)}
     if not isinstance(spec, Input):
-        raise HyperloomError(f"save_pretrained: input {name!r} is a {type(spec).__name__}; only hl.Input declarations can be saved")
+        raise HyperloomError(
+            f"save_pretrained: input {name!r} is a {type(spec).__name__}; only hl.Input and hl.Task declarations can be saved"
+        )
     return dataclasses.asdict(spec)
 
 
