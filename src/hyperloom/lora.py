@@ -504,11 +504,14 @@ class LoRAModel(nn.Module):
             **kwargs: Conditioning values by input name; other keyword arguments go to the model.
 
         Returns:
-            The model's output, whatever its structure (one call of the model).
+            The model's output, whatever its structure (one call of the model). Activation checkpointing
+            inside the model works: the adapters of this call stay reachable while its graph lives.
 
         Raises:
-            HyperloomError: On invalid conditioning, an unknown keyword argument, or (per sample) a target
-                module whose input does not carry the samples along ``batch_dim``.
+            HyperloomError: On invalid conditioning, an unknown keyword argument, (per sample) a target
+                module whose input does not carry the samples along ``batch_dim``, or a target run under
+                ``no_grad`` inside a call that records gradients (reentrant checkpointing) while the
+                conditioning values require grad (a reentrant recomputation cannot reach them).
         """
         cond, rest = self._split(kwargs)
         raw, per_sample = self.hypernet.prepare(cond)
