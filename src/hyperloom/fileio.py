@@ -23,7 +23,6 @@ import errno
 import hashlib
 import json
 import os
-import secrets
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -198,7 +197,7 @@ def atomic_write_files(files: Mapping[str | os.PathLike[str], Sequence[bytes | b
     try:
         for _, target in staged if len(staged) > 1 else []:  # one file: the rename alone is atomic
             if target.exists():
-                bk = f"{target.parent}/.{target.name[:32]}.{secrets.token_hex(8)}.bak"
+                bk = f"{target.parent}/.{target.name[:32]}.{os.urandom(8).hex()}.bak"
                 try:
                     os.link(target, bk)  # a second name for the old file: no data is copied
                 except OSError as e:

@@ -394,15 +394,20 @@ class LoRAModel(nn.Module):
         return factors
 
     def _regenerate(self, raw: torch.Tensor, per_sample: bool) -> ParamDict:
-        """The factors again, for a reentrant recomputation; the hypernetwork's buffers (BatchNorm) are left as they were."""
-        buffers = [(b, b.detach().clone()) for b in self.hypernet.buffers()]
+        """The factors again, for a reentrant recomputation; the hypernetwork's buffers (BatchNorm) are left as they were.
+
+        The buffers are swapped for copies while the hypernetwork runs, so the originals are not even touched in
+        place (the call's own graph may hold them: BatchNorm saves its running statistics for backward).
+        """
+        swapped = [(m, k, b) for m in self.hypernet.modules() for k, b in m._buffers.items() if b is not None]
+        for m, k, b in swapped:
+            m._buffers[k] = b.clone()
         try:
             with torch.enable_grad():
                 return self._generate(raw, per_sample)
         finally:
-            with torch.no_grad():
-                for b, before in buffers:
-                    b.copy_(before)
+            for m, k, b in swapped:
+                m._buffers[k] = b
 
     def generate(self, **conditioning: Any) -> ParamDict:
         """The adapter factors: ``"<module>.lora_A"`` ``(r, in)``, ``"<module>.lora_B"`` ``(out, r)`` (and ``.lora_bias``).
