@@ -1,4 +1,4 @@
-"""The experiment CLI: ``python -m experiments {reproduce,ablate,proportionality,tune,continual,adapters,report}``.
+"""The experiment CLI: ``python -m experiments {reproduce,ablate,proportionality,tune,continual,adapters,personalized,report}``.
 
 Every finished run is appended to ``<out>/results.jsonl`` at once; re-running
 the same command skips finished runs (so an interrupted run resumes), then
@@ -309,6 +309,10 @@ def main(argv: list[str] | None = None) -> int:
     common(ad, "runs/adapters")
     ad.set_defaults(seeds=2)
     ad.add_argument("--pretrain-steps", type=int, default=0, help="override the number of pretraining steps")
+    pe = sub.add_parser("personalized", help="personalised classifiers from a client's data set (PeFLL-style, hl.Data)")
+    pe.add_argument("--methods", default="", help="comma-separated subset of the methods (default: all)")
+    pe.add_argument("--clients", type=int, default=0, help="override the number of clients (default 60, a fifth unseen)")
+    common(pe, "runs/personalized")
     rp = sub.add_parser("report", help="rewrite plots and report.md from results.jsonl")
     rp.add_argument("--out", default="runs/reproduce")
     args = p.parse_args(argv)
@@ -316,6 +320,10 @@ def main(argv: list[str] | None = None) -> int:
         from .continual import main as continual_main
 
         return continual_main(args)
+    if args.cmd == "personalized":
+        from .personalized import main as personalized_main
+
+        return personalized_main(args)
     return {
         "reproduce": cmd_reproduce,
         "ablate": cmd_ablate,

@@ -130,3 +130,30 @@ def test_under_vmap_values_are_clamped_not_checked():
         hnet(x, a=torch.tensor([0.5, 1.5], dtype=torch.float64))
     out = vmap(lambda z, a: hnet(z[None], a=a[None])[0])(x, torch.tensor([0.5, 1.5], dtype=torch.float64))
     torch.testing.assert_close(out[1], hnet(x[1:], a=1.0)[0], **TOL)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_neural_field_conditioned_on_its_observations_per_sample(mode):
+    """A neural field whose weights come from each sample's own set of observed points (hl.Data per sample):
+    the Laplacian w.r.t. the query point equals a loop of shared calls, each with that sample's set (per='set')."""
+
+    def field(per, pool):
+        torch.manual_seed(0)
+        enc = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 4))
+        net = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1))
+        return hl.hypernetize(net, inputs={"obs": hl.Data(enc, per=per, pool=pool)}, hidden=(8,), per_sample=mode).double()
+
+    per_sample, shared = field("sample", "mean"), field("set", "mean")
+    shared.load_state_dict(per_sample.state_dict())
+    x, _ = data()
+    obs = torch.randn(4, 5, 3, dtype=torch.float64)
+
+    def laplacian(u, z):
+        (g,) = torch.autograd.grad(u.sum(), z, create_graph=True)
+        return sum(torch.autograd.grad(g[:, k].sum(), z, create_graph=True)[0][:, k] for k in range(z.shape[1]))
+
+    z = x.clone().requires_grad_(True)
+    lap = laplacian(per_sample(z, obs=obs)[:, 0], z)
+    for i in range(4):
+        zi = x[i : i + 1].clone().requires_grad_(True)
+        torch.testing.assert_close(lap[i : i + 1], laplacian(shared(zi, obs=obs[i])[:, 0], zi), **TOL)

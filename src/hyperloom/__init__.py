@@ -15,6 +15,7 @@ Example:
 from . import continual
 from ._version import __version__
 from .checkpoint import load_model, load_training, save_model, save_training
+from .data_input import Data, Masked
 from .diagnostics import theta_norms
 from .encoding import (
     ENCODINGS,
@@ -60,6 +61,7 @@ __all__ = [
     "NORMS",
     "Conditioning",
     "CosSin",
+    "Data",
     "DenseHead",
     "Encoding",
     "HyperModel",
@@ -72,6 +74,7 @@ __all__ = [
     "LoRA",
     "LoRAModel",
     "LowRankHead",
+    "Masked",
     "ParamDict",
     "ParamStore",
     "Raw",

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .data_input import Data, DataCode, DataEncoder
 from .encoding import Encoding, get_encoding
 from .errors import HyperloomError
 from .heads import HEADS, DenseHead, LowRankHead, SplitHead, check_target_memory
@@ -79,9 +80,11 @@ class HyperNetwork(nn.Module):
     """Generate named tensors from named conditioning inputs.
 
     Args:
-        inputs: Mapping ``name -> Input | Task | (low, high) | (low, high, "log")``; a
+        inputs: Mapping ``name -> Input | Task | Data | (low, high) | (low, high, "log")``; a
             :class:`~hyperloom.Task` adds a learned embedding table ``tasks.<name>.weight``
-            (see :mod:`hyperloom.task` for how embeddings join the encoded continuous inputs).
+            (see :mod:`hyperloom.task` for how embeddings join the encoded continuous inputs);
+            a :class:`~hyperloom.Data` input adds its encoder as ``data.<name>`` (see
+            :mod:`hyperloom.data_input`).
         targets: Mapping ``name -> shape`` or ``name -> tensor``. A tensor also
             gives ``theta0``'s initial value; a bare shape uses
             :func:`init_theta0`.
@@ -246,7 +249,9 @@ class HyperNetwork(nn.Module):
         :class:`~hyperloom.Task` (its id). The trunk input is ``[encoding(continuous), e_task1, ...]``.
         """
         self.tasks = nn.ModuleDict()
+        self.data = nn.ModuleDict()
         self._task_cols: list[tuple[str, int]] = []
+        self._data_cols: list[tuple[str, int, int]] = []
         cont: list[int] = []
         start = 0
         for name, spec in self.input_set.specs.items():
@@ -254,6 +259,9 @@ class HyperNetwork(nn.Module):
             if isinstance(spec, Task):
                 self.tasks[name] = TaskEmbedding(spec, dtype=dtype, device=device)
                 self._task_cols.append((name, start))
+            elif isinstance(spec, Data):  # the code (encoded in prepare) is held in the raw columns
+                self.data[name] = DataEncoder(name, spec)
+                self._data_cols.append((name, start, k))
             else:
                 cont += range(start, start + k)
             start += k
@@ -262,7 +270,7 @@ class HyperNetwork(nn.Module):
         if self._task_cols:
             self.register_load_state_dict_post_hook(_sync_task_counts)  # type: ignore[no-untyped-call]
         n_enc = self.encoding.out_features(len(cont)) if cont else 0
-        return n_enc + sum(spec.dim for spec in self.input_set.specs.values() if isinstance(spec, Task))
+        return n_enc + sum(spec.dim for spec in self.input_set.specs.values() if isinstance(spec, (Task, Data)))
 
     def add_task(self, name: str | None = None, n: int = 1) -> range:
         """Make ``n`` more task ids valid for the :class:`~hyperloom.Task` input ``name``; return the new ids.
@@ -439,11 +447,12 @@ class HyperNetwork(nn.Module):
         The mapping to ``u`` runs in at least float32 (see :meth:`_register_input_map`). With
         :class:`~hyperloom.Task` inputs the result is ``[encoding(continuous columns), e_task, ...]``.
         """
-        if not self._task_cols:
+        if not self._task_cols and not self._data_cols:
             return self._encode(raw)
         dt = self.dtype  # raw may be wider (task ids are kept exact, see raw_dtype)
         parts = [self._encode(raw.index_select(1, self._cont_index)).to(dt)] if self._num_continuous else []
         parts += [self.tasks[name](raw[:, col]).to(dt) for name, col in self._task_cols]
+        parts += [raw[:, col : col + k].to(dt) for _, col, k in self._data_cols]
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
     def _encode(self, raw: torch.Tensor) -> torch.Tensor:
@@ -510,12 +519,20 @@ class HyperNetwork(nn.Module):
         Raises:
             HyperloomError: On invalid conditioning (see :meth:`InputSet.prepare`).
         """
+        check = not value_checks_off()
+        if self._data_cols:  # data inputs: encoded here, their codes travel with the other inputs' raw values
+            conditioning = dict(conditioning)
+            for name, _, _ in self._data_cols:
+                if name in conditioning and not isinstance(conditioning[name], DataCode):
+                    enc = self.data[name]
+                    assert isinstance(enc, DataEncoder)
+                    conditioning[name] = enc.encode(conditioning[name], dtype=self.dtype, device=self.device, check=check)
         return self.input_set.prepare(
             conditioning,
             batch=batch,
             dtype=self.raw_dtype,
             device=self.device,
-            check=not value_checks_off(),
+            check=check,
             check_dtype=self.dtype,
         )
 

@@ -25,6 +25,7 @@ from typing import Any, Literal, Union
 
 import torch
 
+from .data_input import Data, DataCode
 from .errors import HyperloomError
 from .task import Task, _TaskPending, task_ids
 
@@ -33,10 +34,10 @@ OutOfRange = Literal["raise", "clamp"]
 
 #: What ``inputs=`` accepts for one input: an :class:`Input`, ``(low, high)``
 #: or ``(low, high, "log")``.
-InputLike = Union["Input", Task, tuple[float, float], tuple[float, float, str]]
+InputLike = Union["Input", Task, Data, tuple[float, float], tuple[float, float, str]]
 
-#: A declared input: a continuous :class:`Input` or a learned :class:`~hyperloom.Task`.
-InputSpec = Union["Input", Task]
+#: A declared input: a continuous :class:`Input`, a learned :class:`~hyperloom.Task` or a :class:`~hyperloom.Data` input.
+InputSpec = Union["Input", Task, Data]
 
 
 @dataclass(frozen=True)
@@ -171,19 +172,21 @@ def _as_dim(dim: Any) -> int | None:
 
 
 def _as_input(name: str, spec: Any) -> InputSpec:
-    if isinstance(spec, (Input, Task)):
+    if isinstance(spec, (Input, Task, Data)):
         return spec
     if isinstance(spec, (tuple, list)) and len(spec) in (2, 3):
         if len(spec) == 3:
             return Input(spec[0], spec[1], scale=spec[2])
         return Input(spec[0], spec[1])
     raise HyperloomError(
-        f"inputs[{name!r}]: expected hl.Input(low, high, ...), hl.Task(num_tasks, ...), (low, high) or (low, high, 'log'), got {spec!r}"
+        f"inputs[{name!r}]: expected hl.Input(low, high, ...), hl.Task(num_tasks, ...), hl.Data(encoder, ...), "
+        "(low, high) or (low, high, 'log'), "
+        f"got {spec!r}"
     )
 
 
 def columns(spec: InputSpec) -> int:
-    """Columns of ``spec`` in the raw ``(N, K)`` conditioning: ``dim`` for an :class:`Input`, 1 (the id) for a Task."""
+    """Columns of ``spec`` in the raw ``(N, K)`` conditioning: ``dim`` (an :class:`Input`; a Data input's code), 1 (a Task's id)."""
     return 1 if isinstance(spec, Task) else spec.dim
 
 
@@ -247,7 +250,7 @@ class InputSet:
         for spec in self.specs.values():
             k = columns(spec)
             block = raw[:, start : start + k]
-            cols.append(block if isinstance(spec, Task) else spec.normalize(block))
+            cols.append(spec.normalize(block) if isinstance(spec, Input) else block)
             start += k
         return torch.cat(cols, dim=1)
 
@@ -336,6 +339,24 @@ class InputSet:
                     pending.append((name, spec, _TaskPending(ids.detach(), spec)))
                 cols.append(ids.reshape(-1, 1).to(device=dev, dtype=dtype))
                 continue
+            if isinstance(spec, Data):
+                if not isinstance(value, DataCode):
+                    raise HyperloomError(
+                        f"Data input {name!r} is encoded by its HyperNetwork's encoder: call the hypernetwork (or the model), "
+                        "not InputSet.prepare, with the data"
+                    )
+                if value.per_sample:
+                    n = value.code.shape[0]
+                    if per_sample_n is not None and n != per_sample_n:
+                        raise HyperloomError(
+                            f"Data input {name!r} holds {n} samples (per='sample') "
+                            f"but {per_sample_from!r} has {per_sample_n} per-sample values"
+                        )
+                    if batch is not None and n != batch:
+                        raise HyperloomError(f"Data input {name!r} holds {n} samples (per='sample') but the batch has {batch} samples")
+                    per_sample_n, per_sample_from = n, name
+                cols.append(value.code.to(device=dev, dtype=dtype))
+                continue
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
             src = None if number else self._to_tensor(name, value, device=dev)
             shared_shape: tuple[int, ...] = () if spec.dim == 1 else (spec.dim,)
@@ -386,6 +407,10 @@ class InputSet:
             if isinstance(spec, Task):  # ids: valid ids when checks are skipped
                 lo.append(0.0 if every else -math.inf)
                 hi.append(spec.num_tasks - 1.0 if every else math.inf)
+                continue
+            if isinstance(spec, Data):  # codes: never clamped
+                lo += [-math.inf] * spec.dim
+                hi += [math.inf] * spec.dim
                 continue
             clamp = every or spec.out_of_range == "clamp"
             lo += [spec.low if clamp else -math.inf] * spec.dim

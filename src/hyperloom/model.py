@@ -360,7 +360,15 @@ class HyperModel(nn.Module):
         n = raw.shape[0]
         if n == 0:
             raise HyperloomError("Per-sample conditioning with an empty batch (0 samples)")
-        plan = plan_arguments(args, rest, n=n, batch_dim=self.batch_dim, in_dims=self.in_dims)
+        try:
+            plan = plan_arguments(args, rest, n=n, batch_dim=self.batch_dim, in_dims=self.in_dims)
+        except HyperloomError as e:
+            data = [k for k, s in self.hypernet.input_set.specs.items() if getattr(s, "per", None) == "sample" and k in cond]
+            if not data:
+                raise
+            raise HyperloomError(
+                f"Data input(s) {data} (per='sample') give {n} per-sample codes, which the call's arguments do not match: {e}"
+            ) from None
         theta = self.hypernet.theta_from_raw(raw)
         modes = tuple(m.training for m in self._all_modules)
         batch_all = self.per_sample_mode == "loop" or modes in self._batched_buffers

@@ -34,6 +34,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .data_input import Data
 from .errors import HyperloomError, short_repr
 from .hypernetwork import find_hypernetwork
 from .inputs import Input, InputSet, _as_dim, _is_bool
@@ -45,6 +46,22 @@ Value = float | int | list[float]
 
 
 # -- what declares the inputs ----------------------------------------------------------------------------
+def _refuse_data(specs: Mapping[str, Any], names: Iterable[str], what: str, why: str) -> None:
+    """A clear message for :class:`~hyperloom.Data` inputs, whose values are data: nothing to sample, sweep or tune."""
+    data = [k for k in names if isinstance(specs.get(k), Data)]
+    if data:
+        others = [k for k in specs if not isinstance(specs[k], Data)]
+        raise HyperloomError(
+            f"{what}: {data} {'is a Data input' if len(data) == 1 else 'are Data inputs'} (hl.Data: the value is data read by a "
+            f"learned encoder), which cannot be {why}; use {what} on the other inputs {others} and pass the data yourself"
+            + (
+                " (e.g. hl.sample({k: s for k, s in model.inputs.items() if not isinstance(s, hl.Data)}, n=...))"
+                if what == "hl.sample"
+                else ""
+            )
+        )
+
+
 def _input_set(obj: Any, *, what: str) -> InputSet:
     net = find_hypernetwork(obj)
     if net is not None:
@@ -124,6 +141,7 @@ def sample(
             declares no inputs.
     """
     specs = _input_set(model_or_inputs, what="hl.sample").specs
+    _refuse_data(specs, specs, "hl.sample", "sampled")
     if n is not None:
         nn_ = _as_dim(n)
         if nn_ is None or nn_ < 1:
@@ -565,7 +583,9 @@ def sweep(
     unknown = [k for k in grid if k not in specs]
     if unknown:
         raise HyperloomError(f"hl.sweep: grid names {unknown} are not declared inputs; declared inputs are {list(specs)}")
-    axes = {name: _axis(name, specs[name], points) for name, points in grid.items()}
+    _refuse_data(specs, grid, "hl.sweep", "swept (evaluate receives the grid point: pass the data inside evaluate)")
+    swept = {k: s for k, s in specs.items() if k in grid and not isinstance(s, Data)}
+    axes = {name: _axis(name, swept[name], points) for name, points in grid.items()}
     points = [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
     rows: list[dict[str, Any]] = []
     target = model if isinstance(model, nn.Module) else None
@@ -583,7 +603,7 @@ def sweep(
             if clash:
                 raise HyperloomError(f"hl.sweep: metric names {clash} clash with swept input names; rename the metrics")
             rows.append({**cond, **metrics})
-    return Sweep(rows, list(axes), {k: specs[k] for k in axes})
+    return Sweep(rows, list(axes), {k: swept[k] for k in axes})
 
 
 # -- tune --------------------------------------------------------------------------------------------------
@@ -696,12 +716,16 @@ def tune(
         raise HyperloomError(f"hl.tune: lr must be a finite number > 0, got {lr!r}")
     if torch.is_inference_mode_enabled():
         raise HyperloomError("hl.tune needs autograd: call it outside torch.inference_mode()")
-    names = list(specs) if inputs is None else [inputs] if isinstance(inputs, str) else list(inputs)
+    names = (
+        [k for k in specs if not isinstance(specs[k], Data)] if inputs is None else [inputs] if isinstance(inputs, str) else list(inputs)
+    )
     if not names:
         raise HyperloomError(f"hl.tune: inputs is empty; name at least one of the declared inputs {list(specs)}")
     unknown = [k for k in names if k not in specs]
     if unknown:
         raise HyperloomError(f"hl.tune: inputs {unknown} are not declared inputs; declared inputs are {list(specs)}")
+    _refuse_data(specs, names, "hl.tune", "tuned by gradient (the objective passes the data to the model itself)")
+    specs = {k: v for k, v in specs.items() if not isinstance(v, Data)}  # the objective passes the data itself
     tasks = [k for k in names if isinstance(specs[k], Task)]
     if tasks:
         hint = ", ".join(f"{k!r}: range({specs[k].num_tasks})" for k in tasks)  # type: ignore[union-attr]
