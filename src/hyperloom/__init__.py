@@ -17,6 +17,7 @@ from ._version import __version__
 from .checkpoint import load_model, load_training, save_model, save_training
 from .data_input import Data, Masked
 from .diagnostics import theta_norms
+from .dropout import BoundDropout, bind_dropout
 from .encoding import (
     ENCODINGS,
     CosSin,
@@ -37,6 +38,7 @@ from .lora import LoRA, LoRAModel
 from .model import HyperModel, hypernetize
 from .params import ParamStore
 from .select import select_parameters
+from .selftune import SelfTuner
 from .task import Task, TaskEmbedding
 from .training import NonFiniteLossError, Trainer
 from .trunk import ACTIVATIONS, NORMS, Trunk, WeightNormLinear
@@ -45,6 +47,7 @@ from .types import Conditioning, ParamDict
 
 __all__ = [
     "ACTIVATIONS",
+    "BoundDropout",
     "CheckpointError",
     "NonFiniteLossError",
     "Sweep",
@@ -78,6 +81,7 @@ __all__ = [
     "ParamDict",
     "ParamStore",
     "Raw",
+    "SelfTuner",
     "Standardize",
     "Task",
     "TaskEmbedding",
@@ -85,6 +89,7 @@ __all__ = [
     "WeightNormLinear",
     "ZOneMinusZ",
     "__version__",
+    "bind_dropout",
     "continual",
     "get_encoding",
     "hypernetize",
