@@ -1050,3 +1050,99 @@ def test_checkpoints_need_no_numpy(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------------
+# the whole hypernetwork configuration is recorded (HyperNetwork.config) and checked by field name
+# ------------------------------------------------------------------------------------------------
+
+
+def _net_with(**hyper):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    return hl.hypernetize(net, inputs={"lam": (0.0, 1.0), "task": hl.Task(2, dim=4, max_tasks=3)}, **{"hidden": (8,), **hyper})
+
+
+@pytest.mark.parametrize(
+    ("saved", "model", "field"),
+    [
+        ({"activation": "tanh"}, {"activation": "relu"}, "activation: saved 'tanh', model 'relu'"),
+        ({"hidden": (8,)}, {"hidden": (8,), "norm": "layernorm"}, "norm: saved 'none', model 'layernorm'"),
+        ({"head": "lowrank", "rank": 2}, {"head": "lowrank", "rank": 3}, "rank: saved 2, model 3"),
+        ({"encoding": "cossin"}, {"encoding": "identity"}, "encoding: saved 'cossin', model 'identity'"),
+        ({"formulation": "default", "additive": True}, {"formulation": "default"}, "additive: saved True, model False"),
+    ],
+)
+def test_a_file_of_another_hypernetwork_configuration_is_refused_by_field(tmp_path, saved, model, field):
+    a, b = _net_with(**saved), _net_with(**model)
+    p = tmp_path / "m.safetensors"
+    hl.save_model(a, p)
+    hl.save_training(tmp_path / "t.safetensors", model=a, step=1)
+    with pytest.raises(CheckpointError, match=re.escape(f"hypernetwork 'hypernet' {field}")):
+        hl.load_model(b, p)
+    with pytest.raises(CheckpointError, match=re.escape(f"hypernetwork 'hypernet' {field}")):
+        hl.load_training(tmp_path / "t.safetensors", model=b)
+
+
+def test_a_tanh_file_into_a_relu_model_was_silently_wrong(tmp_path):
+    a, b = _net_with(activation="tanh"), _net_with(activation="relu")
+    hl.save_model(a, tmp_path / "m.safetensors")
+    with pytest.raises(CheckpointError, match=re.escape("hypernetwork 'hypernet' activation: saved 'tanh', model 'relu'")):
+        hl.load_model(b, tmp_path / "m.safetensors")
+    hl.load_model(_net_with(activation="tanh"), tmp_path / "m.safetensors")  # the same configuration loads
+
+
+def test_task_declarations_and_init_only_options(tmp_path):
+    a = _net_with(zero_init=True, init="torch")
+    a.add_task()  # num_tasks is state: restored, not compared
+    hl.save_model(a, tmp_path / "m.safetensors")
+    b = _net_with()
+    hl.load_model(b, tmp_path / "m.safetensors")
+    assert b.inputs["task"].num_tasks == 3
+    torch.manual_seed(0)
+    other = hl.hypernetize(
+        nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)),
+        inputs={"lam": (0.0, 1.0), "task": hl.Task(2, dim=4, max_tasks=3, norm=None)},
+        hidden=(8,),
+    )
+    with pytest.raises(CheckpointError, match=re.escape("input 'task' norm: saved 'unit', model None")):
+        hl.load_model(other, tmp_path / "m.safetensors")
+
+
+def test_the_record_holds_every_constructor_argument():
+    import inspect
+
+    h = hl.HyperNetwork({"lam": (0.0, 1.0)}, {"w": (2, 3)}, hidden=(4,), head="lowrank", rank=1)
+    params = set(inspect.signature(hl.HyperNetwork.__init__).parameters) - {"self", "dtype", "device"}
+    cfg = h.config()
+    assert params <= set(cfg)
+    assert cfg["head"] == "lowrank" and cfg["rank"] == 1 and cfg["targets"] == {"w": [2, 3]}
+    import json
+
+    assert json.loads(json.dumps(cfg)) == cfg  # JSON as it is
+
+
+def test_files_with_the_earlier_partial_record_still_load(tmp_path):
+    """Files written before the whole configuration was recorded (inputs, formulation, encoding, additive only)."""
+    import json
+
+    a = _net_with()
+    a.add_task()
+    p = tmp_path / "m.safetensors"
+    hl.save_model(a, p)
+    tensors, meta = hl.load_safetensors(p)
+    lam = {"kind": "Input", "low": 0.0, "high": 1.0, "scale": "linear", "dim": 1, "out_of_range": "raise"}
+    task = {"kind": "Task", "dim": 4, "embedding_norm": "unit", "max_tasks": 3, "num_tasks": 3}
+    for f in ("low", "high", "scale", "out_of_range"):
+        task[f] = None
+    lam.update(embedding_norm=None, max_tasks=None, num_tasks=None)
+    old = {"hypernet": {"inputs": {"lam": lam, "task": task}, "formulation": "mip", "encoding": "cossin", "additive": True}}
+    hl.save_safetensors(tensors, p, metadata={**meta, "hypernetworks": json.dumps(old)})
+    b = _net_with()
+    hl.load_model(b, p)
+    x = torch.randn(2, 4)
+    assert torch.equal(a(x, lam=0.3, task=2), b(x, lam=0.3, task=2))
+    task["embedding_norm"] = "none"
+    hl.save_safetensors(tensors, p, metadata={**meta, "hypernetworks": json.dumps(old)})
+    with pytest.raises(CheckpointError, match=re.escape("input 'task' embedding_norm: saved 'none', model 'unit'")):
+        hl.load_model(_net_with(), p)

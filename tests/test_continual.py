@@ -73,7 +73,9 @@ def test_gradient_reaches_only_the_hypernetwork():
     for p in (hnet.head.linear.weight, hnet.trunk.layers[0].weight, hnet.task_table().weight, hnet.theta0["0.bias"]):
         assert p.grad is not None and p.grad.abs().sum() > 0
     assert hnet.theta0["0.weight"].grad is None  # frozen theta0
-    assert model.primary[2].weight.grad is None and model.primary[2].bias.grad is None  # not predicted: untouched
+    # not predicted but trainable: shared by every task, so protected too (unchanged since the snapshot: zero gradient)
+    assert reg.shared_names == ("primary.2.weight", "primary.2.bias")
+    assert not model.primary[2].weight.grad.any() and not model.primary[2].bias.grad.any()
     assert not reg.targets.requires_grad and reg.targets.grad is None
 
 
@@ -95,7 +97,7 @@ def test_random_subset_is_reproducible_and_checkpointed():
     with torch.no_grad():
         model.hypernet.head.linear.weight.mul_(1.1)
     state = {k: v.clone() for k, v in reg.state_dict().items()}
-    assert set(state) == {"targets", "num_snapshots", "_extra_state"}
+    assert set(state) == {"targets", "shared_targets", "num_snapshots", "_extra_state"}
     draws = [reg.sample() for _ in range(5)]
     assert all(len(d) == 2 and d[0] < d[1] and int(d[1]) < 4 for d in draws)
     assert len({tuple(d.tolist()) for d in draws}) > 1
@@ -220,3 +222,104 @@ def test_regulariser_follows_the_models_dtype_and_accepts_lora_models():
     reg2 = hl.continual.OutputRegularizer(lora, beta=1.0)
     reg2.snapshot()
     assert float(reg2.penalty().detach()) == 0.0
+
+
+# ------------------------------------------------------------------------------------------------
+# LoRA mode: the continual recipe, and everything that determines a task's weights is protected
+# ------------------------------------------------------------------------------------------------
+
+
+def _lora_model(**lora_kw):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    lora = hl.LoRA(**{"rank": 2, "alpha": 4, "targets": nn.Linear, **lora_kw})
+    return hl.hypernetize(net, inputs={"task": hl.Task(1, dim=4, max_tasks=2)}, lora=lora, hidden=(16,))
+
+
+def _lora_recipe(model, beta, steps=60):
+    """The continual recipe (add_task, penalty, snapshot) in LoRA mode; returns task 0's weights after tasks 0 and 1."""
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    reg = hl.continual.OutputRegularizer(model, beta=beta)
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(32, 8, generator=g), torch.randn(32, 4, generator=g)) for _ in range(2)]
+    weights = []
+    for task in range(2):
+        if task:
+            assert model.add_task() == range(1, 2)
+        x, y = data[task]
+        for _ in range(steps):
+            loss = nn.functional.mse_loss(model(x, task=task), y) + reg.penalty()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            weights.append({k: v.detach().clone() for k, v in model.materialize(task=0).state_dict().items()})
+        reg.snapshot()
+    return weights
+
+
+def _drift(before, after):
+    num = sum((after[k] - before[k]).pow(2).sum() for k in before).sqrt()
+    return float(num / sum(before[k].pow(2).sum() for k in before).sqrt())
+
+
+def test_lora_add_task_has_the_task_api_of_hypermodel():
+    model = _lora_model()
+    assert model.add_task() == range(1, 2) and model.inputs["task"].num_tasks == 2
+    with pytest.raises(hl.HyperloomError, match=re.escape("already uses 2 of its max_tasks=2 tasks")):
+        model.add_task()
+
+
+def test_lora_shared_A_is_protected_in_a_real_run():
+    """Task 0's Delta W = (alpha/r) B(e_0) A: with a shared A the penalty used to ignore A (drift 57 % at beta = 100)."""
+    model = _lora_model(shared_A=True)
+    assert hl.continual.OutputRegularizer(model).shared_names == tuple(f"lora_A.{k}" for k in ("0.lora_A", "2.lora_A"))
+    w_before, w_after = _lora_recipe(model, beta=100.0)
+    free_before, free_after = _lora_recipe(_lora_model(shared_A=True), beta=0.0)
+    assert _drift(free_before, free_after) > 0.3  # without the regulariser task 0 is forgotten
+    assert _drift(w_before, w_after) < 0.02  # measured 0.0016
+
+
+def test_lora_unfrozen_base_is_protected_in_a_real_run():
+    model = _lora_model(freeze_base=False)
+    reg = hl.continual.OutputRegularizer(model)
+    assert set(reg.shared_names) == {"primary.0.weight", "primary.0.bias", "primary.2.weight", "primary.2.bias"}
+    w_before, w_after = _lora_recipe(model, beta=100.0)
+    free_before, free_after = _lora_recipe(_lora_model(freeze_base=False), beta=0.0)
+    assert _drift(free_before, free_after) > 0.1
+    assert _drift(w_before, w_after) < 0.02
+
+
+def test_shared_parameters_enter_the_penalty_exactly():
+    model = _lora_model(shared_A=True)
+    reg = hl.continual.OutputRegularizer(model, beta=3.0)
+    reg.snapshot()
+    assert float(reg.penalty().detach()) == 0.0
+    assert model.lora_A is not None
+    a = dict(model.lora_A.items())["0.lora_A"]
+    with torch.no_grad():
+        a.add_(0.5)
+    expected = 3.0 * 0.25 * a.numel()
+    assert float(reg.penalty().detach()) == pytest.approx(expected, rel=1e-5)
+    grads = torch.autograd.grad(reg.penalty(), [a])
+    assert torch.allclose(grads[0], torch.full_like(a, 3.0 * 2 * 0.5))
+
+
+def test_parameters_unfrozen_after_construction_are_refused_by_name():
+    model = _lora_model()
+    reg = hl.continual.OutputRegularizer(model, beta=1.0)
+    reg.snapshot()
+    model.primary[2].weight.requires_grad_(True)
+    with pytest.raises(hl.HyperloomError, match=re.escape("parameters ['primary.2.weight'] of the model require grad now")):
+        reg.penalty()
+    with pytest.raises(hl.HyperloomError, match=re.escape("['primary.2.weight']")):
+        reg.snapshot()
+
+
+def test_conditioning_is_validated_at_construction():
+    torch.manual_seed(0)
+    model = hl.hypernetize(nn.Linear(3, 2), inputs={"task": hl.Task(2), "lam": (0.0, 1.0)}, hidden=(8,))
+    with pytest.raises(hl.HyperloomError, match=r"OutputRegularizer: conditioning \{'lam': 5.0\}: .*'lam'"):
+        hl.continual.OutputRegularizer(model, conditioning={"lam": 5.0})
+    with pytest.raises(hl.HyperloomError, match=r"OutputRegularizer: conditioning \{'lam': 'x'\}"):
+        hl.continual.OutputRegularizer(model, conditioning={"lam": "x"})

@@ -407,18 +407,6 @@ def test_gpt2_decoder_learns_a_scalar_conditioned_task():
 # -- regressions found by review ------------------------------------------------------------------------------
 
 
-def test_gradient_checkpointing_is_refused_while_training_and_allowed_without_grad():
-    model = gpt2()
-    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
-    h = hl.hypernetize(model, inputs={"t": (0.0, 1.0)}, predict=["*.attn.c_attn"], lora=hl.LoRA(rank=4, alpha=8), hidden=(8,))
-    h.train()
-    ids = torch.randint(0, VOCAB, (2, 6))
-    with pytest.raises(hl.HyperloomError, match=re.escape("LoRA mode cannot train through gradient checkpointing")):
-        h(ids, labels=ids, t=0.5)
-    with torch.no_grad():
-        assert h(ids, t=0.5).logits.shape == (2, 6, VOCAB)
-
-
 def test_root_module_target_round_trips_and_is_refused_by_to_peft(tmp_path):
     torch.manual_seed(0)
     h = hl.hypernetize(nn.Linear(6, 5), inputs={"lam": (0.0, 1.0)}, lora=hl.LoRA(rank=2, targets=nn.Linear), hidden=(8,))
@@ -460,3 +448,371 @@ def test_duplicate_or_unknown_targets_are_refused():
         hl.LoRAModel(net, hl.LoRA(rank=2), inputs={"lam": (0.0, 1.0)}, targets=["0", "0"], hidden=(8,))
     with pytest.raises(hl.HyperloomError, match=re.escape("LoRA target '7' is not a submodule of Sequential")):
         hl.LoRAModel(net, hl.LoRA(rank=2), inputs={"lam": (0.0, 1.0)}, targets=["7"], hidden=(8,))
+
+
+# ------------------------------------------------------------------------------------------------
+# LoRA directories: one atomic writer, a failure leaves the old adapter loadable, CheckpointError
+# ------------------------------------------------------------------------------------------------
+
+
+def small_lora(seed: int = 0, inputs: Any = None, **kw: Any) -> hl.LoRAModel:
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    lora = hl.LoRA(**{"rank": 2, "alpha": 4.0, "targets": nn.Linear, **kw})
+    return hl.hypernetize(net, inputs=inputs or {"lam": (0.0, 1.0)}, lora=lora, hidden=(8,)).eval()
+
+
+def _fail_at(monkeypatch: Any, name: str, k: int) -> list[int]:
+    import errno
+    import os
+
+    real, calls = getattr(os, name), [0]
+
+    def fn(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == k:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(os, name, fn)
+    return calls
+
+
+@pytest.mark.parametrize("what", ["fsync", "replace"])
+def test_a_full_disk_mid_save_leaves_the_old_adapter_loadable(tmp_path, monkeypatch, what):
+    old = small_lora()
+    perturb(old)
+    old.save_pretrained(tmp_path / "hl")
+    old.to_peft(tmp_path / "peft", lam=0.5)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "peft").iterdir()}
+    new = small_lora()
+    perturb(new, scale=0.5)
+    x = torch.randn(3, 8)
+    base = small_lora().primary  # the pretrained model (every small_lora() starts from the same one)
+    for k in (1, 2):  # the weights' write, then the config's
+        _fail_at(monkeypatch, what, k)
+        with pytest.raises(hl.CheckpointError, match=re.escape("cannot write checkpoint (No space left on device")):
+            new.save_pretrained(tmp_path / "hl")
+        monkeypatch.undo()
+        _fail_at(monkeypatch, what, k)
+        with pytest.raises(hl.CheckpointError, match=re.escape("cannot write checkpoint (No space left on device")):
+            new.to_peft(tmp_path / "peft", lam=0.5)
+        monkeypatch.undo()
+        again = hl.LoRAModel.from_pretrained(tmp_path / "hl", base).eval()
+        assert torch.equal(again(x, lam=0.3), old(x, lam=0.3)), (what, k)
+        assert {p.name: p.read_bytes() for p in (tmp_path / "peft").iterdir()} == before
+        assert sorted(p.name for p in (tmp_path / "hl").iterdir()) == [hl.lora.CONFIG_NAME, hl.lora.WEIGHTS_NAME]
+
+
+def test_bad_directories_are_checkpoint_errors_naming_the_path(tmp_path):
+    hnet = small_lora()
+    (tmp_path / "file").write_text("x")
+    for path in (tmp_path / "file", tmp_path / "file" / "sub"):
+        with pytest.raises(hl.CheckpointError, match=re.escape(f"{path / hl.lora.WEIGHTS_NAME}: cannot write checkpoint")):
+            hnet.save_pretrained(path)
+        with pytest.raises(hl.CheckpointError, match=re.escape(f"{path / 'adapter_model.safetensors'}: cannot write checkpoint")):
+            hnet.to_peft(path, lam=0.5)
+    assert (tmp_path / "file").read_text() == "x"
+
+
+# ------------------------------------------------------------------------------------------------
+# from_pretrained trusts only the checksummed config, and validates every field
+# ------------------------------------------------------------------------------------------------
+
+
+def _edit_json(directory: Any, edit: Any) -> None:
+    path = directory / hl.lora.CONFIG_NAME
+    cfg = json.loads(path.read_text())
+    edit(cfg)
+    path.write_text(json.dumps(cfg))
+
+
+def test_an_edited_json_config_is_refused_by_field(tmp_path):
+    hnet = small_lora(alpha=16.0)
+    perturb(hnet)
+    hnet.save_pretrained(tmp_path / "hl")
+    _edit_json(tmp_path / "hl", lambda c: c["lora"].update(alpha=36.0))  # loaded silently before, outputs off by 74.6
+    msg = "lora.alpha is 36.0, but the checksummed copy in hyperloom_lora.safetensors says 16.0"
+    with pytest.raises(hl.CheckpointError, match=re.escape(msg)):
+        hl.LoRAModel.from_pretrained(tmp_path / "hl", small_lora().primary)
+    _edit_json(tmp_path / "hl", lambda c: c["hypernetwork"].update(activation="tanh", hidden=[8]))
+    with pytest.raises(hl.CheckpointError, match=re.escape("lora.alpha is 36.0")):
+        hl.LoRAModel.from_pretrained(tmp_path / "hl", small_lora().primary)
+    _edit_json(tmp_path / "hl", lambda c: c["lora"].update(alpha=16.0))
+    with pytest.raises(hl.CheckpointError, match=re.escape("hypernetwork.activation is 'tanh', but the checksummed copy")):
+        hl.LoRAModel.from_pretrained(tmp_path / "hl", small_lora().primary)
+
+
+def _save_with_config(directory: Any, hnet: hl.LoRAModel, cfg: dict[str, Any]) -> None:
+    """A directory whose JSON and checksummed copy both hold ``cfg`` (a consistently written, malformed config)."""
+    directory.mkdir(exist_ok=True)
+    hl.save_model(hnet._adapter_state(), directory / hl.lora.WEIGHTS_NAME, config=cfg)
+    (directory / hl.lora.CONFIG_NAME).write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize(
+    ("edit", "field"),
+    [
+        (lambda c: c.update(inputs=None), "inputs must be a JSON object, got None"),
+        (lambda c: c.update(hypernetwork="x"), "hypernetwork must be a JSON object, got 'x'"),
+        (lambda c: c["hypernetwork"].update(hidden=["x"]), "hypernetwork.hidden[0] must be an integer, got 'x'"),
+        (lambda c: c["hypernetwork"].update(activation=[]), "hypernetwork.activation must be one of"),
+        (lambda c: c["inputs"]["lam"].update(dim=10**30), "inputs.lam.dim must be in [1, 65536]"),
+        (lambda c: c["hypernetwork"].update(hidden=[60000, 60000]), "hypernetwork.hidden: a layer of 60000 x 60000 weights"),
+        (lambda c: c["lora"].update(rank=2.5), "lora.rank must be an integer, got 2.5"),
+        (lambda c: c["lora"].update(alpha=-1), "lora: LoRA alpha must be a finite number > 0, got -1"),
+        (lambda c: c["lora"].pop("targets"), "lora: missing field(s) ['targets']"),
+        (lambda c: c["lora"].update(targets=["nope"]), "does not fit the Sequential given: LoRA target 'nope' is not a submodule"),
+        (lambda c: c.update(batch_dim=True), "batch_dim must be an integer, got True"),
+        (lambda c: c["inputs"]["lam"].update(low=2.0), "inputs.lam: Input range must satisfy low < high"),
+        (lambda c: c["hypernetwork"].update(extra=1), "hypernetwork: unknown field(s) ['extra']"),
+    ],
+)
+def test_malformed_config_fields_are_refused_by_name(tmp_path, edit, field):
+    hnet = small_lora()
+    cfg = hnet.config()
+    edit(cfg)
+    _save_with_config(tmp_path / "hl", hnet, cfg)
+    with pytest.raises(hl.CheckpointError, match=re.escape(field)):
+        hl.LoRAModel.from_pretrained(tmp_path / "hl", small_lora().primary)
+
+
+def _paths(obj: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    out = [prefix] if prefix else []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out += _paths(v, (*prefix, k))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            out += _paths(v, (*prefix, i))
+    return out
+
+
+def test_fuzz_every_outcome_is_a_load_or_a_checkpoint_error(tmp_path):
+    """Mutations of a valid config (deletions, type swaps, huge and negative numbers, nulls), written both
+    consistently (JSON and checksummed copy) and to the JSON alone: a successful load or a CheckpointError."""
+    import copy
+    import random
+
+    hnet = small_lora(inputs={"lam": (0.0, 1.0), "task": hl.Task(1, dim=4, max_tasks=3)}, shared_A=True)
+    hnet.add_task()
+    base = small_lora().primary
+    valid = hnet.config()
+    values = [None, "x", [], {}, ["x"], -1, 0, 1, 2.5, 10**30, -(10**30), True, 1e308, [10**9], {"a": 1}]
+    rng = random.Random(0)
+    outcomes = {"loaded": 0, "refused": 0}
+    mutations = []
+    for path in _paths(valid):
+        mutations.append((path, "delete"))
+        mutations += [(path, v) for v in rng.sample(values, 6)]
+    for i, (path, value) in enumerate(mutations):
+        cfg = copy.deepcopy(valid)
+        parent = cfg
+        for k in path[:-1]:
+            parent = parent[k]
+        if value == "delete":
+            del parent[path[-1]]
+        else:
+            parent[path[-1]] = value
+        d = tmp_path / f"m{i}"
+        if i % 4 == 3:  # the JSON alone is edited: always refused by the checksummed copy
+            hnet.save_pretrained(d)
+            (d / hl.lora.CONFIG_NAME).write_text(json.dumps(cfg))
+        else:
+            _save_with_config(d, hnet, cfg)
+        try:
+            hl.LoRAModel.from_pretrained(d, base)
+            outcomes["loaded"] += 1
+        except hl.CheckpointError:
+            outcomes["refused"] += 1
+        # any other exception type fails the test, naming the mutation
+    assert outcomes["refused"] > 0.8 * len(mutations) and len(mutations) > 150, outcomes
+
+
+# ------------------------------------------------------------------------------------------------
+# activation checkpointing done by the model itself: gradients equal those without it
+# ------------------------------------------------------------------------------------------------
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.v = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.tanh(self.q(x)) * self.v(x)
+
+
+class _CheckpointedNet(nn.Module):
+    """A model that checkpoints its own blocks (``mode``: None, "reentrant", "non-reentrant")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([_Block() for _ in range(3)])
+        self.head = nn.Linear(8, 2)
+        self.mode: str | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        for b in self.blocks:
+            x = checkpoint(b, x, use_reentrant=self.mode == "reentrant") if self.mode and torch.is_grad_enabled() else b(x)
+        return self.head(x)
+
+
+def _grads(hnet: nn.Module, loss_fn: Any) -> dict[str, torch.Tensor]:
+    hnet.zero_grad(set_to_none=True)
+    loss_fn().backward()
+    return {k: p.grad.clone() for k, p in hnet.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+def _assert_same_grads(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert sorted(a) == sorted(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-10, atol=1e-12, msg=k)
+    assert any(bool(g.abs().sum() > 0) for k, g in a.items() if k.startswith("hypernet."))
+
+
+@pytest.mark.parametrize("mode", ["reentrant", "non-reentrant"])
+@pytest.mark.parametrize("variant", [{}, {"shared_A": True, "bias": True, "freeze_base": False}], ids=["plain", "sharedA-bias-base"])
+def test_checkpointing_inside_a_custom_model_gives_the_same_gradients(mode, variant):
+    torch.manual_seed(0)
+    net = _CheckpointedNet().double()
+    lora = hl.LoRA(**{"rank": 2, "alpha": 4.0, "targets": ["*.q", "*.v"], **variant})
+    hnet = hl.hypernetize(net, inputs={"lam": (0.0, 1.0)}, lora=lora, hidden=(8,))
+    perturb(hnet)
+    x = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)  # reentrant checkpointing needs inputs that require grad
+    for lam in (0.3, torch.rand(5, dtype=torch.float64)):  # shared and per sample
+        hnet.primary.mode = None
+        ref = _grads(hnet, lambda lam=lam: hnet(x, lam=lam).pow(2).sum())
+        hnet.primary.mode = mode
+        got = _grads(hnet, lambda lam=lam: hnet(x, lam=lam).pow(2).sum())
+        _assert_same_grads(got, ref)
+    # two calls with different conditioning in one backward: each recomputation uses its own call's adapters
+    hnet.primary.mode = None
+    ref = _grads(hnet, lambda: hnet(x, lam=0.2).sum() + hnet(x, lam=0.9).pow(2).sum())
+    hnet.primary.mode = mode
+    got = _grads(hnet, lambda: hnet(x, lam=0.2).sum() + hnet(x, lam=0.9).pow(2).sum())
+    _assert_same_grads(got, ref)
+    for m in hnet.primary.modules():  # the graphs are gone: so are the hooks
+        assert not m._forward_hooks
+
+
+def _gpt2_train() -> nn.Module:
+    cfg = transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=32, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    )
+    return transformers.GPT2LMHeadModel(cfg).double().train()
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_hugging_face_gradient_checkpointing_gives_the_same_gradients(reentrant):
+    torch.manual_seed(0)
+    hnet = hl.hypernetize(_gpt2_train(), inputs={"t": (0.0, 1.0)}, predict=GPT2_TARGETS, lora=hl.LoRA(rank=4, alpha=8), hidden=(8,))
+    hnet.train()
+    perturb(hnet)
+    ids = torch.randint(0, VOCAB, (3, 6), generator=torch.Generator().manual_seed(3))
+    for t in (0.5, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)):
+        base = hnet.primary
+        # gradient_checkpointing_enable() is a deprecated alias of activation_checkpointing_enable() in transformers 5
+        (getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable)()
+        ref = _grads(hnet, lambda t=t: hnet(ids, labels=ids, t=t).loss)
+        if hasattr(base, "activation_checkpointing_enable"):
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+        else:  # pragma: no cover - transformers 4
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        assert any(getattr(m, "gradient_checkpointing", False) for m in hnet.primary.modules())
+        got = _grads(hnet, lambda t=t: hnet(ids, labels=ids, t=t).loss)
+        _assert_same_grads(got, ref)
+    with torch.no_grad():
+        assert hnet(ids, t=0.5).logits.shape == (3, 6, VOCAB)
+
+
+def test_saving_copying_and_merging_while_a_graph_is_alive():
+    """The hooks that live with a call's graph never leak into copies, pickles or merged models."""
+    import copy
+    import io
+
+    hnet = small_lora()
+    perturb(hnet)
+    x = torch.randn(3, 8)
+    loss = hnet(x, lam=0.5).sum()  # its graph (and the call's hooks) alive while the model is saved
+    buf = io.BytesIO()
+    torch.save(hnet, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    twin = copy.deepcopy(hnet)
+    plain = hnet.materialize(lam=0.5)
+    assert all(not m._forward_hooks for m in plain.modules())
+    for other in (loaded, twin):
+        assert torch.equal(other(x, lam=0.5), hnet(x, lam=0.5))
+        assert torch.equal(other.primary(x), hnet.primary(x))  # the base model, called directly
+        assert all(not m._forward_hooks for m in other.primary.modules())  # inert copies removed themselves
+    loss.backward()
+    del loss
+    assert all(not m._forward_hooks for m in hnet.primary.modules())
+
+
+def test_gradients_to_the_conditioning_through_checkpointed_layers():
+    """Non-reentrant: equal to the run without checkpointing; reentrant cannot carry them: refused in the forward."""
+    torch.manual_seed(0)
+    lora = hl.LoRA(rank=2, targets=["*.q", "*.v"])
+    hnet = hl.hypernetize(_CheckpointedNet().double(), inputs={"lam": (0.0, 1.0)}, lora=lora, hidden=(8,))
+    perturb(hnet)
+    x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    grads = {}
+    for mode in (None, "non-reentrant"):
+        hnet.primary.mode = mode
+        lam = torch.full((4,), 0.4, dtype=torch.float64, requires_grad=True)
+        hnet(x, lam=lam).pow(2).sum().backward()
+        grads[mode] = lam.grad
+    torch.testing.assert_close(grads["non-reentrant"], grads[None], rtol=1e-10, atol=0)
+    hnet.primary.mode = "reentrant"
+    lam = torch.full((4,), 0.4, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(hl.HyperloomError, match=re.escape("LoRA target 'blocks.0.q' ran under torch.no_grad() inside a call")):
+        hnet(x, lam=lam)
+    assert all(not m._forward_hooks for m in hnet.primary.modules())
+
+
+def test_a_task_conditioned_adapter_round_trips_with_its_tasks(tmp_path):
+    """The continual recipe's model in LoRA mode saves and loads with its Task input and the tasks added since."""
+    hnet = small_lora(inputs={"task": hl.Task(1, dim=4, max_tasks=4), "lam": (0.0, 1.0)}, shared_A=True)
+    assert hnet.add_task(n=2) == range(1, 3)
+    perturb(hnet)
+    hnet.save_pretrained(tmp_path / "hl")
+    again = hl.LoRAModel.from_pretrained(tmp_path / "hl", small_lora().primary).eval()
+    assert again.inputs["task"] == hnet.inputs["task"] and again.inputs["task"].num_tasks == 3
+    x = torch.randn(3, 8)
+    ids = torch.tensor([2, 0, 1])
+    assert torch.equal(again(x, task=ids, lam=0.5), hnet(x, task=ids, lam=0.5))
+    assert again.add_task() == range(3, 4)
+    cfg = hnet.config()
+    cfg["inputs"]["task"]["max_tasks"] = 2
+    _save_with_config(tmp_path / "bad", hnet, cfg)
+    with pytest.raises(hl.CheckpointError, match=re.escape("inputs.task.max_tasks must be in [3, 16777216], got 2")):
+        hl.LoRAModel.from_pretrained(tmp_path / "bad", small_lora().primary)
+
+
+@pytest.mark.parametrize("mode", ["reentrant", "non-reentrant"])
+def test_checkpointing_with_a_batchnorm_hypernetwork(mode):
+    """A reentrant recomputation regenerates the factors: BatchNorm's running statistics (saved by the call's own
+    graph) must not be touched (it crashed: 'modified by an inplace operation'), nor updated twice."""
+    torch.manual_seed(0)
+    lora = hl.LoRA(rank=2, targets=["*.q", "*.v"])
+    hnet = hl.hypernetize(_CheckpointedNet().double(), inputs={"lam": (0.0, 1.0)}, lora=lora, hidden=(8,), norm="batchnorm")
+    perturb(hnet)
+    hnet.train()
+    x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    lam = torch.rand(4, dtype=torch.float64)
+    start = {k: v.clone() for k, v in hnet.state_dict().items()}
+    runs = []
+    for m in (None, mode):
+        hnet.load_state_dict(start)
+        hnet.primary.mode = m
+        grads = _grads(hnet, lambda: hnet(x, lam=lam).pow(2).sum())
+        runs.append((grads, {k: b.clone() for k, b in hnet.hypernet.named_buffers()}))
+    (ref, ref_buf), (got, got_buf) = runs
+    scale = max(float(g.abs().max()) for g in ref.values())
+    for k in ref:  # the trunk bias before BatchNorm has a zero gradient up to rounding: compare on the common scale
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-10, atol=1e-13 * scale, msg=k)
+    assert all(torch.equal(got_buf[k], ref_buf[k]) for k in ref_buf)  # running statistics updated once

@@ -206,6 +206,9 @@ def test_history_plot_and_repr(tmp_path):
     assert set(rows[0]) == {"step", "train_steps", "val_loss", "values", "scales"} and set(rows[0]["values"]) == {"wd", "mix"}
     assert rows[-1]["values"] == tuner.values and rows[-1]["scales"] == tuner.scales
     assert tuner.plot(tmp_path / "t.png").stat().st_size > 1000
+    (tmp_path / "file").write_text("x")  # through the library's one atomic writer: a bad path is a CheckpointError
+    with pytest.raises(hl.CheckpointError, match=re.escape(f"{tmp_path / 'file' / 't.png'}: cannot write")):
+        tuner.plot(tmp_path / "file" / "t.png")
     assert "3 hyper steps" in repr(tuner)
 
 

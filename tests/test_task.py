@@ -190,7 +190,7 @@ def test_checkpoint_restores_grown_task_count_and_checks_declarations(tmp_path):
     x = torch.randn(2, 4)
     assert torch.equal(fresh(x, task=1, lam=0.5), model(x, task=1, lam=0.5))
     other = hl.hypernetize(_mlp(), inputs={"task": hl.Task(1, dim=4, max_tasks=3, norm=None), "lam": (0.0, 1.0)}, hidden=(8,))
-    with pytest.raises(hl.CheckpointError, match=re.escape("input 'task' embedding_norm: saved 'unit', model 'none'")):
+    with pytest.raises(hl.CheckpointError, match=re.escape("input 'task' norm: saved 'unit', model None")):
         hl.load_model(other, path)
     cont = hl.hypernetize(_mlp(), inputs={"task": (0.0, 1.0), "lam": (0.0, 1.0)}, hidden=(8,))
     with pytest.raises(hl.CheckpointError, match=re.escape("input 'task' kind: saved 'Task', model 'Input'")):
@@ -251,7 +251,7 @@ def test_a_plain_embedding_checkpoint_does_not_load_into_a_unit_one(tmp_path):
     path = tmp_path / "plain.safetensors"
     hl.save_model(plain, path)
     unit = hl.hypernetize(nn.Linear(3, 2), inputs={"task": hl.Task(2)}, hidden=(4,))
-    with pytest.raises(hl.CheckpointError, match=re.escape("input 'task' embedding_norm: saved 'none', model 'unit'")):
+    with pytest.raises(hl.CheckpointError, match=re.escape("input 'task' norm: saved None, model 'unit'")):
         hl.load_model(unit, path)
     bigger = hl.hypernetize(nn.Linear(3, 2), inputs={"task": hl.Task(2, norm=None, max_tasks=4)}, hidden=(4,))
     with pytest.raises(hl.CheckpointError, match=re.escape("input 'task' max_tasks: saved 2, model 4")):

@@ -14,15 +14,7 @@ Example:
 
 from . import continual
 from ._version import __version__
-from .checkpoint import (
-    CheckpointError,
-    load_model,
-    load_safetensors,
-    load_training,
-    save_model,
-    save_safetensors,
-    save_training,
-)
+from .checkpoint import load_model, load_training, save_model, save_training
 from .data_input import Data, Masked
 from .derivatives import laplacian
 from .diagnostics import theta_norms
@@ -39,6 +31,7 @@ from .encoding import (
     get_encoding,
 )
 from .errors import HyperloomError
+from .fileio import CheckpointError, load_safetensors, save_safetensors
 from .heads import DenseHead, LowRankHead
 from .hypernetwork import FORMULATIONS, HyperNetwork, init_theta0
 from .inputs import Input, InputSet

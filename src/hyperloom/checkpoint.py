@@ -1,40 +1,30 @@
-"""Checkpoints in the safetensors format, written atomically, loaded without pickle.
+"""Model and training checkpoints: safetensors files with checksums, written atomically, loaded without pickle.
 
-The format (https://github.com/huggingface/safetensors) is read and written by the
-``safetensors`` package (``safetensors.serialize`` / ``safetensors.deserialize``,
-torch tensors only, no numpy): it validates the header, the dtypes, the shapes
-and the data offsets of every file it reads. What is hyperloom's sits on top:
+The file IO (the one atomic writer, safetensors with checksums) is :mod:`hyperloom.fileio`; this
+module holds the two formats on top of it:
 
-* Every tensor's SHA-256 (over its dtype, shape and bytes) is stored in the
-  ``__metadata__`` under ``hyperloom.sha256``, and the SHA-256 of the rest of the
-  metadata under ``hyperloom.metadata_sha256``, so a flipped byte in the data or
-  the metadata is caught on load. Files without checksums (written by other
-  tools) still load, but model and training checkpoints in the formats this
-  version writes (``hyperloom.model/2``, ``hyperloom.training/2``) must carry
-  both; the ``/1`` files of earlier versions load without.
-* Writes go to a temporary file in the same directory, are fsynced, then
-  renamed over the target: a crash leaves either the old file or the new one,
-  never a torn one.
-* Loads read the file once, let the package validate it, check the checksums
-  and (for model and training checkpoints) the whole metadata before touching
-  any model, and raise :class:`CheckpointError` naming the file (and the tensor
-  or key) for every problem, including those the package reports.
+* ``hyperloom.model/2`` (:func:`save_model` / :func:`load_model`): the ``state_dict``, a JSON-able
+  config, and the whole configuration of every :class:`~hyperloom.HyperNetwork` in the model (from
+  :meth:`HyperNetwork.config <hyperloom.HyperNetwork.config>`), compared field by field on load;
+* ``hyperloom.training/2`` (:func:`save_training` / :func:`load_training`): the model, the optimiser
+  and scheduler, the step, the RNG states and named generators, and a config.
 
-Files written by hyperloom 0.1.0's own writer (before the package was used) load
-unchanged (``tests/fixtures``).
+Both must carry the checksums of their tensors and metadata; the ``/1`` files of earlier versions load
+without. Loads read the file once, check the checksums and (for model and training checkpoints) the
+whole metadata before touching any model, and raise :class:`CheckpointError` naming the file (and the
+tensor or key) for every problem. Files written by hyperloom 0.1.0's own writer (before the package
+was used) load unchanged (``tests/fixtures``).
 """
 
 from __future__ import annotations
 
 import copy
-import ctypes
-import hashlib
+import fnmatch
 import json
 import numbers
 import os
 import random
 import sys
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -43,324 +33,22 @@ import torch
 from torch import nn
 
 from ._rng import rng_state, set_rng_state
-from .errors import HyperloomError, short_repr
+from .errors import short_repr
+from .fileio import (  # noqa: F401  (CheckpointError, the safetensors functions: importable from here as before)
+    CheckpointError,
+    _as_path,
+    _check_storable,
+    _read,
+    atomic_write_bytes,
+    atomic_write_files,
+    load_safetensors,
+    safetensors_bytes,
+    save_safetensors,
+)
 from .hypernetwork import HyperNetwork
 
-# the dtypes a checkpoint can hold: safetensors' name -> torch dtype (those this torch has)
-_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "C64": torch.complex64,
-}
-for _name, _attr in (
-    ("U16", "uint16"),
-    ("U32", "uint32"),
-    ("U64", "uint64"),
-    ("F8_E4M3", "float8_e4m3fn"),
-    ("F8_E5M2", "float8_e5m2"),
-    ("F8_E4M3FNUZ", "float8_e4m3fnuz"),
-    ("F8_E5M2FNUZ", "float8_e5m2fnuz"),
-    ("F8_E8M0", "float8_e8m0fnu"),
-):
-    if isinstance(getattr(torch, _attr, None), torch.dtype):  # newer dtypes: only where this torch has them
-        _DTYPES[_name] = getattr(torch, _attr)
-_NAMES = {v: k for k, v in _DTYPES.items()}
-_CHECKSUMS = "hyperloom.sha256"
-_META_CHECKSUM = "hyperloom.metadata_sha256"  # a key of its own: earlier versions read it as plain metadata
 _MODEL_FORMATS = {"hyperloom.model/1": False, "hyperloom.model/2": True}  # format -> carries checksums
 _TRAINING_FORMATS = {"hyperloom.training/1": False, "hyperloom.training/2": True}
-#: Declaration fields recorded and compared (``kind``: ``Input``, ``Task`` or ``Data``); a Task's ``num_tasks`` is
-#: recorded too but not compared: it is state (``add_task``), restored with the ``state_dict``.
-_INPUT_FIELDS = ("kind", "low", "high", "scale", "dim", "out_of_range", "embedding_norm", "max_tasks", "per", "pooling")
-# what the safetensors package's refusals mean, in the words of this library (its own message follows)
-_PACKAGE_ERRORS = (
-    ("header too small", "truncated checkpoint ({size} bytes, no header)"),
-    ("header too large", "truncated or corrupt checkpoint (header of {n} bytes, file of {size})"),
-    ("invalid header length", "truncated or corrupt checkpoint (header of {n} bytes, file of {size})"),
-    ("invalid json in header", "corrupt checkpoint header"),
-    ("invalid utf-8 in header", "corrupt checkpoint header"),
-    ("invalid header start", "corrupt checkpoint header"),
-    ("file not fully covered", "truncated or tampered checkpoint (the tensors' data offsets do not cover its data section exactly)"),
-    ("invalid shape, data type, or offset", "corrupt checkpoint header (a tensor's shape, dtype and data offsets do not fit together)"),
-    ("invalid offset", "corrupt checkpoint header (tensor data offsets overlap, leave gaps or point outside the file)"),
-)
-
-
-class CheckpointError(HyperloomError):
-    """A checkpoint file is missing, truncated, tampered with or does not match the model."""
-
-
-def _fsync_dir(path: Path) -> None:
-    if sys.platform.startswith("win"):  # pragma: no cover - no directory fsync on Windows
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _cannot_write(target: Path, why: str) -> CheckpointError:
-    return CheckpointError(f"{target}: cannot write checkpoint ({why})")
-
-
-def _as_path(path: Any) -> Path:
-    """``path`` as a :class:`~pathlib.Path`, or a :class:`CheckpointError` for what no file system takes."""
-    if not isinstance(path, str | os.PathLike):
-        raise CheckpointError(f"checkpoint path must be a str or os.PathLike, got {type(path).__name__} {short_repr(path)}")
-    try:
-        p = Path(path)
-    except TypeError:  # an os.PathLike of bytes
-        raise CheckpointError(f"checkpoint path must be a str or os.PathLike of str, got {short_repr(path)}") from None
-    if "\0" in str(p):
-        raise CheckpointError(f"{str(p)!r}: invalid checkpoint path (it contains a NUL byte)")
-    return p
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], chunks: list[bytes]) -> None:
-    """Write ``chunks`` to ``path`` atomically (temporary file, fsync, rename, fsync of the directory).
-
-    Raises:
-        CheckpointError: Naming the file, if it cannot be written (its directory is a file, it is a
-            directory, no permission, disk full); a file already there is left as it was.
-    """
-    target = _as_path(path)
-    try:
-        if target.is_dir():
-            raise _cannot_write(target, "it is a directory")
-        for parent in target.parents:
-            if parent.exists():
-                if not parent.is_dir():
-                    raise _cannot_write(target, f"{parent} is a file, not a directory")
-                break
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # a short prefix: the temporary name must fit the file system wherever the target's name does
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name[:32]}.", suffix=".tmp", dir=target.parent)
-    except OSError as e:
-        raise _cannot_write(target, e.strerror or str(e)) from e
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for c in chunks:
-                f.write(c)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise _cannot_write(target, e.strerror or str(e)) from e
-        raise
-    try:
-        _fsync_dir(target.parent)
-    except OSError as e:  # pragma: no cover - the file is in place; only its durability is in doubt
-        raise _cannot_write(target, f"fsync of the directory failed: {e.strerror or e}") from e
-
-
-def _digest(dtype: str, shape: list[int], data: bytes | bytearray | memoryview) -> str:
-    h = hashlib.sha256(json.dumps([dtype, shape]).encode())
-    h.update(data)
-    return h.hexdigest()
-
-
-def _meta_digest(meta: Mapping[str, str]) -> str:
-    """The checksum of the metadata (all of it but the checksums), independent of its order and JSON spelling."""
-    return hashlib.sha256(json.dumps(sorted(meta.items()), separators=(",", ":")).encode()).hexdigest()
-
-
-def _check_storable(path: Path, name: str, t: Any) -> None:
-    """Raise naming the file and the tensor if ``t`` is not a tensor this format can store."""
-    if not isinstance(t, torch.Tensor):
-        raise CheckpointError(f"{path}: {name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.is_meta:
-        raise CheckpointError(f"{path}: {name}: tensor on the meta device has no data to save")
-    if t.is_nested:
-        raise CheckpointError(f"{path}: {name}: nested tensors cannot be stored (unbind them into separate tensors)")
-    if t.layout != torch.strided:
-        raise CheckpointError(f"{path}: {name}: tensors of layout {t.layout} cannot be stored (convert with .to_dense())")
-    if t.dtype not in _NAMES:
-        raise CheckpointError(f"{path}: {name}: dtype {t.dtype} cannot be stored in a safetensors checkpoint")
-
-
-def _bytes_of(t: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous CPU tensor, without a copy (valid while ``t`` lives)."""
-    n = t.numel() * t.element_size()
-    if not n:
-        return memoryview(b"")
-    return memoryview((ctypes.c_ubyte * n).from_address(t.data_ptr())).cast("B")
-
-
-def _package_error(p: Path, blob: bytes, e: BaseException) -> CheckpointError:
-    """A :class:`CheckpointError` naming ``p`` for a file the ``safetensors`` package refused."""
-    msg = str(e)
-    low = msg.lower()
-    n = int.from_bytes(blob[:8], "little") if len(blob) >= 8 else None
-    for key, words in _PACKAGE_ERRORS:
-        if key in low:
-            return CheckpointError(f"{p}: {words.format(size=len(blob), n=n)} (safetensors: {msg})")
-    return CheckpointError(f"{p}: not a valid safetensors file (safetensors: {type(e).__name__}: {msg})")
-
-
-def save_safetensors(
-    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str], *, metadata: Mapping[str, str] | None = None
-) -> None:
-    """Save tensors (any device; copied to CPU) to a safetensors file, atomically, with checksums.
-
-    The file is written by the ``safetensors`` package; hyperloom adds the SHA-256 checksums of every
-    tensor and of the metadata (checked by :func:`load_safetensors`) and writes it atomically (temporary
-    file, fsync, rename). Tensors that share memory (tied weights) are each stored with their values.
-
-    Example:
-        >>> import tempfile, os
-        >>> p = os.path.join(tempfile.mkdtemp(), "t.safetensors")
-        >>> save_safetensors({"w": torch.ones(2, 3)}, p, metadata={"step": "7"})
-        >>> t, meta = load_safetensors(p)
-        >>> t["w"].shape, meta["step"]
-        (torch.Size([2, 3]), '7')
-
-    Raises:
-        CheckpointError: Naming the file (and the tensor), before anything is written, on a name that is not
-            a string or is ``__metadata__``, a value that is not a dense tensor with data (sparse, nested and
-            meta-device tensors are refused), a dtype the format cannot store, a non-string metadata key or
-            value, the metadata keys reserved for the checksums (``hyperloom.sha256``,
-            ``hyperloom.metadata_sha256``), or a path that cannot be written.
-    """
-    from safetensors import SafetensorError, TensorSpec, serialize
-
-    target = _as_path(path)
-    specs: dict[str, Any] = {}
-    sums: dict[str, str] = {}
-    alive: list[torch.Tensor] = []  # serialize() reads raw pointers: the CPU copies must outlive it
-    for name, t in tensors.items():
-        if not isinstance(name, str):
-            raise CheckpointError(f"{target}: tensor names must be strings, got {type(name).__name__} {short_repr(name)}")
-        if name == "__metadata__":
-            raise CheckpointError(f"{target}: tensor name '__metadata__' is reserved for the metadata")
-        _check_storable(target, name, t)
-        # resolve the lazy negation and conjugation bits: data_ptr() shows the bytes before them
-        data = t.detach().to("cpu").resolve_neg().resolve_conj().contiguous()
-        if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
-            raise CheckpointError("big-endian hosts are not supported")
-        alive.append(data)
-        raw = _bytes_of(data)
-        specs[name] = TensorSpec(
-            dtype=str(t.dtype).removeprefix("torch."), shape=list(t.shape), data_ptr=data.data_ptr(), data_len=len(raw)
-        )
-        sums[name] = _digest(_NAMES[t.dtype], list(t.shape), raw)
-    meta = dict(metadata or {})
-    bad = [k for k, v in meta.items() if not isinstance(k, str) or not isinstance(v, str)]
-    if bad:
-        raise CheckpointError(f"{target}: metadata keys and values must be strings, not for {bad}")
-    for key in (_CHECKSUMS, _META_CHECKSUM):
-        if key in meta:
-            raise CheckpointError(f"{target}: metadata key {key!r} is reserved for the checksums")
-    meta_sum = _meta_digest(meta)
-    meta[_CHECKSUMS] = json.dumps(sums, separators=(",", ":"))
-    meta[_META_CHECKSUM] = meta_sum
-    try:
-        blob = bytes(serialize(specs, metadata=meta))
-    except SafetensorError as e:  # pragma: no cover - every tensor and key was checked above
-        raise CheckpointError(f"{target}: the safetensors package refused to serialise the checkpoint ({e})") from None
-    finally:
-        del alive
-    atomic_write_bytes(target, [blob])
-
-
-def _read(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
-    """Load and validate a safetensors file; return ``(tensors, metadata, unchecked)``.
-
-    ``unchecked`` names what the file carries no checksum for (``tensors``, ``metadata``): empty for the
-    files this version writes, ``["metadata"]`` for those of earlier versions, both for other tools'.
-    """
-    from safetensors import deserialize
-
-    try:
-        blob = p.read_bytes()
-    except OSError as e:
-        raise CheckpointError(f"{p}: cannot read checkpoint ({e.strerror or e})") from None
-    try:
-        entries: list[tuple[str, dict[str, Any]]] = deserialize(blob)  # type: ignore[no-untyped-call]  # untyped in its stub
-    except BaseException as e:  # SafetensorError, and a Rust panic (pyo3's PanicException is a BaseException)
-        if isinstance(e, KeyboardInterrupt | SystemExit | GeneratorExit | MemoryError):
-            raise
-        raise _package_error(p, blob, e) from None
-    # the package exposes no metadata for bytes in memory; it has validated the header it sits in
-    n = int.from_bytes(blob[:8], "little")
-    try:
-        meta = json.loads(blob[8 : 8 + n]).get("__metadata__") or {}
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, AttributeError) as e:  # pragma: no cover - validated above
-        raise CheckpointError(f"{p}: corrupt checkpoint header ({e})") from None
-    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):  # pragma: no cover - validated above
-        raise CheckpointError(f"{p}: corrupt checkpoint metadata")
-    meta = dict(meta)
-    names = [name for name, _ in entries]
-    sums: dict[str, Any] | None = None
-    unchecked = []
-    raw_sums, meta_sum = meta.pop(_CHECKSUMS, None), meta.pop(_META_CHECKSUM, None)
-    if meta_sum is None:  # written before the metadata was checksummed, or by another tool
-        unchecked.append("metadata")
-    elif meta_sum != _meta_digest(meta):
-        raise CheckpointError(f"{p}: metadata checksum mismatch (tampered or corrupt file)")
-    if raw_sums is None:
-        if meta_sum is not None:  # hyperloom writes both or (earlier versions) the tensors' alone
-            raise CheckpointError(f"{p}: the metadata has a checksum but the tensors have none (tampered file)")
-        unchecked.insert(0, "tensors")
-    else:
-        try:
-            sums = json.loads(raw_sums)
-        except (json.JSONDecodeError, RecursionError):
-            sums = None
-        if not isinstance(sums, dict):
-            raise CheckpointError(f"{p}: corrupt checksums in the checkpoint metadata (tampered file)")
-        missing, unexpected = sorted(set(names) - set(sums)), sorted(set(sums) - set(names))
-        if missing or unexpected:
-            raise CheckpointError(
-                f"{p}: the checksums do not match the tensors (tampered file): no checksum for {missing[:8]}, "
-                f"checksums of absent tensors {unexpected[:8]}"
-            )
-    out: dict[str, torch.Tensor] = {}
-    for name, info in entries:
-        dtype_name, shape, data = info["dtype"], list(info["shape"]), info["data"]
-        if dtype_name not in _DTYPES:
-            raise CheckpointError(f"{p}: {name}: unsupported dtype {dtype_name!r} (this torch reads {sorted(_DTYPES)})")
-        if sums is not None and sums[name] != _digest(dtype_name, shape, data):
-            raise CheckpointError(f"{p}: {name}: checksum mismatch (tampered or corrupt file)")
-        dtype = _DTYPES[dtype_name]
-        # ``data`` is a fresh, writable bytearray the tensor may own
-        out[name] = torch.frombuffer(data, dtype=torch.uint8).view(dtype).reshape(shape) if len(data) else torch.empty(shape, dtype=dtype)
-    return out, meta, unchecked
-
-
-def load_safetensors(path: str | os.PathLike[str], *, require_checksums: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Load a safetensors file (read by the ``safetensors`` package, never unpickled), checking its checksums.
-
-    Args:
-        path: The file.
-        require_checksums: Refuse a file without hyperloom's checksums of its tensors and metadata (one
-            written by another tool or an earlier version, or one whose checksums were removed).
-
-    Returns:
-        ``(tensors, metadata)``: CPU tensors by name, and the metadata without hyperloom's checksums.
-
-    Raises:
-        CheckpointError: Naming the file, if it is missing or the package refuses it (truncated, a header
-            that is malformed, inconsistent, overlapping or leaves trailing bytes; the package's message is
-            quoted), if it holds a dtype this torch does not have (naming the tensor), if the checksum of its
-            metadata or (naming the tensor too) of a tensor does not match (a tampered or corrupt file), or if
-            checksums are required and missing.
-    """
-    p = _as_path(path)
-    tensors, meta, unchecked = _read(p)
-    if require_checksums and unchecked:
-        raise CheckpointError(f"{p}: checksums required, but the file has none for its {' and '.join(unchecked)}")
-    return tensors, meta
 
 
 def _require_checksums(p: Path, fmt: str, formats: Mapping[str, bool], unchecked: list[str]) -> None:
@@ -372,28 +60,44 @@ def _require_checksums(p: Path, fmt: str, formats: Mapping[str, bool], unchecked
 
 
 def _hypernetworks(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """The declarations of every :class:`~hyperloom.HyperNetwork` in ``model``, by module name (JSON-able)."""
-    out: dict[str, dict[str, Any]] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, HyperNetwork):
-            inputs = {
-                k: {f: getattr(spec, f, None) for f in _INPUT_FIELDS}
-                | {"kind": type(spec).__name__, "num_tasks": getattr(spec, "num_tasks", None)}
-                for k, spec in module.input_set.specs.items()
-            }
-            encoding = getattr(module, "encoding", None)
-            out[name] = {
-                "inputs": inputs,
-                "formulation": getattr(module, "formulation", None),
-                "encoding": getattr(encoding, "name", None),
-                "additive": getattr(module, "additive", None),
-                "head": module.head_config(),
-            }
-    return out
+    """The whole configuration (:meth:`HyperNetwork.config <hyperloom.HyperNetwork.config>`) of every hypernetwork in ``model``."""
+    return {name: module.config() for name, module in model.named_modules() if isinstance(module, HyperNetwork)}
 
 
-def _check_hypernetworks(path: str | os.PathLike[str], saved: Any, model: nn.Module, *, strict: bool) -> None:
-    """Compare the declarations saved with the checkpoint (``None``: an older file) with the model's."""
+def _unchecked(key: str) -> bool:
+    return any(fnmatch.fnmatchcase(key, pattern) for pattern in HyperNetwork.CONFIG_UNCHECKED)
+
+
+def _config_diff(saved: Any, own: Any, key: str = "") -> tuple[str, Any, Any] | None:
+    """The first field (dotted) where a recorded configuration differs from the model's, or ``None``.
+
+    Fields the record lacks (written by an earlier version) are not compared; a field the model lacks
+    matches only a recorded ``None`` (how earlier versions recorded absent fields).
+    """
+    if _unchecked(key):
+        return None
+    if isinstance(saved, dict) and isinstance(own, dict):
+        for k, v in saved.items():
+            sub = f"{key}.{k}" if key else str(k)
+            if k not in own:
+                if v is not None and not _unchecked(sub):
+                    return sub, v, "(none)"
+                continue
+            diff = _config_diff(v, own[k], sub)
+            if diff is not None:
+                return diff
+        return None
+    if type(saved) is not type(own) and not (isinstance(saved, int | float) and isinstance(own, int | float)):
+        return key, saved, own
+    return None if saved == own else (key, saved, own)
+
+
+def _check_hypernetworks(path: str | os.PathLike[str], saved: Any, model: nn.Module, *, strict: bool, targets: bool = False) -> None:
+    """Compare the configurations saved with the checkpoint (``None``: an older file) with the model's, field by field.
+
+    ``targets``: compare the targets' shapes only (after the state's keys and shapes, which name the tensors
+    more precisely), else everything but them.
+    """
     if saved is None:
         return
     if not isinstance(saved, dict) or not all(isinstance(v, dict) and isinstance(v.get("inputs"), dict) for v in saved.values()):
@@ -402,18 +106,26 @@ def _check_hypernetworks(path: str | os.PathLike[str], saved: Any, model: nn.Mod
     if strict and sorted(saved) != sorted(own):
         raise CheckpointError(f"{path}: hypernetwork modules: saved {sorted(saved)}, model {sorted(own)}")
     for name in [n for n in saved if n in own]:
+        if targets:
+            if "targets" not in saved[name]:  # written before the whole configuration was recorded
+                continue
+            diff = _config_diff({"targets": saved[name]["targets"]}, {"targets": own[name]["targets"]})
+            if diff is not None:
+                raise CheckpointError(f"{path}: hypernetwork {name!r} {diff[0]}: saved {diff[1]!r}, model {diff[2]!r}")
+            continue
         s_inputs, m_inputs = saved[name]["inputs"], own[name]["inputs"]
         if list(s_inputs) != list(m_inputs):
             raise CheckpointError(f"{path}: hypernetwork {name!r}: input names: saved {list(s_inputs)}, model {list(m_inputs)}")
         for inp, fields in s_inputs.items():
-            for f in _INPUT_FIELDS:
-                sv, mv = fields.get(f) if isinstance(fields, dict) else None, m_inputs[inp][f]
-                if sv is not None and sv != mv:
-                    raise CheckpointError(f"{path}: hypernetwork {name!r}: input {inp!r} {f}: saved {sv!r}, model {mv!r}")
-        for f in ("formulation", "encoding", "additive", "head"):
-            sv, mv = saved[name].get(f), own[name][f]
-            if sv is not None and sv != mv:
-                raise CheckpointError(f"{path}: hypernetwork {name!r} {f}: saved {sv!r}, model {mv!r}")
+            if not isinstance(fields, dict):
+                raise CheckpointError(f"{path}: corrupt hypernetwork declarations in the checkpoint (input {inp!r})")
+            diff = _config_diff(fields, m_inputs[inp], f"inputs.{inp}")
+            if diff is not None:
+                field = diff[0].split(".", 2)[2]
+                raise CheckpointError(f"{path}: hypernetwork {name!r}: input {inp!r} {field}: saved {diff[1]!r}, model {diff[2]!r}")
+        diff = _config_diff({k: v for k, v in saved[name].items() if k not in ("inputs", "targets")}, own[name])
+        if diff is not None:
+            raise CheckpointError(f"{path}: hypernetwork {name!r} {diff[0]}: saved {diff[1]!r}, model {diff[2]!r}")
 
 
 def _load_json(path: str | os.PathLike[str], meta: Mapping[str, str], key: str) -> Any:
@@ -497,6 +209,16 @@ def save_model(model: nn.Module, path: str | os.PathLike[str], *, config: Mappin
             JSON-serialisable, or a path that cannot be written.
     """
     target = _as_path(path)
+    atomic_write_bytes(target, [model_bytes(model, target, config=config)])
+
+
+def model_bytes(model: nn.Module, path: str | os.PathLike[str], *, config: Mapping[str, Any] | None = None) -> bytes:
+    """The bytes :func:`save_model` writes, for :func:`~hyperloom.fileio.atomic_write_files` (``path``: for messages).
+
+    Raises:
+        CheckpointError: As :func:`save_model`, but nothing is written.
+    """
+    target = _as_path(path)
     state = model.state_dict()
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
@@ -506,7 +228,7 @@ def save_model(model: nn.Module, path: str | os.PathLike[str], *, config: Mappin
         "config": json.dumps(_config_json(target, config)),
         "hypernetworks": json.dumps(_hypernetworks(model)),
     }
-    save_safetensors(state, target, metadata=meta)
+    return safetensors_bytes(state, target, metadata=meta)
 
 
 def load_model(model: nn.Module, path: str | os.PathLike[str], *, strict: bool = True) -> dict[str, Any]:
@@ -533,8 +255,10 @@ def load_model(model: nn.Module, path: str | os.PathLike[str], *, strict: bool =
     config = _load_json(p, meta, "config")
     if not isinstance(config, dict | None):
         raise CheckpointError(f"{p}: corrupt checkpoint metadata 'config': a JSON object expected, got {short_repr(config)}")
-    _check_hypernetworks(p, _load_json(p, meta, "hypernetworks"), model, strict=strict)
+    record = _load_json(p, meta, "hypernetworks")
+    _check_hypernetworks(p, record, model, strict=strict)
     _check_state(p, tensors, model.state_dict(), strict=strict)
+    _check_hypernetworks(p, record, model, strict=strict, targets=True)
     before = _cpu_copy(model.state_dict())
     try:
         model.load_state_dict(tensors, strict=strict)
@@ -941,6 +665,7 @@ def load_training(
     _check_hypernetworks(p, meta.get("hypernetworks"), model, strict=True)
     state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     _check_state(p, state, model.state_dict(), strict=True)
+    _check_hypernetworks(p, meta.get("hypernetworks"), model, strict=True, targets=True)
     opt_state = sched_state = None
     if optimizer is not None:
         if "optimizer" not in meta:
@@ -1004,13 +729,4 @@ def load_training(
     return {"step": step, "config": config}
 
 
-__all__ = [
-    "CheckpointError",
-    "atomic_write_bytes",
-    "load_model",
-    "load_safetensors",
-    "load_training",
-    "save_model",
-    "save_safetensors",
-    "save_training",
-]
+__all__ = ["load_model", "load_training", "save_model", "save_training"]

@@ -11,6 +11,15 @@ over the earlier tasks ``k`` (all, or a random subset per step), so the
 hypernetwork keeps producing the old tasks' weights while it learns the new
 one. This is the output regulariser without von Oswald's look-ahead term.
 
+Everything else that determines what a task's weights are is protected too:
+every trainable parameter of the model outside the hypernetwork (the shared
+``lora_A`` of ``LoRA(shared_A=True)``, unfrozen base weights of a
+:class:`~hyperloom.LoRAModel`, trainable parameters a
+:class:`~hyperloom.HyperModel` does not predict) is snapshotted with the
+generated weights and penalised as ``beta * ||phi - phi*||^2``: these
+parameters are shared by all tasks, so changing them changes every earlier
+task's weights even when the hypernetwork's outputs stay put.
+
 This module imports the core and is never imported by it.
 """
 
@@ -43,7 +52,10 @@ class OutputRegularizer(nn.Module):
     Args:
         model: A :class:`~hyperloom.HyperModel`, :class:`~hyperloom.LoRAModel` or :class:`~hyperloom.HyperNetwork`
             with a :class:`~hyperloom.Task` input. It is referenced, not registered:
-            the regulariser's ``state_dict`` holds only its own state.
+            the regulariser's ``state_dict`` holds only its own state. Its parameters
+            outside the hypernetwork that require grad now (a shared ``lora_A``,
+            unfrozen base weights) are protected as well (buffer ``shared_targets``);
+            freeze or unfreeze parameters before building the regulariser.
         beta: Weight of the penalty (a finite number ``>= 0``).
         num_sampled: Earlier tasks per :meth:`penalty` call: ``None`` (all) or
             an int ``>= 1`` (a random subset without replacement, drawn from the
@@ -67,10 +79,12 @@ class OutputRegularizer(nn.Module):
 
     Raises:
         HyperloomError: On a model without the Task input, a bad ``beta``,
-            ``num_sampled`` or ``seed``, or missing/unknown ``conditioning``.
+            ``num_sampled`` or ``seed``, or missing, unknown or invalid (out of
+            range, wrong type) ``conditioning``.
     """
 
     targets: torch.Tensor
+    shared_targets: torch.Tensor
     num_snapshots: torch.Tensor
 
     def __init__(
@@ -106,7 +120,12 @@ class OutputRegularizer(nn.Module):
             raise HyperloomError(
                 f"OutputRegularizer: conditioning must give a value for every non-task input {others}; missing {missing}, unknown {unknown}"
             )
+        try:  # invalid values are refused now, not at the first snapshot()
+            hnet.prepare({self.task: 0, **given})
+        except HyperloomError as e:
+            raise HyperloomError(f"OutputRegularizer: conditioning {short_repr(given)}: {e}") from None
         object.__setattr__(self, "_hnet", hnet)  # a reference, not a submodule (its state is the model's)
+        object.__setattr__(self, "_model", model)
         self.beta = float(beta)
         self.num_sampled = k
         self.conditioning = given
@@ -114,6 +133,10 @@ class OutputRegularizer(nn.Module):
         total = sum(math.prod(s) for s in hnet.shapes.values())
         capacity = hnet.input_set.specs[self.task].capacity  # type: ignore[union-attr]
         self.register_buffer("targets", torch.zeros(capacity, total, dtype=hnet.dtype, device=hnet.device))
+        shared = self._shared_params()
+        self.shared_names = tuple(shared)
+        n_shared = sum(p.numel() for p in shared.values())
+        self.register_buffer("shared_targets", torch.zeros(n_shared, dtype=self._shared_dtype(shared), device=hnet.device))
         self.register_buffer("num_snapshots", torch.zeros((), dtype=torch.int64, device=hnet.device))
         self.generator = torch.Generator().manual_seed(s)
 
@@ -123,12 +146,50 @@ class OutputRegularizer(nn.Module):
         hnet: HyperNetwork = self.__dict__["_hnet"]
         return hnet
 
+    def _shared_params(self) -> dict[str, nn.Parameter]:
+        """The model's parameters outside the hypernetwork that require grad: shared by every task's weights."""
+        model, hnet = self.__dict__["_model"], self.hypernet
+        if model is hnet:
+            return {}
+        own = {id(p) for p in hnet.parameters()}
+        return {n: p for n, p in model.named_parameters() if p.requires_grad and id(p) not in own}
+
+    def _shared_dtype(self, shared: Mapping[str, torch.Tensor]) -> torch.dtype:
+        dtype = self.hypernet.dtype
+        for p in shared.values():
+            dtype = torch.promote_types(dtype, p.dtype)
+        return dtype
+
+    def _check_shared(self) -> dict[str, nn.Parameter]:
+        """The protected shared parameters now; refuse parameters unfrozen since construction (unprotected)."""
+        params = dict(self.__dict__["_model"].named_parameters())
+        new = sorted(n for n in self._shared_params() if n not in self.shared_names)
+        gone = sorted(n for n in self.shared_names if n not in params)
+        if new or gone:
+            raise HyperloomError(
+                f"OutputRegularizer: parameters {new or gone} of the model {'require grad now' if new else 'are gone'} but "
+                f"{'were not' if new else 'were'} trainable when the regulariser was built: they determine every task's "
+                "weights and it cannot protect them; build the regulariser again after freezing/unfreezing"
+            )
+        return {n: params[n] for n in self.shared_names}
+
+    def _flat_shared(self) -> torch.Tensor:
+        """The protected shared parameters, flattened: ``(S,)``."""
+        shared = self._check_shared()
+        if not shared:
+            return self.shared_targets[:0]
+        dt = self.shared_targets.dtype
+        return torch.cat([p.reshape(-1).to(device=self.shared_targets.device, dtype=dt) for p in shared.values()])
+
     def _follow(self) -> None:
         """Move the snapshots to the hypernetwork's dtype and device (after ``model.double()`` or ``.to(device)``)."""
         hnet = self.hypernet
         if self.targets.dtype != hnet.dtype or self.targets.device != hnet.device:
             self.targets = self.targets.to(dtype=hnet.dtype, device=hnet.device)
             self.num_snapshots = self.num_snapshots.to(device=hnet.device)
+        dtype = self._shared_dtype(self._check_shared())
+        if self.shared_targets.dtype != dtype or self.shared_targets.device != hnet.device:
+            self.shared_targets = self.shared_targets.to(dtype=dtype, device=hnet.device)
 
     def _flat_theta(self, ids: torch.Tensor) -> torch.Tensor:
         """Generated weights of tasks ``ids``, flattened: ``(len(ids), P)``."""
@@ -162,6 +223,7 @@ class OutputRegularizer(nn.Module):
             flat = self._flat_theta(torch.arange(n, device=self.targets.device))
             self.targets[:n] = flat.to(self.targets.dtype)
             self.targets[n:] = 0
+            self.shared_targets.copy_(self._flat_shared())
         self.num_snapshots = torch.tensor(n, dtype=torch.int64, device=self.num_snapshots.device)
 
     def sample(self) -> torch.Tensor:
@@ -173,19 +235,34 @@ class OutputRegularizer(nn.Module):
         return ids.to(self.targets.device)
 
     def penalty(self) -> torch.Tensor:
-        """``beta * mean_k ||theta(e_k) - theta*_k||^2`` over the sampled earlier tasks (a 0-d tensor).
+        """``beta * (mean_k ||theta(e_k) - theta*_k||^2 + ||phi - phi*||^2)`` over the sampled earlier tasks (0-d).
 
-        Zero (exactly, with all tasks) right after :meth:`snapshot` and zero
-        before any snapshot. Its gradient reaches the hypernetwork's
-        parameters (trunk, head, task table, a trainable ``theta0``), never the
-        snapshots.
+        ``phi`` are the protected parameters outside the hypernetwork (a shared
+        ``lora_A``, unfrozen base weights; none for most models). Zero
+        (exactly, with all tasks) right after :meth:`snapshot` and zero before
+        any snapshot. Its gradient reaches the hypernetwork's parameters (trunk,
+        head, task table, a trainable ``theta0``) and ``phi``, never the snapshots.
+
+        Raises:
+            HyperloomError: If parameters outside the hypernetwork were unfrozen after the
+                regulariser was built (it cannot protect them).
         """
         self._follow()
         ids = self.sample()
         if len(ids) == 0:
             return torch.zeros((), dtype=self.targets.dtype, device=self.targets.device)
         diff = self._flat_theta(ids) - self.targets[ids]
-        return self.beta * diff.pow(2).sum(dim=1).mean()
+        out = diff.pow(2).sum(dim=1).mean()
+        if self.shared_names:
+            out = out + (self._flat_shared() - self.shared_targets).pow(2).sum().to(out.dtype)
+        return self.beta * out
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any, **kwargs: Any) -> None:
+        # states saved before shared parameters were protected: none were (an empty buffer) for most models
+        key = prefix + "shared_targets"
+        if key not in state_dict and self.shared_targets.numel() == 0:
+            state_dict[key] = self.shared_targets
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[no-untyped-call]
 
     def get_extra_state(self) -> torch.Tensor:
         """The subset generator's state, saved with the ``state_dict``."""

@@ -9,7 +9,9 @@ who wires their own model; ``hypernetize`` builds one for you.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import numbers
 import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -153,7 +155,10 @@ class HyperNetwork(nn.Module):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
+        # every constructor argument, for config() (targets and inputs are recorded from what they resolve to)
+        args = {k: v for k, v in locals().items() if k not in ("self", "__class__", "inputs", "targets", "dtype", "device")}
         super().__init__()
+        self._config_args: dict[str, Any] = args
         if formulation not in FORMULATIONS:
             raise HyperloomError(f"Unknown formulation {formulation!r}; valid options are {sorted(FORMULATIONS)}")
         if not isinstance(targets, Mapping) or len(targets) == 0:
@@ -220,6 +225,43 @@ class HyperNetwork(nn.Module):
             with torch.no_grad():
                 self.head.calibrate(self.trunk(self.features(self.input_set.midpoint(dtype=dtype, device=device))))
             self.train(was)
+
+    #: :meth:`config` keys (dotted, ``*`` matches any one name) that checkpoints record but do not compare:
+    #: initialisation-only options, and state restored with the ``state_dict`` (a Task's ``num_tasks``).
+    CONFIG_UNCHECKED: tuple[str, ...] = ("init", "zero_init", "inputs.*.num_tasks")
+
+    def config(self) -> dict[str, Any]:
+        """The whole configuration of this hypernetwork, JSON-able: what checkpoints record and check on load.
+
+        Derived generically from the constructor's arguments (every one of them, so an option added later
+        is recorded and checked with no change to the checkpoint code), with the values they resolve to:
+        ``encoding`` and ``additive`` after the formulation's defaults, ``inputs`` as each declaration's
+        fields (``{"kind": "Input", "low": ..., ...}``, ``{"kind": "Task", "num_tasks": ..., ...}``: any
+        dataclass input kind is recorded field by field), ``targets`` as their shapes. Placement (``dtype``,
+        ``device``) is not configuration. :func:`~hyperloom.save_model`, :func:`~hyperloom.save_training`
+        and LoRA directories store it; :func:`~hyperloom.load_model` and :func:`~hyperloom.load_training`
+        refuse any difference by field name, except the keys in :attr:`CONFIG_UNCHECKED`.
+
+        Values that are not JSON are recorded by their ``config()`` method when they have one, an
+        :class:`~hyperloom.Encoding` by its name, anything else by its type name.
+
+        Example:
+            >>> h = HyperNetwork({"lam": (0.0, 1.0)}, {"w": (2, 3)}, hidden=(8,), activation="tanh")
+            >>> cfg = h.config()
+            >>> cfg["activation"], cfg["hidden"], cfg["encoding"], cfg["targets"]
+            ('tanh', [8], 'cossin', {'w': [2, 3]})
+            >>> cfg["inputs"]["lam"]["kind"], cfg["inputs"]["lam"]["high"]
+            ('Input', 1.0)
+        """
+        cfg = {k: _config_value(v) for k, v in self._config_args.items()}
+        cfg["encoding"] = _config_value(self.encoding)
+        cfg["additive"] = self.additive
+        cfg["inputs"] = {k: _config_value(spec) for k, spec in self.input_set.specs.items()}
+        for k, spec in self.input_set.specs.items():
+            if isinstance(spec, Task):  # as files of earlier versions recorded a Task's norm (compared with those files)
+                cfg["inputs"][k]["embedding_norm"] = spec.embedding_norm
+        cfg["targets"] = {k: list(s) for k, s in self.shapes.items()}
+        return cfg
 
     def _plan_features(self, dtype: torch.dtype, device: torch.device | None) -> int:
         """Build the task tables and the column plan; return the trunk's input size.
@@ -557,6 +599,26 @@ class HyperNetwork(nn.Module):
     def extra_repr(self) -> str:
         enc = self.encoding.name
         return f"inputs={list(self.input_set.names)}, encoding={enc}, additive={self.additive}, outputs={self.num_outputs}"
+
+
+def _config_value(v: Any) -> Any:
+    """``v`` as JSON for :meth:`HyperNetwork.config`."""
+    if v is None or isinstance(v, bool | int | float | str):
+        return v
+    if isinstance(v, list | tuple):
+        return [_config_value(x) for x in v]
+    if isinstance(v, Mapping):
+        return {str(k): _config_value(x) for k, x in v.items()}
+    own = getattr(v, "config", None)
+    if callable(own) and not isinstance(v, type):
+        return _config_value(own())
+    if isinstance(v, Encoding):
+        return v.name
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return {"kind": type(v).__name__, **{f.name: _config_value(getattr(v, f.name)) for f in dataclasses.fields(v)}}
+    if isinstance(v, numbers.Number):
+        return _config_value(v.item() if hasattr(v, "item") else float(v))  # type: ignore[arg-type]
+    return type(v).__name__
 
 
 def find_hypernetwork(obj: Any) -> HyperNetwork | None:

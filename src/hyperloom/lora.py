@@ -29,9 +29,14 @@ the model runs as **one** ordinary call (no ``vmap``, so Hugging Face attention 
 special form). The inputs of the target modules must carry the samples along ``batch_dim``
 (dimension 0 for Hugging Face models).
 
-The target modules are intercepted with forward hooks registered for the duration of each call
-and removed in a ``finally``: the wrapped copy is an ordinary model between calls (no classes
-generated at run time, nothing left behind).
+The target modules are intercepted with forward hooks that each call registers and that live as long
+as the call's autograd graph (removed when it is freed, at once after a call without one): the wrapped
+copy is an ordinary model between calls (no classes generated at run time, nothing left behind), and
+activation (gradient) checkpointing works, reentrant or not, ``torch.utils.checkpoint`` in a custom
+model or Hugging Face's ``gradient_checkpointing_enable()``: layers recomputed during ``backward()``
+see the adapters of their own call, and the gradients equal those without checkpointing (see
+:mod:`hyperloom._recompute`). With reentrant checkpointing the recomputed layers' inputs must require
+grad (Hugging Face: ``model.enable_input_require_grads()``), as without a hypernetwork.
 """
 
 from __future__ import annotations
@@ -44,13 +49,13 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._recompute import Call, strip_hooks
 from .encoding import Encoding
 from .errors import HyperloomError
 from .hypernetwork import HyperNetwork
@@ -58,6 +63,7 @@ from .inputs import Input, InputLike
 from .model import HyperModel, split_conditioning
 from .params import ParamStore
 from .select import Selector, select_parameters
+from .task import Task
 from .types import ParamDict
 
 #: The format tag of :meth:`LoRAModel.save_pretrained` directories.
@@ -332,6 +338,7 @@ class LoRAModel(nn.Module):
             primary = copy.deepcopy(model)
         except Exception as e:
             raise HyperloomError(f"Could not copy {type(model).__name__} (deepcopy failed: {e})") from e
+        strip_hooks(primary)  # another LoRA model's primary, copied while a graph of it is alive
         if lora.freeze_base:
             primary.requires_grad_(False)
         self.primary = primary
@@ -352,22 +359,55 @@ class LoRAModel(nn.Module):
         """The conditioning-independent factors ``A0``, ``B0`` (and bias) of the MIP formulation; ``None`` if not additive."""
         return self.hypernet.theta0
 
+    def add_task(self, name: str | None = None, n: int = 1) -> range:
+        """Make ``n`` more task ids valid for a :class:`~hyperloom.Task` input; see :meth:`HyperNetwork.add_task`.
+
+        The same task API as :meth:`HyperModel.add_task <hyperloom.HyperModel.add_task>`: nothing is
+        reallocated, so the adapters of earlier tasks stay bit-identical.
+
+        Example:
+            >>> import hyperloom as hl
+            >>> net = nn.Sequential(nn.Linear(6, 6))
+            >>> hnet = hl.hypernetize(net, inputs={"task": hl.Task(1, max_tasks=3)}, lora=hl.LoRA(rank=2, targets=["0"]))
+            >>> hnet.add_task(), hnet.inputs["task"].num_tasks
+            (range(1, 2), 2)
+
+        Raises:
+            HyperloomError: See :meth:`HyperNetwork.add_task`.
+        """
+        return self.hypernet.add_task(name, n)
+
     def _split(self, kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         return split_conditioning(self.hypernet, self.primary, self._model_kwargs, kwargs)
 
     # -- generation ----------------------------------------------------------------------
     def _factors(self, cond: Mapping[str, Any]) -> tuple[ParamDict, int | None]:
         raw, per_sample = self.hypernet.prepare(cond)
-        if per_sample:
-            n = int(raw.shape[0])
-            if n == 0:
-                raise HyperloomError("Per-sample conditioning with an empty batch (0 samples)")
-            factors = self.hypernet.theta_from_raw(raw)
-        else:
-            n, factors = None, self.hypernet.theta_shared(raw)
+        if per_sample and int(raw.shape[0]) == 0:
+            raise HyperloomError("Per-sample conditioning with an empty batch (0 samples)")
+        return self._generate(raw, per_sample), (int(raw.shape[0]) if per_sample else None)
+
+    def _generate(self, raw: torch.Tensor, per_sample: bool) -> ParamDict:
+        factors = self.hypernet.theta_from_raw(raw) if per_sample else self.hypernet.theta_shared(raw)
         if self.lora_A is not None:
             factors = {**factors, **dict(self.lora_A.items())}
-        return factors, n
+        return factors
+
+    def _regenerate(self, raw: torch.Tensor, per_sample: bool) -> ParamDict:
+        """The factors again, for a reentrant recomputation; the hypernetwork's buffers (BatchNorm) are left as they were.
+
+        The buffers are swapped for copies while the hypernetwork runs, so the originals are not even touched in
+        place (the call's own graph may hold them: BatchNorm saves its running statistics for backward).
+        """
+        swapped = [(m, k, b) for m in self.hypernet.modules() for k, b in m._buffers.items() if b is not None]
+        for m, k, b in swapped:
+            m._buffers[k] = b.clone()
+        try:
+            with torch.enable_grad():
+                return self._generate(raw, per_sample)
+        finally:
+            for m, k, b in swapped:
+                m._buffers[k] = b
 
     def generate(self, **conditioning: Any) -> ParamDict:
         """The adapter factors: ``"<module>.lora_A"`` ``(r, in)``, ``"<module>.lora_B"`` ``(out, r)`` (and ``.lora_bias``).
@@ -420,6 +460,7 @@ class LoRAModel(nn.Module):
         with torch.no_grad():
             delta = self.delta(**conditioning)
         plain = copy.deepcopy(self.primary)
+        strip_hooks(plain)  # the hooks of calls whose graphs are alive are no part of an ordinary model
         with torch.no_grad():
             for key, d in delta.items():
                 mod_name, _, attr = key.rpartition(".")
@@ -468,39 +509,39 @@ class LoRAModel(nn.Module):
             **kwargs: Conditioning values by input name; other keyword arguments go to the model.
 
         Returns:
-            The model's output, whatever its structure (one call of the model).
+            The model's output, whatever its structure (one call of the model). Activation checkpointing
+            inside the model works: the adapters of this call stay reachable while its graph lives.
 
         Raises:
-            HyperloomError: On invalid conditioning, an unknown keyword argument, or (per sample) a target
-                module whose input does not carry the samples along ``batch_dim``.
+            HyperloomError: On invalid conditioning, an unknown keyword argument, (per sample) a target
+                module whose input does not carry the samples along ``batch_dim``, or a target run under
+                ``no_grad`` inside a call that records gradients (reentrant checkpointing) while the
+                conditioning values require grad (a reentrant recomputation cannot reach them).
         """
-        if torch.is_grad_enabled() and self._checkpointing():
-            raise HyperloomError(
-                "LoRA mode cannot train through gradient checkpointing: the adapters are applied by forward hooks that "
-                "exist only during this call, and the checkpointed layers are recomputed during backward() without them. "
-                "Turn it off (Hugging Face: model.gradient_checkpointing_disable()) or run under torch.no_grad()"
-            )
         cond, rest = self._split(kwargs)
-        factors, n = self._factors(cond)
-        handles = []
+        raw, per_sample = self.hypernet.prepare(cond)
+        if per_sample and int(raw.shape[0]) == 0:
+            raise HyperloomError("Per-sample conditioning with an empty batch (0 samples)")
+        factors = self._generate(raw, per_sample)
+        raw_requires_grad = raw.requires_grad
+        raw = raw.detach()
+        call = Call(
+            self,
+            factors,
+            int(raw.shape[0]) if per_sample else None,
+            self._adapter,
+            lambda: self._regenerate(raw, per_sample),
+        )
+        call.conditioning_requires_grad = raw_requires_grad
+        call.register({name: self.primary.get_submodule(name) for name in self.targets})
         try:
-            for name in self.targets:
-                handles.append(self.primary.get_submodule(name).register_forward_hook(self._hook(name, factors, n), with_kwargs=True))
-            return self.primary(*args, **rest)
-        finally:
-            for h in handles:
-                h.remove()
-
-    def _checkpointing(self) -> bool:
-        """Whether Hugging Face gradient checkpointing is on anywhere in the model (``gradient_checkpointing=True``)."""
-        return any(getattr(m, "gradient_checkpointing", False) is True for m in self.primary.modules())
-
-    def _hook(self, name: str, factors: ParamDict, n: int | None) -> Any:
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: torch.Tensor) -> torch.Tensor:
-            x = args[0] if args else next(iter(kwargs.values()))
-            return output + self._adapter(name, x, factors, n)
-
-        return hook
+            with call:
+                out = self.primary(*args, **rest)
+        except BaseException:
+            call.release()
+            raise
+        call.anchor(out)  # the hooks live as long as the graph: checkpointed layers recomputed in backward() need them
+        return out
 
     # -- export and round trip -----------------------------------------------------------
     def to_peft(self, path: str | os.PathLike[str], **conditioning: Any) -> None:
@@ -555,12 +596,17 @@ class LoRAModel(nn.Module):
             "init_lora_weights": True,
             "modules_to_save": None,
         }
-        from .checkpoint import save_safetensors
+        from .fileio import _as_path, atomic_write_files, safetensors_bytes
 
-        out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
-        save_safetensors(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
-        (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        out = _as_path(path)
+        weights = out / "adapter_model.safetensors"
+        # the weights first, the config (what makes the directory an adapter) last, both or neither
+        atomic_write_files(
+            {
+                weights: [safetensors_bytes(tensors, weights, metadata={"format": "pt"})],
+                out / "adapter_config.json": [(json.dumps(config, indent=2) + "\n").encode()],
+            }
+        )
 
     def _adapter_state(self) -> nn.Module:
         """A container of the trained parts (hypernetwork, shared ``A``), for saving without the frozen base."""
@@ -602,48 +648,46 @@ class LoRAModel(nn.Module):
         Raises:
             HyperloomError: If the directory cannot be written (a :class:`~hyperloom.CheckpointError`), or see :meth:`config`.
         """
-        from .checkpoint import save_model
+        from .checkpoint import model_bytes
+        from .fileio import _as_path, atomic_write_files
 
         cfg = self.config()
-        out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
-        save_model(self if cfg["include_base"] else self._adapter_state(), out / WEIGHTS_NAME, config=cfg)
-        (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
+        out = _as_path(path)
+        weights = out / WEIGHTS_NAME
+        blob = model_bytes(self if cfg["include_base"] else self._adapter_state(), weights, config=cfg)
+        # the weights first, the config last: a failure at any point leaves the old directory loadable
+        atomic_write_files({weights: [blob], out / CONFIG_NAME: [(json.dumps(cfg, indent=2) + "\n").encode()]})
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike[str], model: nn.Module) -> LoRAModel:
         """Rebuild a model saved by :meth:`save_pretrained` around the pretrained ``model`` (which is copied, not modified).
 
-        Raises:
-            HyperloomError: On a missing or malformed directory, or weights that do not fit (see
-                :func:`~hyperloom.load_model`).
-        """
-        from .checkpoint import load_model
+        The JSON config is trusted only where it equals the checksummed copy that :meth:`save_pretrained`
+        stores in the weights file, and every field is validated (type and range) before anything is built.
 
-        src = Path(path)
+        Raises:
+            CheckpointError: On a missing or malformed directory; a JSON config that differs from the
+                checksummed copy (naming the field and both values: an edited ``alpha`` would silently
+                rescale every update); a field of the wrong type or out of range (naming it); a config that
+                does not fit ``model`` (targets that are not its modules, a rank too large); or weights that
+                do not fit (see :func:`~hyperloom.load_model`).
+        """
+        from ._lora_config import read_config
+        from .checkpoint import load_model
+        from .fileio import CheckpointError, _as_path
+
+        src = _as_path(path)
+        cfg = read_config(src, CONFIG_NAME, WEIGHTS_NAME, LORA_FORMAT, _HYPER_KEYS)
+        where = src / CONFIG_NAME
         try:
-            cfg = json.loads((src / CONFIG_NAME).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise HyperloomError(f"{src}: not a hyperloom LoRA directory ({CONFIG_NAME}: {e})") from None
-        if not isinstance(cfg, dict) or cfg.get("format") != LORA_FORMAT:
-            got = cfg.get("format") if isinstance(cfg, dict) else type(cfg).__name__
-            raise HyperloomError(f"{src / CONFIG_NAME}: format {got!r}, expected {LORA_FORMAT!r}")
-        try:
-            targets = [str(t) for t in cfg["lora"]["targets"]]
-            lora = LoRA(**cfg["lora"])
-            inputs = {k: Input(**v) for k, v in cfg["inputs"].items()}
-            hyper = dict(cfg["hypernetwork"])
-            if "hidden" in hyper:
-                hyper["hidden"] = tuple(hyper["hidden"])
-            batch_dim = cfg["batch_dim"]
-            include_base = bool(cfg["include_base"])
-        except (KeyError, TypeError) as e:
-            raise HyperloomError(f"{src / CONFIG_NAME}: malformed config ({type(e).__name__}: {e})") from None
-        hnet = cls(model, lora, inputs=inputs, targets=targets, batch_dim=batch_dim, **hyper)  # resolved names, not selectors
-        if include_base:
-            load_model(hnet, src / WEIGHTS_NAME)
-        else:
-            load_model(hnet._adapter_state(), src / WEIGHTS_NAME)
+            lora = LoRA(**cfg.lora)
+        except HyperloomError as e:
+            raise CheckpointError(f"{where}: lora: {e}") from None
+        try:  # resolved names, not selectors
+            hnet = cls(model, lora, inputs=cfg.inputs, targets=cfg.targets, batch_dim=cfg.batch_dim, **cfg.hyper)
+        except HyperloomError as e:
+            raise CheckpointError(f"{where}: the config does not fit the {type(model).__name__} given: {e}") from None
+        load_model(hnet if cfg.include_base else hnet._adapter_state(), src / WEIGHTS_NAME)
         return hnet
 
     def extra_repr(self) -> str:
@@ -652,9 +696,13 @@ class LoRAModel(nn.Module):
 
 
 def _input_json(name: str, spec: Any) -> dict[str, Any]:
-    """An :class:`~hyperloom.Input` declaration as JSON; other kinds of input are refused (they cannot be rebuilt)."""
+    """An :class:`~hyperloom.Input` or :class:`~hyperloom.Task` declaration as JSON; other kinds are refused (they cannot be rebuilt)."""
+    if isinstance(spec, Task):  # num_tasks as it is now (add_task): restored with the state too
+        return {"kind": "Task", **dataclasses.asdict(spec)}
     if not isinstance(spec, Input):
-        raise HyperloomError(f"save_pretrained: input {name!r} is a {type(spec).__name__}; only hl.Input declarations can be saved")
+        raise HyperloomError(
+            f"save_pretrained: input {name!r} is a {type(spec).__name__}; only hl.Input and hl.Task declarations can be saved"
+        )
     return dataclasses.asdict(spec)
 
 

@@ -521,6 +521,8 @@ class SelfTuner(nn.Module):
 
         Raises:
             HyperloomError: Without matplotlib (``pip install matplotlib``), or with no hyper step recorded yet.
+            CheckpointError: Naming the path, if it cannot be written (written atomically: a file already
+                there is kept on failure).
         """
         try:
             import matplotlib
@@ -550,8 +552,13 @@ class SelfTuner(nn.Module):
         axes[-1, 0].set_ylabel("val loss")
         axes[-1, 0].set_xlabel("training step" if bool((h[:, 1] > 0).any()) else "hyper step")
         fig.tight_layout()
+        import io
+
+        from .fileio import atomic_write_bytes
+
         out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=120)
+        buf = io.BytesIO()
+        fig.savefig(buf, dpi=120, format=out.suffix[1:].lower() or "png")
         plt.close(fig)
+        atomic_write_bytes(out, [buf.getvalue()])  # the library's one writer, as for every file it writes
         return out

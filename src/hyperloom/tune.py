@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import itertools
 import math
 import numbers
@@ -412,14 +413,16 @@ class Sweep:
 
     def to_csv(self, path: str | os.PathLike[str]) -> Path:
         """Write the rows to a CSV file (``dim=k`` values as ``;``-joined numbers); returns the path."""
+        from .fileio import atomic_write_text
+
         p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        with p.open("w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow([*self.names, *self.metrics])
-            for r in self.rows:
-                cells = [";".join(map(repr, r[k])) if isinstance(r[k], list) else repr(r[k]) for k in self.names]
-                w.writerow(cells + [repr(r.get(m, math.nan)) for m in self.metrics])
+        f = io.StringIO(newline="")
+        w = csv.writer(f)
+        w.writerow([*self.names, *self.metrics])
+        for r in self.rows:
+            cells = [";".join(map(repr, r[k])) if isinstance(r[k], list) else repr(r[k]) for k in self.names]
+            w.writerow(cells + [repr(r.get(m, math.nan)) for m in self.metrics])
+        atomic_write_text(p, f.getvalue())
         return p
 
     def plot(
@@ -500,8 +503,11 @@ class Sweep:
             ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         if path is not None:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            fig.savefig(path, dpi=120)
+            from .fileio import atomic_write_bytes
+
+            buf = io.BytesIO()
+            fig.savefig(buf, dpi=120, format=Path(path).suffix[1:].lower() or "png")
+            atomic_write_bytes(path, [buf.getvalue()])
         return fig
 
 
