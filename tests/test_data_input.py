@@ -314,3 +314,23 @@ def test_mismatch_with_other_per_sample_inputs_names_both():
     model = build({"d": hl.Data(encoder(), per="sample"), "lam": (0.0, 1.0)})
     with pytest.raises(HyperloomError, match="Conditioning input 'lam' has 3 per-sample values but 'd' has 4"):
         model(rand(4, 3), d=rand(4, 3), lam=torch.rand(3, dtype=torch.float64))
+
+
+# -- regressions found by the adversarial review ---------------------------------------------------------------------
+@pytest.mark.parametrize("scale", [3e4, 1e-6])
+def test_unit_norm_code_in_float16_is_a_unit_vector_for_large_and_tiny_codes(scale):
+    """float16: the norm of a code with entries ~3e4 overflows to inf (the code became 0) and one of a code with
+    entries ~1e-6 falls below float16's tiny (the code was not unit): the normalisation runs in float32."""
+    torch.manual_seed(0)
+    enc = nn.Linear(3, 8)
+    model = hl.hypernetize(primary(), inputs={"support": hl.Data(enc, per="set")}, hidden=(8,)).half()
+    x, support = rand(4, 3).half(), rand(6, 3, seed=2).half()
+    with torch.no_grad():  # every element's code: the bias (its norm: sqrt(8) |b|, with |b| = scale after the scaling)
+        enc.weight.zero_()
+        enc.bias.copy_(torch.tensor([1.0, -1.0, 1.0, 1.0, -1.0, -1.0, 1.0, -1.0]))
+    before = model(x, support=support)
+    with torch.no_grad():
+        enc.bias.mul_(scale)
+    code = model.hypernet.data["support"].encode(support, dtype=torch.float16, device=torch.device("cpu")).code
+    torch.testing.assert_close(code.float().norm(dim=-1), torch.ones(1), atol=2e-3, rtol=0)
+    torch.testing.assert_close(model(x, support=support), before, atol=5e-3, rtol=0)

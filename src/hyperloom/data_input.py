@@ -404,9 +404,10 @@ class DataEncoder(nn.Module):
             h = self._call(flat, m, f"{m} set elements stacked as {_shapes(tree_flatten(flat)[0])}")
             h = h.reshape(*((1,) if dims == 1 else ()), *lead, s.dim)
             code = self._pool(h, None if mask is None else mask.reshape(h.shape[:2]))
+        if s.norm == "unit":  # in at least float32: a float16 norm overflows above 65504 and underflows below 6e-5
+            wide = code.to(torch.promote_types(code.dtype, torch.float32))
+            code = wide / wide.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(wide.dtype).tiny)
         code = code.to(dtype)
-        if s.norm == "unit":
-            code = code / code.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(code.dtype).tiny)
         if check and not bool(torch.isfinite(code).all()):
             raise HyperloomError(f"Data input {self.name!r}: the encoder produced a non-finite code (shape {tuple(code.shape)})")
         return DataCode(code, s.per == "sample")
