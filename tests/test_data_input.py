@@ -334,3 +334,10 @@ def test_unit_norm_code_in_float16_is_a_unit_vector_for_large_and_tiny_codes(sca
     code = model.hypernet.data["support"].encode(support, dtype=torch.float16, device=torch.device("cpu")).code
     torch.testing.assert_close(code.float().norm(dim=-1), torch.ones(1), atol=2e-3, rtol=0)
     torch.testing.assert_close(model(x, support=support), before, atol=5e-3, rtol=0)
+
+
+def test_lora_per_sample_data_with_a_mismatched_batch_names_the_data_input():
+    lin = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    model = hl.hypernetize(lin, predict=[nn.Linear], inputs={"own": hl.Data(encoder(), per="sample")}, lora=hl.LoRA(rank=1)).double()
+    with pytest.raises(HyperloomError, match=re.escape("Data input(s) ['own'] (per='sample') give 3 per-sample codes")):
+        model(rand(4, 3), own=rand(3, 3))

@@ -446,10 +446,14 @@ class LoRAModel(nn.Module):
             return d * self.scaling
         bd = self.batch_dim + x.dim() if self.batch_dim < 0 else self.batch_dim
         if not 0 <= bd < x.dim() - 1 or x.shape[bd] != n:
-            raise HyperloomError(
+            msg = (
                 f"LoRA target {name!r}: per-sample mode needs its input to carry the {n} samples along dimension "
                 f"{self.batch_dim}, got an input of shape {tuple(x.shape)}"
             )
+            data = [k for k, s in self.hypernet.input_set.specs.items() if getattr(s, "per", None) == "sample"]
+            if data:  # the sample count came from the data: name the input(s), as HyperModel does
+                msg = f"Data input(s) {data} (per='sample') give {n} per-sample codes, which the call's arguments do not match: {msg}"
+            raise HyperloomError(msg)
         xb = x.movedim(bd, 0) if bd != 0 else x
         flat = xb.reshape(n, -1, t.in_features)
         xa = torch.matmul(flat, a.transpose(-1, -2))  # (n, S, r): a is (n, r, in), or (r, in) when shared
