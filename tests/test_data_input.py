@@ -341,3 +341,18 @@ def test_lora_per_sample_data_with_a_mismatched_batch_names_the_data_input():
     model = hl.hypernetize(lin, predict=[nn.Linear], inputs={"own": hl.Data(encoder(), per="sample")}, lora=hl.LoRA(rank=1)).double()
     with pytest.raises(HyperloomError, match=re.escape("Data input(s) ['own'] (per='sample') give 3 per-sample codes")):
         model(rand(4, 3), own=rand(3, 3))
+
+
+def test_list_of_sets_with_different_structures_says_so():
+    class Labelled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 8)
+
+        def forward(self, feats, labels):
+            return self.fc(torch.cat([feats, labels[:, None].to(feats.dtype)], dim=-1))
+
+    model = build({"ctx": hl.Data(Labelled(), per="sample", pool="mean")})
+    sets = [(rand(2, 3), torch.arange(2)), {"feats": rand(2, 3), "labels": torch.arange(2)}]
+    with pytest.raises(HyperloomError, match=r"set 1 is a dict.*set 0 is a tuple"):
+        model(rand(2, 3), ctx=sets)

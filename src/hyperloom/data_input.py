@@ -431,6 +431,11 @@ class DataEncoder(nn.Module):
             flat_sets.append(leaves)
             sizes.append(n)
         for i, (spec, leaves) in enumerate(zip(specs, flat_sets)):
+            if spec != specs[0]:
+                raise HyperloomError(
+                    f"Data input {self.name!r}: set {i} is a {_structure(sets[i])} but set 0 is a {_structure(sets[0])} "
+                    "(every set must have the same structure; only the set sizes may differ)"
+                )
             same = spec == specs[0] and all(t.shape[1:] == r.shape[1:] and t.dtype == r.dtype for t, r in zip(leaves, flat_sets[0]))
             if not same:
                 raise HyperloomError(
@@ -456,6 +461,15 @@ class DataEncoder(nn.Module):
     def extra_repr(self) -> str:
         s = self.spec
         return f"name={self.name!r}, per={s.per!r}, pool={s.pool!r}, norm={s.norm!r}, dim={s.dim}"
+
+
+def _structure(value: Any) -> str:
+    """``tensor``, ``tuple of 2`` or ``dict with keys ['a', 'b']``: a set's container, as messages name it."""
+    if isinstance(value, Mapping):
+        return f"dict with keys {list(value)}"
+    if isinstance(value, (tuple, list)):
+        return f"{type(value).__name__} of {len(value)}"
+    return type(value).__name__
 
 
 def _shapes(leaves: list[torch.Tensor]) -> str:
