@@ -356,3 +356,25 @@ def test_list_of_sets_with_different_structures_says_so():
     sets = [(rand(2, 3), torch.arange(2)), {"feats": rand(2, 3), "labels": torch.arange(2)}]
     with pytest.raises(HyperloomError, match=r"set 1 is a dict.*set 0 is a tuple"):
         model(rand(2, 3), ctx=sets)
+
+
+def test_checkpoint_checks_the_encoders_class(tmp_path):
+    """Two encoders with the same state_dict keys but different classes (different forward): refused, not loaded silently."""
+
+    class Plain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 8)
+
+        def forward(self, v):
+            return self.fc(v)
+
+    class Rectified(Plain):
+        def forward(self, v):
+            return torch.relu(self.fc(v))
+
+    path = tmp_path / "m.safetensors"
+    hl.save_model(build({"support": hl.Data(Plain(), per="set")}), path)
+    hl.load_model(build({"support": hl.Data(Plain(), per="set")}, seed=3), path)
+    with pytest.raises(CheckpointError, match=r"support\W.*encoder.*'Plain'.*'Rectified'"):
+        hl.load_model(build({"support": hl.Data(Rectified(), per="set")}), path)

@@ -77,9 +77,10 @@ _CHECKSUMS = "hyperloom.sha256"
 _META_CHECKSUM = "hyperloom.metadata_sha256"  # a key of its own: earlier versions read it as plain metadata
 _MODEL_FORMATS = {"hyperloom.model/1": False, "hyperloom.model/2": True}  # format -> carries checksums
 _TRAINING_FORMATS = {"hyperloom.training/1": False, "hyperloom.training/2": True}
-#: Declaration fields recorded and compared (``kind``: ``Input``, ``Task`` or ``Data``); a Task's ``num_tasks`` is
-#: recorded too but not compared: it is state (``add_task``), restored with the ``state_dict``.
-_INPUT_FIELDS = ("kind", "low", "high", "scale", "dim", "out_of_range", "embedding_norm", "max_tasks", "per", "pooling")
+#: Declaration fields recorded and compared (``kind``: ``Input``, ``Task`` or ``Data``; a Data input's encoder by its
+#: class name); a Task's ``num_tasks`` is recorded too but not compared: it is state (``add_task``), restored with the
+#: ``state_dict``.
+_INPUT_FIELDS = ("kind", "low", "high", "scale", "dim", "out_of_range", "embedding_norm", "max_tasks", "per", "pooling", "encoder_class")
 # what the safetensors package's refusals mean, in the words of this library (its own message follows)
 _PACKAGE_ERRORS = (
     ("header too small", "truncated checkpoint ({size} bytes, no header)"),

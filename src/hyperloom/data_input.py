@@ -149,6 +149,11 @@ class Data:
         """``pool`` as a string (``"mean"``, ``"attention"`` or ``"none"``), as checkpoints record it."""
         return "none" if self.pool is None else str(self.pool)
 
+    @property
+    def encoder_class(self) -> str:
+        """The encoder's class name, as checkpoints record and compare it (its weights are in the ``state_dict``)."""
+        return type(self.encoder).__name__
+
     def midpoint(self) -> float:
         """The code used where an input needs a representative value (zeros: for shape checks only)."""
         return 0.0
