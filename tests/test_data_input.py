@@ -378,3 +378,13 @@ def test_checkpoint_checks_the_encoders_class(tmp_path):
     hl.load_model(build({"support": hl.Data(Plain(), per="set")}, seed=3), path)
     with pytest.raises(CheckpointError, match=r"support\W.*encoder.*'Plain'.*'Rectified'"):
         hl.load_model(build({"support": hl.Data(Rectified(), per="set")}), path)
+
+
+def test_sample_and_tune_of_a_model_with_only_data_inputs_say_there_is_nothing_to_do():
+    """Only Data inputs: hl.sample advised 'use hl.sample on the other inputs []' and hl.tune 'name one of ['support']'
+    (which it then refuses); both now say the model has no other input."""
+    model = build({"support": hl.Data(encoder(), per="set")})
+    with pytest.raises(HyperloomError, match=re.escape("the model has no other inputs: nothing to sample; pass the data")):
+        hl.sample(model, n=3)
+    with pytest.raises(HyperloomError, match=re.escape("the model has no other inputs: nothing to tune; pass the data")):
+        hl.tune(model, lambda m, **c: m(rand(2, 3), support=rand(4, 3), **c).sum())
