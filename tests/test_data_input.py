@@ -388,3 +388,19 @@ def test_sample_and_tune_of_a_model_with_only_data_inputs_say_there_is_nothing_t
         hl.sample(model, n=3)
     with pytest.raises(HyperloomError, match=re.escape("the model has no other inputs: nothing to tune; pass the data")):
         hl.tune(model, lambda m, **c: m(rand(2, 3), support=rand(4, 3), **c).sum())
+
+
+def test_materialize_with_a_per_sample_data_input_says_how_to_get_one_datums_model():
+    """A per='sample' Data input always gives per-sample codes (even for one datum): materialize said only
+    'got per-sample values'; it now names the input and the way out (the same weights declared per='set', pool=None)."""
+    model = build({"own": hl.Data(encoder(), per="sample")})
+    hint = re.escape("Data input(s) ['own'] are per='sample'") + ".*" + re.escape("per='set', pool=None")
+    with pytest.raises(HyperloomError, match=hint):
+        model.materialize(own=rand(1, 3))
+    lin = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    lora = hl.hypernetize(lin, predict=[nn.Linear], inputs={"own": hl.Data(encoder(), per="sample")}, lora=hl.LoRA(rank=1)).double()
+    with pytest.raises(HyperloomError, match=hint):
+        lora.materialize(own=rand(1, 3))
+    twin_model = twin(model, {"own": hl.Data(encoder(), per="set", pool=None)})  # the way out the message gives
+    x = rand(1, 3)
+    torch.testing.assert_close(twin_model.materialize(own=x[0])(x), model(x, own=x), **TOL)

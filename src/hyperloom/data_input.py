@@ -468,6 +468,17 @@ class DataEncoder(nn.Module):
         return f"name={self.name!r}, per={s.per!r}, pool={s.pool!r}, norm={s.norm!r}, dim={s.dim}"
 
 
+def per_sample_data_hint(specs: Mapping[str, Any]) -> str:
+    """For a refusal of per-sample conditioning: the per='sample' Data inputs, whose codes are always per sample."""
+    names = [k for k, s in specs.items() if isinstance(s, Data) and s.per == "sample"]
+    if not names:
+        return ""
+    return (
+        f"; Data input(s) {names} are per='sample': their codes are per sample even for one datum. For the weights of one "
+        "datum, declare the input per='set', pool=None in a model of the same architecture and load this one's state_dict"
+    )
+
+
 def _structure(value: Any) -> str:
     """``tensor``, ``tuple of 2`` or ``dict with keys ['a', 'b']``: a set's container, as messages name it."""
     if isinstance(value, Mapping):
@@ -483,4 +494,15 @@ def _shapes(leaves: list[torch.Tensor]) -> str:
     return parts[0] if len(parts) == 1 else "[" + ", ".join(parts) + "]"
 
 
-__all__ = ["AttentionPool", "Data", "DataCode", "DataEncoder", "DataNorm", "DataPer", "DataPool", "Masked", "mean_pool"]
+__all__ = [
+    "AttentionPool",
+    "Data",
+    "DataCode",
+    "DataEncoder",
+    "DataNorm",
+    "DataPer",
+    "DataPool",
+    "Masked",
+    "mean_pool",
+    "per_sample_data_hint",
+]

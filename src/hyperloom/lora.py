@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data_input import per_sample_data_hint
 from .encoding import Encoding
 from .errors import HyperloomError
 from .hypernetwork import HyperNetwork
@@ -416,7 +417,10 @@ class LoRAModel(nn.Module):
         """
         _, per_sample = self.hypernet.prepare(conditioning)
         if per_sample:
-            raise HyperloomError("materialize() needs one value per input (shared conditioning), got per-sample values")
+            raise HyperloomError(
+                "materialize() needs one value per input (shared conditioning), got per-sample values"
+                + per_sample_data_hint(self.hypernet.input_set.specs)
+            )
         with torch.no_grad():
             delta = self.delta(**conditioning)
         plain = copy.deepcopy(self.primary)
@@ -522,7 +526,10 @@ class LoRAModel(nn.Module):
         """
         _, per_sample = self.hypernet.prepare(conditioning)
         if per_sample:
-            raise HyperloomError("to_peft() needs one value per input (shared conditioning), got per-sample values")
+            raise HyperloomError(
+                "to_peft() needs one value per input (shared conditioning), got per-sample values"
+                + per_sample_data_hint(self.hypernet.input_set.specs)
+            )
         transposed = {t.transposed for t in self._infos.values()}
         if len(transposed) > 1:
             conv = [t.name for t in self._infos.values() if t.transposed]
