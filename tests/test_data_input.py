@@ -404,3 +404,13 @@ def test_materialize_with_a_per_sample_data_input_says_how_to_get_one_datums_mod
     twin_model = twin(model, {"own": hl.Data(encoder(), per="set", pool=None)})  # the way out the message gives
     x = rand(1, 3)
     torch.testing.assert_close(twin_model.materialize(own=x[0])(x), model(x, own=x), **TOL)
+
+
+@pytest.mark.parametrize(("per", "pool"), [("set", None), ("sample", None), ("set", "mean")])
+def test_an_integer_code_is_refused_for_one_datum_too(per, pool):
+    """An encoder returning integers (no gradient, e.g. an argmax) was refused for sets and batches but cast
+    silently to a float code for one datum (per='set', pool=None)."""
+    model = build({"d": hl.Data(Broken(lambda h: h.round().long()), per=per, pool=pool)})
+    value = rand(3) if pool is None and per == "set" else rand(4, 3)
+    with pytest.raises(HyperloomError, match=re.escape("Data input 'd': the encoder's output has dtype torch.int64, expected a floating")):
+        model(rand(4, 3), d=value)

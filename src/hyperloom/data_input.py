@@ -335,6 +335,8 @@ class DataEncoder(nn.Module):
         k = self.spec.dim
         if not isinstance(out, torch.Tensor):
             raise HyperloomError(f"Data input {self.name!r}: the encoder returned a {type(out).__name__}, expected a tensor of codes")
+        if not out.dtype.is_floating_point:
+            raise HyperloomError(f"Data input {self.name!r}: the encoder's output has dtype {out.dtype}, expected a floating dtype")
         if n == 0:  # one datum
             if tuple(out.shape) not in ((k,), (1, k)):
                 raise HyperloomError(
@@ -346,8 +348,6 @@ class DataEncoder(nn.Module):
             raise HyperloomError(
                 f"Data input {self.name!r}: the encoder's output for {described} has shape {tuple(out.shape)}, expected ({n}, {k})"
             )
-        if not out.dtype.is_floating_point:
-            raise HyperloomError(f"Data input {self.name!r}: the encoder's output has dtype {out.dtype}, expected a floating dtype")
         return out
 
     def encode(self, value: Any, *, dtype: torch.dtype, device: torch.device, check: bool = True) -> DataCode:
