@@ -414,3 +414,23 @@ def test_an_integer_code_is_refused_for_one_datum_too(per, pool):
     value = rand(3) if pool is None and per == "set" else rand(4, 3)
     with pytest.raises(HyperloomError, match=re.escape("Data input 'd': the encoder's output has dtype torch.int64, expected a floating")):
         model(rand(4, 3), d=value)
+
+
+def test_a_wrongly_inferred_code_size_says_it_was_inferred():
+    """dim is read from the last nn.Linear *registered*; an encoder that registers its output layer first got
+    'expected (n, 32)' for a size the user never gave: the message now says where 32 came from and to pass dim=."""
+
+    class HeadFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(32, 8)
+            self.body = nn.Linear(3, 32)
+
+        def forward(self, v):
+            return self.head(torch.relu(self.body(v)))
+
+    model = build({"s": hl.Data(HeadFirst(), per="set")})
+    with pytest.raises(HyperloomError, match=re.escape("expected (5, 32) (dim=32 inferred from HeadFirst's last nn.Linear/nn.Embedding")):
+        model(rand(2, 3), s=rand(5, 3))
+    fixed = build({"s": hl.Data(HeadFirst(), per="set", dim=8)})
+    assert fixed(rand(2, 3), s=rand(5, 3)).shape == (2, 2)

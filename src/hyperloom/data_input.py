@@ -128,6 +128,7 @@ class Data:
             raise HyperloomError(f"Data norm must be one of 'unit', None, got {short_repr(self.norm)}")
         if self.dim is _DEFAULT or self.dim is None:
             dim = _infer_dim(self.encoder)
+            object.__setattr__(self, "_dim_inferred", True)  # for the messages on a mismatched encoder output
             if dim is None:
                 raise HyperloomError(
                     f"Data: cannot infer the code size of {type(self.encoder).__name__} (no nn.Linear/nn.Embedding in it); pass dim=<int>"
@@ -337,16 +338,22 @@ class DataEncoder(nn.Module):
             raise HyperloomError(f"Data input {self.name!r}: the encoder returned a {type(out).__name__}, expected a tensor of codes")
         if not out.dtype.is_floating_point:
             raise HyperloomError(f"Data input {self.name!r}: the encoder's output has dtype {out.dtype}, expected a floating dtype")
+        inferred = (
+            f" (dim={k} inferred from {type(self.encoder).__name__}'s last nn.Linear/nn.Embedding registered: pass hl.Data(..., dim=))"
+            if getattr(self.spec, "_dim_inferred", False)
+            else ""
+        )
         if n == 0:  # one datum
             if tuple(out.shape) not in ((k,), (1, k)):
                 raise HyperloomError(
                     f"Data input {self.name!r}: the encoder's output for one datum has shape {tuple(out.shape)}, "
-                    f"expected ({k},) or (1, {k})"
+                    f"expected ({k},) or (1, {k}){inferred}"
                 )
             return out.reshape(1, k)
         if tuple(out.shape) != (n, k):
             raise HyperloomError(
                 f"Data input {self.name!r}: the encoder's output for {described} has shape {tuple(out.shape)}, expected ({n}, {k})"
+                + inferred
             )
         return out
 
