@@ -434,3 +434,21 @@ def test_a_wrongly_inferred_code_size_says_it_was_inferred():
         model(rand(2, 3), s=rand(5, 3))
     fixed = build({"s": hl.Data(HeadFirst(), per="set", dim=8)})
     assert fixed(rand(2, 3), s=rand(5, 3)).shape == (2, 2)
+
+
+def test_lora_save_pretrained_with_a_data_input_gives_the_way_out(tmp_path):
+    """save_pretrained cannot rebuild an encoder from JSON: it said 'input 'support' is a Data' and nothing more;
+    it now points to hl.save_model / hl.load_model, which round-trip the model (tested here)."""
+    lin = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    inputs = {"support": hl.Data(encoder(), per="set")}
+    model = hl.hypernetize(lin, predict=[nn.Linear], inputs=inputs, lora=hl.LoRA(rank=1)).double()
+    with pytest.raises(HyperloomError, match=re.escape("input 'support' is an hl.Data input") + ".*hl.save_model.*hl.load_model"):
+        model.save_pretrained(tmp_path / "adapter")
+    with torch.no_grad():
+        for p in model.hypernet.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    hl.save_model(model, tmp_path / "m.safetensors")
+    other = hl.hypernetize(lin, predict=[nn.Linear], inputs={"support": hl.Data(encoder(), per="set")}, lora=hl.LoRA(rank=1)).double()
+    hl.load_model(other, tmp_path / "m.safetensors")
+    x, support = rand(4, 3), rand(5, 3, seed=2)
+    torch.testing.assert_close(other(x, support=support), model(x, support=support), **TOL)

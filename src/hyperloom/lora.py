@@ -663,7 +663,11 @@ class LoRAModel(nn.Module):
 def _input_json(name: str, spec: Any) -> dict[str, Any]:
     """An :class:`~hyperloom.Input` declaration as JSON; other kinds of input are refused (they cannot be rebuilt)."""
     if not isinstance(spec, Input):
-        raise HyperloomError(f"save_pretrained: input {name!r} is a {type(spec).__name__}; only hl.Input declarations can be saved")
+        raise HyperloomError(
+            f"save_pretrained: input {name!r} is an hl.{type(spec).__name__} input; only hl.Input declarations can be saved as "
+            "JSON. Save the model with hl.save_model(model, path) and restore it with hl.load_model(model, path) into a model "
+            "built by the same hl.hypernetize call"
+        )
     return dataclasses.asdict(spec)
 
 
