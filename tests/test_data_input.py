@@ -452,3 +452,11 @@ def test_lora_save_pretrained_with_a_data_input_gives_the_way_out(tmp_path):
     hl.load_model(other, tmp_path / "m.safetensors")
     x, support = rand(4, 3), rand(5, 3, seed=2)
     torch.testing.assert_close(other(x, support=support), model(x, support=support), **TOL)
+
+
+def test_floating_data_of_another_dtype_than_the_encoder_says_which_dtype_is_expected():
+    """float32 data into a float64 model: the message showed only torch's 'mat1 and mat2 must have the same dtype';
+    it now gives the expected dtype (the encoder's parameters')."""
+    model = build({"s": hl.Data(encoder(), per="set")})
+    with pytest.raises(HyperloomError, match=re.escape("the data is torch.float32 but the encoder's parameters are torch.float64")):
+        model(rand(2, 3), s=torch.randn(5, 3))

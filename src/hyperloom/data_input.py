@@ -315,6 +315,14 @@ class DataEncoder(nn.Module):
                     f"Data input {self.name!r}: non-finite value {t[idx].item()} at index {idx} of {what}{where} of shape {tuple(t.shape)}"
                 )
 
+    def _dtype_hint(self, value: Any) -> str:
+        """After an encoder failure: the floating data's dtype against the encoder's parameters' (data is passed as given)."""
+        expected = next((p.dtype for p in self.encoder.parameters() if p.is_floating_point()), None)
+        got = sorted({str(t.dtype) for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()})
+        if expected is None or not got or got == [str(expected)]:
+            return ""
+        return f"; the data is {'/'.join(got)} but the encoder's parameters are {expected}: cast the data (.to({expected}))"
+
     # -- encoding -----------------------------------------------------------------------------
     def _call(self, value: Any, n: int, described: str) -> torch.Tensor:
         """Run the encoder on ``n`` elements (or one datum, ``n = 0``); return ``(n, dim)`` (``(1, dim)``)."""
@@ -332,6 +340,7 @@ class DataEncoder(nn.Module):
             raise HyperloomError(
                 f"Data input {self.name!r}: the encoder {type(self.encoder).__name__} failed on {described} "
                 f"({type(e).__name__}: {msg}); it must map {self._expected()} to codes of shape (N, {self.spec.dim})"
+                + self._dtype_hint(value)
             ) from e
         k = self.spec.dim
         if not isinstance(out, torch.Tensor):
