@@ -484,7 +484,7 @@ class DataEncoder(nn.Module):
         return f"name={self.name!r}, per={s.per!r}, pool={s.pool!r}, norm={s.norm!r}, dim={s.dim}"
 
 
-def per_sample_data_hint(specs: Mapping[str, Any]) -> str:
+def _per_sample_data_hint(specs: Mapping[str, Any]) -> str:
     """For a refusal of per-sample conditioning: the per='sample' Data inputs, whose codes are always per sample."""
     names = [k for k, s in specs.items() if isinstance(s, Data) and s.per == "sample"]
     if not names:
@@ -520,5 +520,4 @@ __all__ = [
     "DataPool",
     "Masked",
     "mean_pool",
-    "per_sample_data_hint",
 ]

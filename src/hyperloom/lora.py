@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data_input import per_sample_data_hint
+from .data_input import _per_sample_data_hint
 from .encoding import Encoding
 from .errors import HyperloomError
 from .hypernetwork import HyperNetwork
@@ -419,7 +419,7 @@ class LoRAModel(nn.Module):
         if per_sample:
             raise HyperloomError(
                 "materialize() needs one value per input (shared conditioning), got per-sample values"
-                + per_sample_data_hint(self.hypernet.input_set.specs)
+                + _per_sample_data_hint(self.hypernet.input_set.specs)
             )
         with torch.no_grad():
             delta = self.delta(**conditioning)
@@ -528,7 +528,7 @@ class LoRAModel(nn.Module):
         if per_sample:
             raise HyperloomError(
                 "to_peft() needs one value per input (shared conditioning), got per-sample values"
-                + per_sample_data_hint(self.hypernet.input_set.specs)
+                + _per_sample_data_hint(self.hypernet.input_set.specs)
             )
         transposed = {t.transposed for t in self._infos.values()}
         if len(transposed) > 1:

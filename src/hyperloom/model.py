@@ -33,7 +33,7 @@ from torch.func import functional_call
 
 from ._rng import rng_state, set_rng_state
 from .buffers import BufferState
-from .data_input import per_sample_data_hint
+from .data_input import _per_sample_data_hint
 from .encoding import Encoding
 from .errors import HyperloomError
 from .heads import check_target_memory, is_bias_name
@@ -313,7 +313,7 @@ class HyperModel(nn.Module):
         if per_sample:
             raise HyperloomError(
                 "materialize() needs one value per input (shared conditioning), got per-sample values"
-                + per_sample_data_hint(self.hypernet.input_set.specs)
+                + _per_sample_data_hint(self.hypernet.input_set.specs)
             )
         with torch.no_grad():
             theta = self.hypernet.theta_shared(raw)
