@@ -510,14 +510,4 @@ def _shapes(leaves: list[torch.Tensor]) -> str:
     return parts[0] if len(parts) == 1 else "[" + ", ".join(parts) + "]"
 
 
-__all__ = [
-    "AttentionPool",
-    "Data",
-    "DataCode",
-    "DataEncoder",
-    "DataNorm",
-    "DataPer",
-    "DataPool",
-    "Masked",
-    "mean_pool",
-]
+__all__ = ["AttentionPool", "Data", "DataCode", "DataEncoder", "DataNorm", "DataPer", "DataPool", "Masked", "mean_pool"]
