@@ -433,7 +433,7 @@ def plot_scaling(rows: list[dict[str, Any]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     p.add_argument("--quick", action="store_true", help="few rounds, small sizes (a smoke run)")
-    p.add_argument("--sections", default="shared,per_sample,scaling")
+    p.add_argument("--sections", default="shared,per_sample,scaling,selftune")
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument(
@@ -459,7 +459,9 @@ def main(argv: list[str] | None = None) -> int:
         args.hidden_last = [128, 256, 512]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu, python {sys.version.split()[0]}")
     report: dict[str, Any] = {"torch": torch.__version__, "threads": torch.get_num_threads(), "optimizer": args.optimizer}
-    sections = {"shared": section_shared, "per_sample": section_per_sample, "scaling": section_scaling}
+    from .selftune import section_selftune
+
+    sections = {"shared": section_shared, "per_sample": section_per_sample, "scaling": section_scaling, "selftune": section_selftune}
     for s in args.sections.split(","):
         sections[s](args, report)
     if args.out:

@@ -1,4 +1,4 @@
-"""The experiment CLI: ``python -m experiments {reproduce,ablate,proportionality,tune,continual,adapters,personalized,report}``.
+"""The experiment CLI: ``python -m experiments {reproduce,ablate,proportionality,tune,selftune,continual,adapters,personalized,report}``.
 
 Every finished run is appended to ``<out>/results.jsonl`` at once; re-running
 the same command skips finished runs (so an interrupted run resumes), then
@@ -227,6 +227,28 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_selftune(args: argparse.Namespace) -> int:
+    """Tune while training (hl.SelfTuner) vs fixed defaults, random search and tune-after-training at equal steps."""
+    from .selftune import run_all, write_report
+
+    size = "full" if args.full else "quick"
+    out = Path(args.out)
+    tasks = ["ridge", "fmnist"] if args.task == "all" else [args.task]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    store = run_all(size, out, tasks=tasks, seeds=args.seeds or None, steps=args.steps or None, args=args)
+    extra = (f" --seeds {args.seeds}" if args.seeds else "") + (f" --threads {args.threads}" if args.threads else "")
+    header = (
+        f"Size: **{size}**, torch {torch.__version__}, {torch.get_num_threads()} threads. Wall time of the last invocation: "
+        f"{time.perf_counter() - t0:.0f} s. Regenerate with "
+        f"`python -m experiments selftune {'--full' if args.full else '--quick'}{extra} --out {args.out}`."
+    )
+    path = write_report(store.rows, out, header=header)
+    print(f"\nReport: {path.resolve()}")
+    return 0
+
+
 def cmd_adapters(args: argparse.Namespace) -> int:
     """Adapting a pretrained ViT to rotated images: hypernetwork-generated LoRA vs shared, oracle, full fine-tuning."""
     from . import adapters
@@ -300,6 +322,16 @@ def main(argv: list[str] | None = None) -> int:
     tu.add_argument("--steps", type=int, default=0, help="override the number of training steps")
     tu.add_argument("--out", default="runs/tune")
     tu.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice; 1 on a busy machine)")
+    st = sub.add_parser("selftune", help="tune while training (hl.SelfTuner) vs random search and tune-after-training")
+    st.add_argument("--task", default="all", choices=["ridge", "fmnist", "all"])
+    g = st.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_true", help="CPU-minutes budget (default)")
+    g.add_argument("--full", action="store_true", help="longer runs, more seeds")
+    st.add_argument("--seeds", type=int, default=0, help="override the number of seeds")
+    st.add_argument("--steps", type=int, default=0, help="override the number of training steps (Fashion-MNIST)")
+    st.add_argument("--out", default="runs/selftune")
+    st.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice; 1 on a busy machine)")
+    st.add_argument("--data", default="auto", help="classification data: auto, fashion, mnist")
     c = sub.add_parser("continual", help="continual learning on split / permuted Fashion-MNIST (task-conditioned hypernetworks)")
     c.add_argument("--methods", default="", help="comma-separated subset of the methods (default: all)")
     c.add_argument("--benchmarks", default="", help="comma-separated subset of split,permuted (default: both)")
@@ -329,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         "ablate": cmd_ablate,
         "proportionality": cmd_proportionality,
         "tune": cmd_tune,
+        "selftune": cmd_selftune,
         "adapters": cmd_adapters,
         "report": cmd_report,
     }[args.cmd](args)

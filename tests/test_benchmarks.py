@@ -55,3 +55,10 @@ def test_lora_benchmark_quick_smoke(tmp_path, capsys):
     assert {r["threads"] for r in report["speed"]} >= {1}
     assert [(r["hidden"], r["B"]) for r in report["memory"]] == [(64, 1), (64, 4), (128, 4)]
     assert (tmp_path / "memory.png").stat().st_size > 1000
+
+
+def test_selftune_benchmark_quick_smoke(tmp_path, capsys):
+    assert main(["--quick", "--out", str(tmp_path), "--sections", "selftune"]) == 0
+    assert "selftune ÷ plain =" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "bench.json").read_text())["selftune"]
+    assert [r["T"] for r in rows] == [5] and rows[0]["ratio"] > 0

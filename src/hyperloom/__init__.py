@@ -25,6 +25,7 @@ from .checkpoint import (
 )
 from .data_input import Data, Masked
 from .diagnostics import theta_norms
+from .dropout import BoundDropout, bind_dropout
 from .encoding import (
     ENCODINGS,
     CosSin,
@@ -44,6 +45,7 @@ from .lora import LoRA, LoRAModel
 from .model import HyperModel, hypernetize
 from .params import ParamStore
 from .select import select_parameters
+from .selftune import SelfTuner
 from .task import Task, TaskEmbedding
 from .training import NonFiniteLossError, Trainer
 from .trunk import ACTIVATIONS, NORMS, Trunk, WeightNormLinear
@@ -52,6 +54,7 @@ from .types import Conditioning, ParamDict
 
 __all__ = [
     "ACTIVATIONS",
+    "BoundDropout",
     "CheckpointError",
     "NonFiniteLossError",
     "Sweep",
@@ -85,6 +88,7 @@ __all__ = [
     "ParamDict",
     "ParamStore",
     "Raw",
+    "SelfTuner",
     "Standardize",
     "Task",
     "TaskEmbedding",
@@ -92,6 +96,7 @@ __all__ = [
     "WeightNormLinear",
     "ZOneMinusZ",
     "__version__",
+    "bind_dropout",
     "continual",
     "get_encoding",
     "hypernetize",

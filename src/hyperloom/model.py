@@ -202,6 +202,8 @@ class HyperModel(nn.Module):
         self._rnns: list[nn.RNNBase] = [m for m in self._all_modules if isinstance(m, nn.RNNBase)]
         #: Train/eval layouts whose per-sample vmap calls need every buffer batched (see hyperloom.buffers).
         self._batched_buffers: set[tuple[bool, ...]] = set()
+        #: Buffers of the primary network fed from a conditioning input: name -> raw column (see hyperloom.dropout).
+        self.bound: dict[str, int] = {}
 
     @staticmethod
     def _check_signature(model: nn.Module, hypernet: HyperNetwork) -> frozenset[str] | None:
@@ -360,7 +362,8 @@ class HyperModel(nn.Module):
             self._check_devices(args, rest)
         raw, per_sample = self.hypernet.prepare(cond)
         if not per_sample:
-            return functional_call(self.primary, self.hypernet.theta_shared(raw), tuple(args), rest, tie_weights=False, strict=False)
+            theta = {**self.hypernet.theta_shared(raw), **{k: raw[0, c] for k, c in self.bound.items()}}
+            return functional_call(self.primary, theta, tuple(args), rest, tie_weights=False, strict=False)
         n = raw.shape[0]
         if n == 0:
             raise HyperloomError("Per-sample conditioning with an empty batch (0 samples)")
@@ -373,10 +376,10 @@ class HyperModel(nn.Module):
             raise HyperloomError(
                 f"Data input(s) {data} (per='sample') give {n} per-sample codes, which the call's arguments do not match: {e}"
             ) from None
-        theta = self.hypernet.theta_from_raw(raw)
+        theta = {**self.hypernet.theta_from_raw(raw), **{k: raw[:, c] for k, c in self.bound.items()}}
         modes = tuple(m.training for m in self._all_modules)
         batch_all = self.per_sample_mode == "loop" or modes in self._batched_buffers
-        state = BufferState(self.primary, n, batch_all=batch_all)
+        state = self._buffer_state(n, batch_all)
         if self.per_sample_mode == "loop":
             out = run_loop(self.primary, theta, state, plan, self.out_dims, n)
         else:
@@ -387,13 +390,21 @@ class HyperModel(nn.Module):
                     raise
                 # a forward that writes per-sample values into a buffer in place fails on the unbatched copy: run
                 # again with every buffer batched (nothing was written: the copies are the call's own)
-                state = BufferState(self.primary, n, batch_all=True)
+                state = self._buffer_state(n, True)
                 stacked, out_plan = run_vmap(self.primary, theta, state, plan, self.out_dims)
                 self._batched_buffers.add(modes)
             out = rebuild_vmap(stacked, out_plan)
         self._check_outputs(theta, plan, out, n)
         state.commit()  # after the check: a call that raises writes no buffer
         return out
+
+    def _buffer_state(self, n: int, batch_all: bool) -> BufferState:
+        """The buffers as per-sample state, less the bound ones (they travel with ``theta``: hyperloom.dropout)."""
+        state = BufferState(self.primary, n, batch_all=batch_all)
+        for k in self.bound:
+            state.batched.pop(k, None)
+            state.shared.pop(k, None)
+        return state
 
     def _check_outputs(self, theta: ParamDict, plan: Any, out: Any, n: int) -> None:
         """Once per argument layout, compare the stacked output shapes with a shared call of the same batch."""
