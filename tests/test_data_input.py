@@ -314,3 +314,149 @@ def test_mismatch_with_other_per_sample_inputs_names_both():
     model = build({"d": hl.Data(encoder(), per="sample"), "lam": (0.0, 1.0)})
     with pytest.raises(HyperloomError, match="Conditioning input 'lam' has 3 per-sample values but 'd' has 4"):
         model(rand(4, 3), d=rand(4, 3), lam=torch.rand(3, dtype=torch.float64))
+
+
+# -- regressions found by the adversarial review ---------------------------------------------------------------------
+@pytest.mark.parametrize("scale", [3e4, 1e-6])
+def test_unit_norm_code_in_float16_is_a_unit_vector_for_large_and_tiny_codes(scale):
+    """float16: the norm of a code with entries ~3e4 overflows to inf (the code became 0) and one of a code with
+    entries ~1e-6 falls below float16's tiny (the code was not unit): the normalisation runs in float32."""
+    torch.manual_seed(0)
+    enc = nn.Linear(3, 8)
+    model = hl.hypernetize(primary(), inputs={"support": hl.Data(enc, per="set")}, hidden=(8,)).half()
+    x, support = rand(4, 3).half(), rand(6, 3, seed=2).half()
+    with torch.no_grad():  # every element's code: the bias (its norm: sqrt(8) |b|, with |b| = scale after the scaling)
+        enc.weight.zero_()
+        enc.bias.copy_(torch.tensor([1.0, -1.0, 1.0, 1.0, -1.0, -1.0, 1.0, -1.0]))
+    before = model(x, support=support)
+    with torch.no_grad():
+        enc.bias.mul_(scale)
+    code = model.hypernet.data["support"].encode(support, dtype=torch.float16, device=torch.device("cpu")).code
+    torch.testing.assert_close(code.float().norm(dim=-1), torch.ones(1), atol=2e-3, rtol=0)
+    torch.testing.assert_close(model(x, support=support), before, atol=5e-3, rtol=0)
+
+
+def test_lora_per_sample_data_with_a_mismatched_batch_names_the_data_input():
+    lin = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    model = hl.hypernetize(lin, predict=[nn.Linear], inputs={"own": hl.Data(encoder(), per="sample")}, lora=hl.LoRA(rank=1)).double()
+    with pytest.raises(HyperloomError, match=re.escape("Data input(s) ['own'] (per='sample') give 3 per-sample codes")):
+        model(rand(4, 3), own=rand(3, 3))
+
+
+def test_list_of_sets_with_different_structures_says_so():
+    class Labelled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 8)
+
+        def forward(self, feats, labels):
+            return self.fc(torch.cat([feats, labels[:, None].to(feats.dtype)], dim=-1))
+
+    model = build({"ctx": hl.Data(Labelled(), per="sample", pool="mean")})
+    sets = [(rand(2, 3), torch.arange(2)), {"feats": rand(2, 3), "labels": torch.arange(2)}]
+    with pytest.raises(HyperloomError, match=r"set 1 is a dict.*set 0 is a tuple"):
+        model(rand(2, 3), ctx=sets)
+
+
+def test_checkpoint_checks_the_encoders_class(tmp_path):
+    """Two encoders with the same state_dict keys but different classes (different forward): refused, not loaded silently."""
+
+    class Plain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 8)
+
+        def forward(self, v):
+            return self.fc(v)
+
+    class Rectified(Plain):
+        def forward(self, v):
+            return torch.relu(self.fc(v))
+
+    path = tmp_path / "m.safetensors"
+    hl.save_model(build({"support": hl.Data(Plain(), per="set")}), path)
+    hl.load_model(build({"support": hl.Data(Plain(), per="set")}, seed=3), path)
+    with pytest.raises(CheckpointError, match=r"support\W.*encoder.*'Plain'.*'Rectified'"):
+        hl.load_model(build({"support": hl.Data(Rectified(), per="set")}), path)
+
+
+def test_sample_and_tune_of_a_model_with_only_data_inputs_say_there_is_nothing_to_do():
+    """Only Data inputs: hl.sample advised 'use hl.sample on the other inputs []' and hl.tune 'name one of ['support']'
+    (which it then refuses); both now say the model has no other input."""
+    model = build({"support": hl.Data(encoder(), per="set")})
+    with pytest.raises(HyperloomError, match=re.escape("the model has no other inputs: nothing to sample; pass the data")):
+        hl.sample(model, n=3)
+    with pytest.raises(HyperloomError, match=re.escape("the model has no other inputs: nothing to tune; pass the data")):
+        hl.tune(model, lambda m, **c: m(rand(2, 3), support=rand(4, 3), **c).sum())
+
+
+def test_materialize_with_a_per_sample_data_input_says_how_to_get_one_datums_model():
+    """A per='sample' Data input always gives per-sample codes (even for one datum): materialize said only
+    'got per-sample values'; it now names the input and the way out (the same weights declared per='set', pool=None)."""
+    model = build({"own": hl.Data(encoder(), per="sample")})
+    hint = re.escape("Data input(s) ['own'] are per='sample'") + ".*" + re.escape("per='set', pool=None")
+    with pytest.raises(HyperloomError, match=hint):
+        model.materialize(own=rand(1, 3))
+    lin = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    lora = hl.hypernetize(lin, predict=[nn.Linear], inputs={"own": hl.Data(encoder(), per="sample")}, lora=hl.LoRA(rank=1)).double()
+    with pytest.raises(HyperloomError, match=hint):
+        lora.materialize(own=rand(1, 3))
+    twin_model = twin(model, {"own": hl.Data(encoder(), per="set", pool=None)})  # the way out the message gives
+    x = rand(1, 3)
+    torch.testing.assert_close(twin_model.materialize(own=x[0])(x), model(x, own=x), **TOL)
+
+
+@pytest.mark.parametrize(("per", "pool"), [("set", None), ("sample", None), ("set", "mean")])
+def test_an_integer_code_is_refused_for_one_datum_too(per, pool):
+    """An encoder returning integers (no gradient, e.g. an argmax) was refused for sets and batches but cast
+    silently to a float code for one datum (per='set', pool=None)."""
+    model = build({"d": hl.Data(Broken(lambda h: h.round().long()), per=per, pool=pool)})
+    value = rand(3) if pool is None and per == "set" else rand(4, 3)
+    with pytest.raises(HyperloomError, match=re.escape("Data input 'd': the encoder's output has dtype torch.int64, expected a floating")):
+        model(rand(4, 3), d=value)
+
+
+def test_a_wrongly_inferred_code_size_says_it_was_inferred():
+    """dim is read from the last nn.Linear *registered*; an encoder that registers its output layer first got
+    'expected (n, 32)' for a size the user never gave: the message now says where 32 came from and to pass dim=."""
+
+    class HeadFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(32, 8)
+            self.body = nn.Linear(3, 32)
+
+        def forward(self, v):
+            return self.head(torch.relu(self.body(v)))
+
+    model = build({"s": hl.Data(HeadFirst(), per="set")})
+    with pytest.raises(HyperloomError, match=re.escape("expected (5, 32) (dim=32 inferred from HeadFirst's last nn.Linear/nn.Embedding")):
+        model(rand(2, 3), s=rand(5, 3))
+    fixed = build({"s": hl.Data(HeadFirst(), per="set", dim=8)})
+    assert fixed(rand(2, 3), s=rand(5, 3)).shape == (2, 2)
+
+
+def test_lora_save_pretrained_with_a_data_input_gives_the_way_out(tmp_path):
+    """save_pretrained cannot rebuild an encoder from JSON: it said 'input 'support' is a Data' and nothing more;
+    it now points to hl.save_model / hl.load_model, which round-trip the model (tested here)."""
+    lin = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    inputs = {"support": hl.Data(encoder(), per="set")}
+    model = hl.hypernetize(lin, predict=[nn.Linear], inputs=inputs, lora=hl.LoRA(rank=1)).double()
+    with pytest.raises(HyperloomError, match=re.escape("input 'support' is an hl.Data input") + ".*hl.save_model.*hl.load_model"):
+        model.save_pretrained(tmp_path / "adapter")
+    with torch.no_grad():
+        for p in model.hypernet.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    hl.save_model(model, tmp_path / "m.safetensors")
+    other = hl.hypernetize(lin, predict=[nn.Linear], inputs={"support": hl.Data(encoder(), per="set")}, lora=hl.LoRA(rank=1)).double()
+    hl.load_model(other, tmp_path / "m.safetensors")
+    x, support = rand(4, 3), rand(5, 3, seed=2)
+    torch.testing.assert_close(other(x, support=support), model(x, support=support), **TOL)
+
+
+def test_floating_data_of_another_dtype_than_the_encoder_says_which_dtype_is_expected():
+    """float32 data into a float64 model: the message showed only torch's 'mat1 and mat2 must have the same dtype';
+    it now gives the expected dtype (the encoder's parameters')."""
+    model = build({"s": hl.Data(encoder(), per="set")})
+    with pytest.raises(HyperloomError, match=re.escape("the data is torch.float32 but the encoder's parameters are torch.float64")):
+        model(rand(2, 3), s=torch.randn(5, 3))

@@ -88,3 +88,17 @@ def test_theta_norms_on_a_lora_model():
         hl.HyperloomError, match=re.escape("hl.theta_norms expects a HyperModel, a LoRAModel or a HyperNetwork, got Linear")
     ):
         hl.theta_norms(nn.Linear(2, 2), "lam", [0.0])
+
+
+def test_theta_norms_with_a_data_input_needs_its_data():
+    """A Data input has no midpoint: theta_norms asks for its data (it fed the encoder a list of zeros and
+    complained about 'a list of sets per sample'); given the data, it measures as one input among others."""
+    torch.manual_seed(0)
+    model = hl.hypernetize(nn.Linear(3, 2), inputs={"s": hl.Data(nn.Linear(3, 4), per="set"), "lam": (0.0, 1.0)}, hidden=(8,))
+    with pytest.raises(hl.HyperloomError, match=re.escape("hl.theta_norms: 's' is a Data input: pass its data (s=...)")):
+        hl.theta_norms(model, "lam", [0.1, 0.9])
+    support = torch.randn(5, 3)
+    norms = hl.theta_norms(model, "lam", [0.1, 0.9], s=support)
+    with torch.no_grad():
+        ref = [float(torch.cat([t.reshape(-1) for t in model.hypernet({"s": support, "lam": v}).values()]).norm()) for v in (0.1, 0.9)]
+    assert norms == ref

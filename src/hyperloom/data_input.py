@@ -128,6 +128,7 @@ class Data:
             raise HyperloomError(f"Data norm must be one of 'unit', None, got {short_repr(self.norm)}")
         if self.dim is _DEFAULT or self.dim is None:
             dim = _infer_dim(self.encoder)
+            object.__setattr__(self, "_dim_inferred", True)  # for the messages on a mismatched encoder output
             if dim is None:
                 raise HyperloomError(
                     f"Data: cannot infer the code size of {type(self.encoder).__name__} (no nn.Linear/nn.Embedding in it); pass dim=<int>"
@@ -148,6 +149,11 @@ class Data:
     def pooling(self) -> str:
         """``pool`` as a string (``"mean"``, ``"attention"`` or ``"none"``), as checkpoints record it."""
         return "none" if self.pool is None else str(self.pool)
+
+    @property
+    def encoder_class(self) -> str:
+        """The encoder's class name, as checkpoints record and compare it (its weights are in the ``state_dict``)."""
+        return type(self.encoder).__name__
 
     def midpoint(self) -> float:
         """The code used where an input needs a representative value (zeros: for shape checks only)."""
@@ -309,6 +315,14 @@ class DataEncoder(nn.Module):
                     f"Data input {self.name!r}: non-finite value {t[idx].item()} at index {idx} of {what}{where} of shape {tuple(t.shape)}"
                 )
 
+    def _dtype_hint(self, value: Any) -> str:
+        """After an encoder failure: the floating data's dtype against the encoder's parameters' (data is passed as given)."""
+        expected = next((p.dtype for p in self.encoder.parameters() if p.is_floating_point()), None)
+        got = sorted({str(t.dtype) for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()})
+        if expected is None or not got or got == [str(expected)]:
+            return ""
+        return f"; the data is {'/'.join(got)} but the encoder's parameters are {expected}: cast the data (.to({expected}))"
+
     # -- encoding -----------------------------------------------------------------------------
     def _call(self, value: Any, n: int, described: str) -> torch.Tensor:
         """Run the encoder on ``n`` elements (or one datum, ``n = 0``); return ``(n, dim)`` (``(1, dim)``)."""
@@ -326,23 +340,30 @@ class DataEncoder(nn.Module):
             raise HyperloomError(
                 f"Data input {self.name!r}: the encoder {type(self.encoder).__name__} failed on {described} "
                 f"({type(e).__name__}: {msg}); it must map {self._expected()} to codes of shape (N, {self.spec.dim})"
+                + self._dtype_hint(value)
             ) from e
         k = self.spec.dim
         if not isinstance(out, torch.Tensor):
             raise HyperloomError(f"Data input {self.name!r}: the encoder returned a {type(out).__name__}, expected a tensor of codes")
+        if not out.dtype.is_floating_point:
+            raise HyperloomError(f"Data input {self.name!r}: the encoder's output has dtype {out.dtype}, expected a floating dtype")
+        inferred = (
+            f" (dim={k} inferred from {type(self.encoder).__name__}'s last nn.Linear/nn.Embedding registered: pass hl.Data(..., dim=))"
+            if getattr(self.spec, "_dim_inferred", False)
+            else ""
+        )
         if n == 0:  # one datum
             if tuple(out.shape) not in ((k,), (1, k)):
                 raise HyperloomError(
                     f"Data input {self.name!r}: the encoder's output for one datum has shape {tuple(out.shape)}, "
-                    f"expected ({k},) or (1, {k})"
+                    f"expected ({k},) or (1, {k}){inferred}"
                 )
             return out.reshape(1, k)
         if tuple(out.shape) != (n, k):
             raise HyperloomError(
                 f"Data input {self.name!r}: the encoder's output for {described} has shape {tuple(out.shape)}, expected ({n}, {k})"
+                + inferred
             )
-        if not out.dtype.is_floating_point:
-            raise HyperloomError(f"Data input {self.name!r}: the encoder's output has dtype {out.dtype}, expected a floating dtype")
         return out
 
     def encode(self, value: Any, *, dtype: torch.dtype, device: torch.device, check: bool = True) -> DataCode:
@@ -404,9 +425,10 @@ class DataEncoder(nn.Module):
             h = self._call(flat, m, f"{m} set elements stacked as {_shapes(tree_flatten(flat)[0])}")
             h = h.reshape(*((1,) if dims == 1 else ()), *lead, s.dim)
             code = self._pool(h, None if mask is None else mask.reshape(h.shape[:2]))
+        if s.norm == "unit":  # in at least float32: a float16 norm overflows above 65504 and underflows below 6e-5
+            wide = code.to(torch.promote_types(code.dtype, torch.float32))
+            code = wide / wide.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(wide.dtype).tiny)
         code = code.to(dtype)
-        if s.norm == "unit":
-            code = code / code.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(code.dtype).tiny)
         if check and not bool(torch.isfinite(code).all()):
             raise HyperloomError(f"Data input {self.name!r}: the encoder produced a non-finite code (shape {tuple(code.shape)})")
         return DataCode(code, s.per == "sample")
@@ -430,6 +452,11 @@ class DataEncoder(nn.Module):
             flat_sets.append(leaves)
             sizes.append(n)
         for i, (spec, leaves) in enumerate(zip(specs, flat_sets)):
+            if spec != specs[0]:
+                raise HyperloomError(
+                    f"Data input {self.name!r}: set {i} is a {_structure(sets[i])} but set 0 is a {_structure(sets[0])} "
+                    "(every set must have the same structure; only the set sizes may differ)"
+                )
             same = spec == specs[0] and all(t.shape[1:] == r.shape[1:] and t.dtype == r.dtype for t, r in zip(leaves, flat_sets[0]))
             if not same:
                 raise HyperloomError(
@@ -455,6 +482,26 @@ class DataEncoder(nn.Module):
     def extra_repr(self) -> str:
         s = self.spec
         return f"name={self.name!r}, per={s.per!r}, pool={s.pool!r}, norm={s.norm!r}, dim={s.dim}"
+
+
+def _per_sample_data_hint(specs: Mapping[str, Any]) -> str:
+    """For a refusal of per-sample conditioning: the per='sample' Data inputs, whose codes are always per sample."""
+    names = [k for k, s in specs.items() if isinstance(s, Data) and s.per == "sample"]
+    if not names:
+        return ""
+    return (
+        f"; Data input(s) {names} are per='sample': their codes are per sample even for one datum. For the weights of one "
+        "datum, declare the input per='set', pool=None in a model of the same architecture and load this one's state_dict"
+    )
+
+
+def _structure(value: Any) -> str:
+    """``tensor``, ``tuple of 2`` or ``dict with keys ['a', 'b']``: a set's container, as messages name it."""
+    if isinstance(value, Mapping):
+        return f"dict with keys {list(value)}"
+    if isinstance(value, (tuple, list)):
+        return f"{type(value).__name__} of {len(value)}"
+    return type(value).__name__
 
 
 def _shapes(leaves: list[torch.Tensor]) -> str:

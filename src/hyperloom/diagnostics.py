@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from .data_input import Data
 from .errors import HyperloomError
 from .hypernetwork import HyperNetwork, find_hypernetwork
 from .model import HyperModel
@@ -35,7 +36,7 @@ def theta_norms(
         values: Values of that input.
         delta: Measure ``Delta`` instead of ``theta``.
         **others: Values for the other inputs (default: their midpoints; task 0 for a
-            :class:`~hyperloom.Task` input).
+            :class:`~hyperloom.Task` input). A :class:`~hyperloom.Data` input has no default: pass its data.
 
     Returns:
         ``|theta(value)|`` for each value.
@@ -48,7 +49,8 @@ def theta_norms(
         [1.0, 2.0, 4.0]
 
     Raises:
-        HyperloomError: If ``model`` holds no hypernetwork, or ``name`` is not a declared input.
+        HyperloomError: If ``model`` holds no hypernetwork, ``name`` is not a declared input, or the data of a
+            :class:`~hyperloom.Data` input (other than ``name``) is not given.
     """
     hnet = find_hypernetwork(model)
     if hnet is None:
@@ -60,6 +62,11 @@ def theta_norms(
     for k, spec in specs.items():
         if isinstance(spec, Task):  # one id, whatever the embedding's width
             cond[k] = others.get(k, spec.midpoint())
+            continue
+        if isinstance(spec, Data):  # data has no midpoint: the caller passes it (or it is the input varied)
+            if k not in others and k != name:
+                raise HyperloomError(f"hl.theta_norms: {k!r} is a Data input: pass its data ({k}=...)")
+            cond[k] = others.get(k)
             continue
         mid = spec.midpoint()
         cond[k] = others.get(k, mid if spec.dim == 1 else [mid] * spec.dim)

@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._recompute import Call, strip_hooks
+from .data_input import _per_sample_data_hint
 from .encoding import Encoding
 from .errors import HyperloomError
 from .hypernetwork import HyperNetwork
@@ -456,7 +457,10 @@ class LoRAModel(nn.Module):
         """
         _, per_sample = self.hypernet.prepare(conditioning)
         if per_sample:
-            raise HyperloomError("materialize() needs one value per input (shared conditioning), got per-sample values")
+            raise HyperloomError(
+                "materialize() needs one value per input (shared conditioning), got per-sample values"
+                + _per_sample_data_hint(self.hypernet.input_set.specs)
+            )
         with torch.no_grad():
             delta = self.delta(**conditioning)
         plain = copy.deepcopy(self.primary)
@@ -487,10 +491,14 @@ class LoRAModel(nn.Module):
             return d * self.scaling
         bd = self.batch_dim + x.dim() if self.batch_dim < 0 else self.batch_dim
         if not 0 <= bd < x.dim() - 1 or x.shape[bd] != n:
-            raise HyperloomError(
+            msg = (
                 f"LoRA target {name!r}: per-sample mode needs its input to carry the {n} samples along dimension "
                 f"{self.batch_dim}, got an input of shape {tuple(x.shape)}"
             )
+            data = [k for k, s in self.hypernet.input_set.specs.items() if getattr(s, "per", None) == "sample"]
+            if data:  # the sample count came from the data: name the input(s), as HyperModel does
+                msg = f"Data input(s) {data} (per='sample') give {n} per-sample codes, which the call's arguments do not match: {msg}"
+            raise HyperloomError(msg)
         xb = x.movedim(bd, 0) if bd != 0 else x
         flat = xb.reshape(n, -1, t.in_features)
         xa = torch.matmul(flat, a.transpose(-1, -2))  # (n, S, r): a is (n, r, in), or (r, in) when shared
@@ -559,7 +567,10 @@ class LoRAModel(nn.Module):
         """
         _, per_sample = self.hypernet.prepare(conditioning)
         if per_sample:
-            raise HyperloomError("to_peft() needs one value per input (shared conditioning), got per-sample values")
+            raise HyperloomError(
+                "to_peft() needs one value per input (shared conditioning), got per-sample values"
+                + _per_sample_data_hint(self.hypernet.input_set.specs)
+            )
         transposed = {t.transposed for t in self._infos.values()}
         if len(transposed) > 1:
             conv = [t.name for t in self._infos.values() if t.transposed]
@@ -701,7 +712,9 @@ def _input_json(name: str, spec: Any) -> dict[str, Any]:
         return {"kind": "Task", **dataclasses.asdict(spec)}
     if not isinstance(spec, Input):
         raise HyperloomError(
-            f"save_pretrained: input {name!r} is a {type(spec).__name__}; only hl.Input and hl.Task declarations can be saved"
+            f"save_pretrained: input {name!r} is an hl.{type(spec).__name__} input; only hl.Input and hl.Task declarations can be saved as "
+            "JSON. Save the model with hl.save_model(model, path) and restore it with hl.load_model(model, path) into a model "
+            "built by the same hl.hypernetize call"
         )
     return dataclasses.asdict(spec)
 

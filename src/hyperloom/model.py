@@ -34,6 +34,7 @@ from torch.nn.utils import parametrize
 
 from ._rng import rng_state, set_rng_state
 from .buffers import BufferState
+from .data_input import _per_sample_data_hint
 from .encoding import Encoding
 from .errors import HyperloomError
 from .heads import check_target_memory, is_bias_name
@@ -393,7 +394,10 @@ class HyperModel(nn.Module):
         """
         raw, per_sample = self.hypernet.prepare(conditioning)
         if per_sample:
-            raise HyperloomError("materialize() needs one value per input (shared conditioning), got per-sample values")
+            raise HyperloomError(
+                "materialize() needs one value per input (shared conditioning), got per-sample values"
+                + _per_sample_data_hint(self.hypernet.input_set.specs)
+            )
         with torch.no_grad():
             theta = self.hypernet.theta_shared(raw)
         plain = copy.deepcopy(self.primary)

@@ -51,6 +51,12 @@ def _refuse_data(specs: Mapping[str, Any], names: Iterable[str], what: str, why:
     data = [k for k in names if isinstance(specs.get(k), Data)]
     if data:
         others = [k for k in specs if not isinstance(specs[k], Data)]
+        if not others:
+            verb = what.removeprefix("hl.")
+            raise HyperloomError(
+                f"{what}: {data} {'is a Data input' if len(data) == 1 else 'are Data inputs'} (hl.Data: the value is data read by a "
+                f"learned encoder) and the model has no other inputs: nothing to {verb}; pass the data to the model yourself"
+            )
         raise HyperloomError(
             f"{what}: {data} {'is a Data input' if len(data) == 1 else 'are Data inputs'} (hl.Data: the value is data read by a "
             f"learned encoder), which cannot be {why}; use {what} on the other inputs {others} and pass the data yourself"
@@ -719,6 +725,8 @@ def tune(
     names = (
         [k for k in specs if not isinstance(specs[k], Data)] if inputs is None else [inputs] if isinstance(inputs, str) else list(inputs)
     )
+    if not names and inputs is None:
+        _refuse_data(specs, specs, "hl.tune", "tuned by gradient")  # only Data inputs: nothing to tune
     if not names:
         raise HyperloomError(f"hl.tune: inputs is empty; name at least one of the declared inputs {list(specs)}")
     unknown = [k for k in names if k not in specs]
