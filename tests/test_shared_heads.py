@@ -181,3 +181,28 @@ def test_lora_structured_head_starts_at_the_model_per_sample_equals_loop_and_rou
     back = hl.LoRAModel.from_pretrained(tmp_path / "a", base)
     assert back.hypernet.head_options == hl.Structured()
     torch.testing.assert_close(back(x, lam=lam), hm(x, lam=lam), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "head, field",
+    [
+        ({"kind": "chunked", "chunk_size": "x"}, "hypernetwork.head"),
+        ({"kind": "structured", "block": 10**30}, "hypernetwork.head.block"),
+        ({"kind": "chunked", "foo": 1}, "hypernetwork.head"),
+        ("sparse", "hypernetwork.head"),
+        ([], "hypernetwork.head"),
+    ],
+)
+def test_lora_config_with_a_malformed_shared_head_is_a_checkpoint_error(tmp_path, head, field):
+    # the LoRA directory's JSON is validated field by field before anything is built (shared heads included)
+    import json
+
+    from hyperloom._lora_config import validate
+
+    model = hl.hypernetize(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)), predict=["0", "1"], inputs={"lam": (0.0, 1.0)},
+                           lora=hl.LoRA(rank=2), head=hl.Structured())
+    model.save_pretrained(tmp_path / "a")
+    cfg = json.loads((tmp_path / "a" / "hyperloom_lora.json").read_text())
+    cfg["hypernetwork"]["head"] = head
+    with pytest.raises(hl.CheckpointError, match=re.escape(field)):
+        validate(tmp_path / "x.json", cfg, cfg.get("format"), tuple(cfg["hypernetwork"]))

@@ -22,6 +22,7 @@ from .fileio import CheckpointError, load_safetensors
 from .heads import HEADS
 from .hypernetwork import FORMULATIONS
 from .inputs import Input
+from .shared_heads import head_spec
 from .task import Task
 from .trunk import ACTIVATIONS, INITS, NORMS
 
@@ -183,11 +184,27 @@ def validate(where: Path, cfg: Any, fmt: str, hyper_keys: tuple[str, ...]) -> Lo
         "norm": NORMS,
         "formulation": FORMULATIONS,
         "init": INITS,
-        "head": HEADS,
     }
     for key, options in checks.items():
         if key in hy:
             _choice(where, f"hypernetwork.{key}", hy[key], options)
+    if "head" in hy:
+        if isinstance(hy["head"], str):
+            _choice(where, "hypernetwork.head", hy["head"], (*HEADS, "chunked", "structured"))
+        elif isinstance(hy["head"], dict):
+            try:
+                head_spec(hy["head"])  # a shared head's options: kind and every field's type
+            except HyperloomError as e:
+                raise CheckpointError(f"{where}: hypernetwork.head: {e}") from None
+            for k in ("chunk_size", "block"):  # sizes that allocate: bounded like the widths
+                if hy["head"].get(k) is not None:
+                    _int(where, f"hypernetwork.head.{k}", hy["head"][k], 1, MAX_LAYER)
+            for k in ("dim", "width"):
+                if k in hy["head"]:
+                    _int(where, f"hypernetwork.head.{k}", hy["head"][k], 1, MAX_WIDTH)
+        else:
+            got = short_repr(hy["head"])
+            raise CheckpointError(f"{where}: hypernetwork.head must be a head name or a shared head's options, got {got}")
     if "encoding" in hy:
         _choice(where, "hypernetwork.encoding", hy["encoding"], ENCODINGS, optional=True)
     if "additive" in hy and hy["additive"] is not None:
