@@ -199,8 +199,13 @@ def test_lora_config_with_a_malformed_shared_head_is_a_checkpoint_error(tmp_path
 
     from hyperloom._lora_config import validate
 
-    model = hl.hypernetize(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)), predict=["0", "1"], inputs={"lam": (0.0, 1.0)},
-                           lora=hl.LoRA(rank=2), head=hl.Structured())
+    model = hl.hypernetize(
+        nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)),
+        predict=["0", "1"],
+        inputs={"lam": (0.0, 1.0)},
+        lora=hl.LoRA(rank=2),
+        head=hl.Structured(),
+    )
     model.save_pretrained(tmp_path / "a")
     cfg = json.loads((tmp_path / "a" / "hyperloom_lora.json").read_text())
     cfg["hypernetwork"]["head"] = head
