@@ -205,7 +205,16 @@ def test_history_plot_and_repr(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3] and [r["train_steps"] for r in rows] == [1, 2, 3]
     assert set(rows[0]) == {"step", "train_steps", "val_loss", "values", "scales"} and set(rows[0]["values"]) == {"wd", "mix"}
     assert rows[-1]["values"] == tuner.values and rows[-1]["scales"] == tuner.scales
-    assert tuner.plot(tmp_path / "t.png").stat().st_size > 1000
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    backend, figures = matplotlib.get_backend(), plt.get_fignums()
+    matplotlib.use("svg")  # a caller's backend (a notebook's, say) is left as it is
+    try:
+        assert tuner.plot(tmp_path / "t.png").stat().st_size > 1000
+        assert matplotlib.get_backend() == "svg" and plt.get_fignums() == figures
+    finally:
+        matplotlib.use(backend)
     assert "3 hyper steps" in repr(tuner)
 
 
@@ -315,3 +324,15 @@ def test_a_state_of_other_inputs_is_refused_naming_both(tmp_path):
     fit("a", 1)
     with pytest.raises(hl.HyperloomError, match=re.escape("(extras.tuner) is that of a tuner of other inputs: it tunes {a: dim=1")):
         fit("b", 2)
+
+
+def test_plot_without_matplotlib_says_how_to_get_it(monkeypatch, tmp_path):
+    import sys
+
+    _, _, tuner, _, val_loss = _setup()
+    tuner.hyper_step(val_loss)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(hl.HyperloomError, match=re.escape("SelfTuner.plot needs matplotlib: pip install matplotlib")):
+        tuner.plot(tmp_path / "t.png")
+    assert not (tmp_path / "t.png").exists()

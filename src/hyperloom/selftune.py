@@ -551,11 +551,8 @@ class SelfTuner(nn.Module):
         Raises:
             HyperloomError: Without matplotlib (``pip install matplotlib``), or with no hyper step recorded yet.
         """
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg", force=False)
-            import matplotlib.pyplot as plt
+        try:  # a Figure of its own: no pyplot, so the caller's backend and open figures stay as they are
+            from matplotlib.figure import Figure
         except ImportError:
             raise HyperloomError("SelfTuner.plot needs matplotlib: pip install matplotlib") from None
         n_rows = int(self.counters[4])
@@ -565,7 +562,8 @@ class SelfTuner(nn.Module):
         k_ = self.u.numel()
         x = h[:, 1].numpy() if bool((h[:, 1] > 0).any()) else h[:, 0].numpy()
         panels = [(k, j) for k in self.names for j in range(self._slices[k].stop - self._slices[k].start)]
-        fig, axes = plt.subplots(len(panels) + 1, 1, figsize=(6, 2.2 * (len(panels) + 1)), sharex=True, squeeze=False)
+        fig = Figure(figsize=(6, 2.2 * (len(panels) + 1)))
+        axes = fig.subplots(len(panels) + 1, 1, sharex=True, squeeze=False)
         for ax, (k, j) in zip(axes[:, 0], panels):
             spec, c = self.specs[k], self._slices[k].start + j
             u, s = h[:, 3 + c], h[:, 3 + k_ + c].exp()
@@ -582,5 +580,4 @@ class SelfTuner(nn.Module):
         out = Path(path)
         out.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(out, dpi=120)
-        plt.close(fig)
         return out
