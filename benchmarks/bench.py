@@ -430,10 +430,69 @@ def plot_scaling(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def section_pinn(args: argparse.Namespace, report: dict[str, Any]) -> None:
+    """A physics-informed step with a weight set per PDE member: hl.laplacian (vmap) vs loops over members."""
+    members, points = args.pinn_members, 64
+    print(f"\n## 4. Per-sample PDE residual step (B = {members} members x {points} points, u and Δu), vmap ÷ loop over members")
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 1))
+    hm = hl.hypernetize(net, inputs={"amp": hl.Input(-1.0, 1.0, dim=4), "center": hl.Input(0.25, 0.75, dim=2)}, hidden=(64, 64))
+    opt = adam(hm.parameters())
+    x = torch.rand(members, points, 2)
+    cond = {"amp": torch.rand(members, 4) * 2 - 1, "center": 0.25 + 0.5 * torch.rand(members, 2)}
+    f = torch.randn(members, points)
+
+    def step(residual: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        def run() -> None:
+            loss = (residual() ** 2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        return run
+
+    def vmapped() -> torch.Tensor:
+        u, lap = hl.laplacian(hm, x, **cond)
+        return lap[..., 0] + f + u[..., 0]
+
+    def loop_laplacian() -> torch.Tensor:  # the same torch.func code, one member (shared conditioning) at a time
+        out = []
+        for i in range(members):
+            u, lap = hl.laplacian(hm, x[i], amp=cond["amp"][i], center=cond["center"][i])
+            out.append(lap[:, 0] + f[i] + u[:, 0])
+        return torch.stack(out)
+
+    def loop_autograd() -> torch.Tensor:  # the usual PINN code: a shared call per member, Δu by double backward
+        out = []
+        for i in range(members):
+            xi = x[i].clone().requires_grad_(True)
+            u = hm(xi, amp=cond["amp"][i], center=cond["center"][i])[:, 0]
+            (g,) = torch.autograd.grad(u.sum(), xi, create_graph=True)
+            lap = sum(torch.autograd.grad(g[:, d].sum(), xi, create_graph=True)[0][:, d] for d in range(2))
+            out.append(lap + f[i] + u)
+        return torch.stack(out)
+
+    torch.testing.assert_close(vmapped(), loop_autograd(), rtol=1e-4, atol=1e-3)  # the same residual
+    fns = {"vmap": step(vmapped), "loop (hl.laplacian)": step(loop_laplacian), "loop (autograd)": step(loop_autograd)}
+    res = interleaved(fns, rounds=args.pinn_rounds, inner=1, warmup=1)
+    ms = {n: med(v) for n, v in res.items()}
+    best_loop = min(ms["loop (hl.laplacian)"], ms["loop (autograd)"])
+    ratio = ms["vmap"] / best_loop
+    for n, v in res.items():
+        lo, hi = iqr(v)
+        print(f"{n:<22}{ms[n]:>10.1f} ms  [IQR {lo:.1f}, {hi:.1f}]")
+    print(f"B = {members}: vmap ÷ fastest loop = {ratio:.3f} (goal <= 0.25)")
+    report["pinn"] = {"B": members, "points": points, **{f"{n}_ms": v for n, v in ms.items()}, "ratio": ratio}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     p.add_argument("--quick", action="store_true", help="few rounds, small sizes (a smoke run)")
-    p.add_argument("--sections", default="shared,per_sample,scaling,selftune")
+    p.add_argument(
+        "--sections",
+        default="shared,per_sample,scaling,selftune,pinn",
+        help="comma-separated subset of shared, per_sample, scaling, selftune, pinn",
+    )
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument(
@@ -451,17 +510,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.rounds, args.inner = 3, 1
         args.batches, args.widths, args.ranks, args.hidden_last = [1, 8], [16, 64], [4], [128]
+        args.pinn_members, args.pinn_rounds = 8, 2
     else:
         args.rounds, args.inner = 15, 3
         args.batches = [1, 8, 32, 64, 128]
         args.widths = [12, 96, 768, 3000]  # ~10k, ~85k, ~1.2M, ~11.4M predicted parameters
         args.ranks = [4, 16]
         args.hidden_last = [128, 256, 512]
+        args.pinn_members, args.pinn_rounds = 256, 5
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu, python {sys.version.split()[0]}")
     report: dict[str, Any] = {"torch": torch.__version__, "threads": torch.get_num_threads(), "optimizer": args.optimizer}
     from .selftune import section_selftune
 
-    sections = {"shared": section_shared, "per_sample": section_per_sample, "scaling": section_scaling, "selftune": section_selftune}
+    sections = {
+        "shared": section_shared,
+        "per_sample": section_per_sample,
+        "scaling": section_scaling,
+        "selftune": section_selftune,
+        "pinn": section_pinn,
+    }
+    bad = [s for s in args.sections.split(",") if s not in sections]
+    if bad:
+        p.error(f"--sections: unknown {bad}; choose a comma-separated subset of {list(sections)}")
     for s in args.sections.split(","):
         sections[s](args, report)
     if args.out:

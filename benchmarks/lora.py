@@ -234,7 +234,7 @@ def plot_memory(rows: list[dict[str, Any]], path: Path, hidden0: int, batch_at: 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.lora", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes, few rounds (a smoke run)")
-    p.add_argument("--sections", default="speed,memory")
+    p.add_argument("--sections", default="speed,memory", help="comma-separated subset of speed, memory")
     p.add_argument("--out", default="runs/bench-lora")
     args = p.parse_args(argv)
     all_threads = torch.get_num_threads()
@@ -252,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, {all_threads} threads available, device cpu, python {sys.version.split()[0]}")
     report: dict[str, Any] = {"torch": torch.__version__, "threads_available": all_threads}
     sections = {"speed": section_speed, "memory": section_memory}
+    bad = [s for s in args.sections.split(",") if s not in sections]
+    if bad:
+        p.error(f"--sections: unknown {bad}; choose a comma-separated subset of {list(sections)}")
     for s in args.sections.split(","):
         sections[s](args, report)
     torch.set_num_threads(all_threads)

@@ -8,6 +8,7 @@ and across gamma bins.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +20,7 @@ from torch import nn
 
 import hyperloom as hl
 
-from .common import build_variant, grad_norm, set_seed, trace_probe, train_and_evaluate
+from .common import build_variant, flat_weights, grad_norm, set_seed, trace_probe, train_and_evaluate
 from .data import ImageData, load_classification
 
 
@@ -68,7 +69,12 @@ DEFAULTS: dict[str, Any] = {
     "head": "dense",  # or "lowrank@<rank>"
     "theta0": "init",  # the method's theta0 init (Kaiming fan-in weights, zero biases); "model": PyTorch's
     "probes": 10,  # trace points over training (||Delta||/||theta0||, output variation, grad norms per gamma)
+    # validation images held out of training (the last of the training set, at most a tenth of it): a learning
+    # rate is chosen on their accuracy, never on the test set's
+    "n_val": 2000,
 }
+# cfg["gamma_range"] = [lo, hi] (the gamma-range stress test): gamma ~ U(lo, hi)^k, declared as the input's range;
+# absent: [0, 1] (absent from DEFAULTS so that the main study's run keys and settings stay those of its rows)
 
 SIZES: dict[str, dict[str, Any]] = {
     "quick": {"steps": 300, "n_test": 1000, "n_eval_gamma": 6, "probes": 5, "probe_batch": 64},  # trace at 6 points
@@ -83,7 +89,35 @@ def load_data(args: Any) -> ImageData:
 def build(variant: str, cfg: dict[str, Any], num_classes: int) -> nn.Module:
     """The ConvNet of one variant: every weight predicted from gamma ~ U(0, 1)^k (or plain)."""
     cfg = {**DEFAULTS, **cfg}
-    return build_variant(variant, cfg, ConvNet(num_classes, depth=cfg["depth"]), {"z": hl.Input(0.0, 1.0, dim=cfg["k"])})
+    lo, hi = gamma_range(cfg)
+    net = ConvNet(num_classes, width=cfg.get("width", 1), depth=cfg["depth"])
+    return build_variant(variant, cfg, net, {"z": hl.Input(lo, hi, dim=cfg["k"])})
+
+
+def gamma_range(cfg: dict[str, Any]) -> tuple[float, float]:
+    """The range gamma is drawn from (and declared with): ``cfg["gamma_range"]`` or [0, 1]."""
+    r = cfg.get("gamma_range")
+    return (0.0, 1.0) if r is None else (float(r[0]), float(r[1]))
+
+
+def draw_gamma(cfg: dict[str, Any], shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """gamma ~ U(lo, hi) in ``shape``; exactly ``torch.rand`` for the default [0, 1] (same draws as before)."""
+    lo, hi = gamma_range(cfg)
+    z = torch.rand(shape, generator=gen)
+    return z if (lo, hi) == (0.0, 1.0) else lo + (hi - lo) * z
+
+
+def theta_grad_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, zs: list[torch.Tensor]) -> list[float] | None:
+    """Per gamma: the norm of the loss's gradient w.r.t. the generated weights theta(gamma) only (not the
+    hypernetwork's parameters, so no output bias or loss weighting enters); None without a hypernetwork."""
+    if not hasattr(model, "materialize"):
+        return None
+    out = []
+    for z in zs:
+        net = model.materialize(z=z)
+        F.cross_entropy(net(x), y).backward()
+        out.append(grad_norm([p for p in net.parameters() if p.grad is not None]))
+    return out
 
 
 def gamma_shape(k: int, batch: int | None = None) -> tuple[int, ...]:
@@ -99,7 +133,7 @@ def evaluate(model: nn.Module, data: ImageData, cfg: dict[str, Any], gen: torch.
     x, y = data.x_test[: cfg["n_test"]], data.y_test[: cfg["n_test"]]
     accs, losses = [], []
     for _ in range(cfg["n_eval_gamma"]):
-        z = torch.rand(gamma_shape(cfg["k"]), generator=gen)
+        z = draw_gamma(cfg, gamma_shape(cfg["k"]), gen)
         logits = torch.cat([model(x[i : i + 500], z=z) for i in range(0, len(x), 500)])
         losses.append(float(F.cross_entropy(logits, y)))
         accs.append(float((logits.argmax(1) == y).float().mean()))
@@ -113,15 +147,24 @@ def evaluate(model: nn.Module, data: ImageData, cfg: dict[str, Any], gen: torch.
     }
 
 
-def grad_norm_by_gamma(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, bins: int = 5, per_sample: bool = False) -> list[float]:
-    """Gradient norm of the loss w.r.t. the hypernetwork parameters, with gamma = t * 1 for t at bin centres.
+def grad_norm_by_gamma(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    k: int,
+    bins: int = 5,
+    per_sample: bool = False,
+    span: tuple[float, float] = (0.0, 1.0),
+) -> list[float]:
+    """Gradient norm of the loss w.r.t. the hypernetwork parameters, with gamma = (lo + (hi - lo) t) * 1 for t at
+    bin centres of [0, 1] (``span = (lo, hi)``, gamma's range).
 
     ``per_sample`` passes gamma as one row per sample (needed by a BatchNorm trunk while training).
     """
     out = []
     params = [p for p in model.parameters() if p.requires_grad]
     for i in range(bins):
-        t = (i + 0.5) / bins
+        t = span[0] + (span[1] - span[0]) * (i + 0.5) / bins
         model.zero_grad(set_to_none=True)
         z = torch.full(gamma_shape(k, len(x) if per_sample else None), t)
         F.cross_entropy(model(x, z=z), y).backward()
@@ -135,42 +178,52 @@ def run(variant: str, seed: int, data: ImageData, cfg: dict[str, Any], *, desc: 
     cfg = {**DEFAULTS, **cfg}
     set_seed(seed)
     model = build(variant, cfg, data.num_classes)
-    n = len(data.y_train)
+    n_val = min(int(cfg.get("n_val") or 0), len(data.y_train) // 10)
+    n = len(data.y_train) - n_val  # training draws from the first n images; the rest is validation
 
     def make_step_loss(gen: torch.Generator) -> Callable[[int], torch.Tensor]:
         def step_loss(step: int) -> torch.Tensor:
             idx = torch.randint(0, n, (cfg["batch"],), generator=gen)
             zshape = gamma_shape(cfg["k"], cfg["batch"] if cfg["per_sample_gamma"] else None)
-            z = torch.rand(zshape, generator=gen)  # gamma per minibatch (the paper) or per sample
+            z = draw_gamma(cfg, zshape, gen)  # gamma per minibatch (the paper) or per sample
             return F.cross_entropy(model(data.x_train[idx], z=z), data.y_train[idx])
 
         return step_loss
 
     def evaluate_all() -> dict[str, Any]:
         metrics = evaluate(model, data, cfg, torch.Generator().manual_seed(10_000 + seed))
+        if n_val:
+            val = dataclasses.replace(data, x_test=data.x_train[n:], y_test=data.y_train[n:])
+            vcfg = {**cfg, "n_test": n_val, "n_eval_gamma": min(4, cfg["n_eval_gamma"])}
+            metrics["val_acc"] = evaluate(model, val, vcfg, torch.Generator().manual_seed(15_000 + seed))["test_acc"]
         probe = torch.Generator().manual_seed(20_000 + seed)
         pidx = torch.randint(0, len(data.y_test), (256,), generator=probe)
         metrics["grad_norm_by_gamma"] = grad_norm_by_gamma(
-            model, data.x_test[pidx], data.y_test[pidx], cfg["k"], per_sample=cfg["per_sample_gamma"]
+            model, data.x_test[pidx], data.y_test[pidx], cfg["k"], per_sample=cfg["per_sample_gamma"], span=gamma_range(cfg)
         )
         return metrics
 
     pgen = torch.Generator().manual_seed(60_000 + seed)
     pidx = torch.randint(0, n, (cfg.get("probe_batch", 256),), generator=pgen)
     px, py = data.x_train[pidx], data.y_train[pidx]
-    bins = [0.1, 0.3, 0.5, 0.7, 0.9]
+    lo, hi = gamma_range(cfg)
+    bins = [lo + (hi - lo) * t for t in (0.1, 0.3, 0.5, 0.7, 0.9)]
     zshape = gamma_shape(cfg["k"], len(pidx) if cfg["per_sample_gamma"] else None)
 
     def probe() -> dict[str, Any]:
-        return trace_probe(
+        out = trace_probe(
             model,
             lambda t: model(px, z=torch.full(zshape, t)),
             lambda t: F.cross_entropy(model(px, z=torch.full(zshape, t)), py),
             lambda t: {"z": torch.full(zshape, t)},
             bins,
         )
+        if cfg.get("gamma_range") is not None and not cfg["per_sample_gamma"]:
+            out["theta_grad_by_gamma"] = theta_grad_norms(model, px, py, [torch.full(zshape, t) for t in bins])
+        return out
 
-    out = train_and_evaluate(model, cfg, seed, make_step_loss, evaluate_all, desc=desc, checkpoint=checkpoint, probe=probe)
+    weights = lambda: flat_weights(model, {"z": torch.full(gamma_shape(cfg["k"]), sum(gamma_range(cfg)) / 2)})  # noqa: E731
+    out = train_and_evaluate(model, cfg, seed, make_step_loss, evaluate_all, desc=desc, checkpoint=checkpoint, probe=probe, weights=weights)
     if out["metrics"]["diverged_at"] is not None:
         out["metrics"].update({"test_acc": math.nan, "test_acc_std_gamma": math.nan, "test_loss": math.nan})
     return {**out, "data": data.name}

@@ -91,6 +91,14 @@ class Plain(torch.nn.Module):
         return self.primary(*args, **{k: v for k, v in kwargs.items() if k not in self.conditioning})
 
 
+def shared_head(spec: dict[str, Any]) -> Any:
+    """``hl.Chunked`` / ``hl.Structured`` from a JSON-able config entry ``{"kind": "chunked", ...}``."""
+    import hyperloom as hl
+
+    opts = {k: v for k, v in spec.items() if k != "kind"}
+    return {"chunked": hl.Chunked, "structured": hl.Structured}[spec["kind"]](**opts)
+
+
 def build_variant(
     variant: str, cfg: dict[str, Any], primary: torch.nn.Module, inputs: dict[str, Any], *, predict: list[str] | None = None
 ) -> torch.nn.Module:
@@ -99,7 +107,9 @@ def build_variant(
 
     if is_plain(variant):
         return Plain(primary, tuple(inputs), predict)
-    head, _, rank = str(cfg.get("head", "dense")).partition("@")
+    # "dense", "lowrank@<rank>", or a shared head's options as a dict with "kind" (hl.Chunked / hl.Structured)
+    spec = cfg.get("head", "dense")
+    head, _, rank = ("", "", "") if isinstance(spec, dict) else str(spec).partition("@")
     model = hl.hypernetize(
         primary,
         inputs=inputs,
@@ -108,7 +118,7 @@ def build_variant(
         activation=cfg["activation"],
         norm=cfg.get("norm", "none"),
         zero_init=bool(cfg.get("zero_init", False)),
-        head=head,
+        head=shared_head(spec) if isinstance(spec, dict) else head,
         rank=int(rank) if rank else None,
         **formulation(variant, cfg),
     )
@@ -173,15 +183,18 @@ def progress(it: Iterable[T], *, total: int | None = None, desc: str = "", leave
 
 
 def make_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
-    """Adam, SGD with momentum 0.9, or RMSprop; fused / foreach kernels (same maths, 3-5x faster on the
-    hypernetwork's large output layer than the default per-tensor loop on CPU)."""
+    """Adam, SGD with momentum 0.9 (``sgd``; ``sgd0`` / ``sgd99``: momentum 0 / 0.99), or RMSprop; fused /
+    foreach kernels (same maths, 3-5x faster on the hypernetwork's large output layer than the default
+    per-tensor loop on CPU)."""
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, fused=True)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9, fused=True)
+    if name in ("sgd0", "sgd99"):  # momentum 0 / 0.99 (the ablation's SGD axis)
+        return torch.optim.SGD(params, lr=lr, momentum=0.0 if name == "sgd0" else 0.99, fused=True)
     if name == "rmsprop":
         return torch.optim.RMSprop(params, lr=lr, foreach=True)
-    raise ValueError(f"Unknown optimizer {name!r}; choose adam, sgd, rmsprop")
+    raise ValueError(f"Unknown optimizer {name!r}; choose adam, sgd, sgd0, sgd99, rmsprop")
 
 
 def train_loop(
@@ -196,8 +209,15 @@ def train_loop(
     every: int = 50,
     probe: Callable[[], dict[str, Any]] | None = None,
     probe_every: int = 0,
+    weights: Callable[[], torch.Tensor] | None = None,
+    rel_steps: int = 10,
 ) -> dict[str, Any]:
     """Run ``steps`` optimiser steps of ``step_loss(step)``; stop at the first non-finite loss.
+
+    With ``weights`` (the generated weights at a fixed conditioning, flattened), the relative change
+    ||w_after - w_before|| / ||w_before|| of each of the first ``rel_steps`` updates is recorded
+    (``rel_step``): the effective step size, which the same learning rate does not make equal across
+    formulations.
 
     With ``probe``, ``probe()`` is recorded (with its step) before the first update, every
     ``probe_every`` steps and after the last update: the run's trace (e.g. ||Delta||/||theta0||,
@@ -215,12 +235,14 @@ def train_loop(
     losses: list[float] = []
     gnorms: list[float] = []
     trace: list[dict[str, Any]] = []
+    rel: list[float] = []
     diverged_at = None
     start = 0
     if checkpoint is not None and checkpoint.exists():
         info = hl.load_training(checkpoint, model=model, optimizer=opt, generators={"data": gen})
         start, losses, gnorms = info["step"], info["config"]["curve"], info["config"]["grad_norms"]
         trace = info["config"].get("trace", [])
+        rel = info["config"].get("rel_step", [])
     t0 = time.perf_counter()
     for step in progress(range(start, steps), total=steps - start, desc=desc):
         if checkpoint is not None and step > start and step % every == 0:
@@ -231,7 +253,7 @@ def train_loop(
                     optimizer=opt,
                     step=step,
                     generators={"data": gen},
-                    config={"curve": losses, "grad_norms": gnorms, "trace": trace},
+                    config={"curve": losses, "grad_norms": gnorms, "trace": trace, "rel_step": rel},
                 )
             except hl.CheckpointError:
                 pass  # non-finite weights are never checkpointed; this step's loss records the divergence
@@ -246,7 +268,10 @@ def train_loop(
         if not math.isfinite(value):
             diverged_at = step
             break
+        before = weights() if weights is not None and step < rel_steps else None
         opt.step()
+        if before is not None and weights is not None:
+            rel.append(float((weights() - before).norm() / before.norm().clamp_min(1e-30)))
     if probe is not None and probe_every > 0 and diverged_at is None and not any(t["step"] == steps for t in trace):
         trace.append({"step": steps, **probe()})
     tail = losses[-max(1, len(losses) // 10) :]
@@ -257,7 +282,17 @@ def train_loop(
         "wall_s": time.perf_counter() - t0,
         "final_train_loss": sum(tail) / len(tail),
         "trace": trace,
+        "rel_step": rel,
     }
+
+
+@torch.no_grad()
+def flat_weights(model: torch.nn.Module, cond: dict[str, Any]) -> torch.Tensor:
+    """The weights a model computes with: the generated ``theta`` at ``cond`` for a hypernetwork model, the
+    parameters for the plain network; flattened and detached."""
+    if hasattr(model, "generate"):
+        return torch.cat([t.detach().flatten() for t in model.generate(**cond).values()])
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
 def train_and_evaluate(
@@ -270,8 +305,12 @@ def train_and_evaluate(
     desc: str = "",
     checkpoint: Path | None = None,
     probe: Callable[[], dict[str, Any]] | None = None,
+    weights: Callable[[], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """The part every task shares: optimiser, seeded data generator, training loop, then evaluation.
+
+    ``weights``: see :func:`train_loop`; the mean relative change of the first 10 updates is the metric
+    ``rel_step_first10``.
 
     ``make_step_loss(gen)`` returns the task's ``step -> loss`` drawing its data from ``gen``;
     ``evaluate()`` runs only when training did not diverge. Returns one result row's payload.
@@ -290,8 +329,11 @@ def train_and_evaluate(
         every=cfg.get("checkpoint_every", 50),
         probe=probe,
         probe_every=max(1, cfg["steps"] // cfg["probes"]) if cfg.get("probes") else 0,
+        weights=weights,
     )
     metrics: dict[str, Any] = {k: res[k] for k in ("diverged_at", "wall_s", "final_train_loss")}
+    if res["rel_step"]:
+        metrics["rel_step_first10"] = sum(res["rel_step"]) / len(res["rel_step"])
     if res["diverged_at"] is None:
         metrics.update(evaluate())
     out = {"metrics": metrics, "curve": res["curve"], "grad_norms": res["grad_norms"]}

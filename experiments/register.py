@@ -13,6 +13,7 @@ both as a function of lambda.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from torch import nn
 import hyperloom as hl
 
 from .brain import BrainSlices, dice_per_class, load_brain_slices, one_hot, random_smooth_warp, warp
-from .common import build_variant, grad_norm_by_condition, is_plain, set_seed, trace_probe, train_and_evaluate
+from .common import build_variant, flat_weights, grad_norm_by_condition, is_plain, set_seed, trace_probe, train_and_evaluate
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -145,6 +146,8 @@ DEFAULTS: dict[str, Any] = {
     "lambda_ends": 0.2,  # probability of drawing lambda = 0 or 1 (half each), HyperMorph's oversampling
     "plain_lambda": 0.2,  # the fixed lambda of the plain network
     "probes": 10,  # trace points over training
+    # the test subject's slices in blocks of 4, alternately validation (choose lambda) and test (report)
+    "val_split": "blocks4",
 }
 
 SIZES: dict[str, dict[str, Any]] = {
@@ -173,8 +176,30 @@ def build(variant: str, cfg: dict[str, Any]) -> nn.Module:
     return build_variant(variant, cfg, RegUNet(), {"lam": (0.0, 1.0)}, predict=["down", "bottom", "up"])
 
 
+def val_split(data: BrainSlices) -> tuple[BrainSlices, BrainSlices]:
+    """(validation, test): the test subject's slices in blocks of 4, alternately (as ``experiments tune``)."""
+    block = torch.arange(len(data.x_test)) // 4
+    zt = data.z_test
+
+    def mk(m: torch.Tensor) -> BrainSlices:
+        return dataclasses.replace(data, x_test=data.x_test[m], y_test=data.y_test[m], z_test=None if zt is None else zt[m])
+
+    return mk(block % 2 == 0), mk(block % 2 == 1)
+
+
+@torch.no_grad()
+def _dice_by_lambda(model: nn.Module, pairs: tuple[torch.Tensor, ...], lambdas: list[float]) -> list[float]:
+    mov, fix, ym, yf = pairs
+    return [float(dice_per_class(warp(one_hot(ym), model(mov, fix, lam=lam)).argmax(1), yf).mean()) for lam in lambdas]
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, data: BrainSlices, cfg: dict[str, Any], seed: int) -> dict[str, Any]:
+    """Test metrics over lambda; ``dice_best`` is the test Dice at the lambda that is best on the validation
+    slices (with ``cfg["val_split"]``; without, at the lambda best on the test pairs themselves, as before)."""
+    val = None
+    if cfg.get("val_split"):
+        val, data = val_split(data)
     gen = torch.Generator().manual_seed(30_000 + seed)
     mov, fix, ym, yf = make_pairs(data, cfg["n_eval"], gen, test=True, warp_strength=cfg["warp_strength"])
     dice, fold, smooth = [], [], []
@@ -184,8 +209,16 @@ def evaluate(model: nn.Module, data: BrainSlices, cfg: dict[str, Any], seed: int
         dice.append(float(dice_per_class(warped_labels, yf).mean()))
         fold.append(100 * float(folding_fraction(disp).mean()))
         smooth.append(float(smoothness(disp)))
-    best = max(range(len(dice)), key=dice.__getitem__)
+    oracle = max(range(len(dice)), key=dice.__getitem__)
+    extra: dict[str, Any] = {}
+    best = oracle
+    if val is not None:
+        vpairs = make_pairs(val, cfg["n_eval"], torch.Generator().manual_seed(35_000 + seed), test=True, warp_strength=cfg["warp_strength"])
+        vdice = _dice_by_lambda(model, vpairs, cfg["lambdas"])
+        best = max(range(len(vdice)), key=vdice.__getitem__)
+        extra = {"val_dice_best": vdice[best], "val_dice_by_lambda": vdice, "dice_best_test_chosen": dice[oracle]}
     return {
+        **extra,
         "dice": sum(dice) / len(dice),
         "dice_best": dice[best],
         "lambda_best": cfg["lambdas"][best],
@@ -236,5 +269,6 @@ def run(
             bins,
         )
 
-    out = train_and_evaluate(model, cfg, seed, make_step_loss, evaluate_all, desc=desc, checkpoint=checkpoint, probe=probe)
+    weights = lambda: flat_weights(model, {"lam": 0.5})  # noqa: E731
+    out = train_and_evaluate(model, cfg, seed, make_step_loss, evaluate_all, desc=desc, checkpoint=checkpoint, probe=probe, weights=weights)
     return {**out, "data": data.source}

@@ -5,16 +5,20 @@ A result row is a dict with the keys ``task``, ``study`` ("main", "baseline", "l
 step), ``grad_norms``, ``data`` (the data set's name) and optionally ``trace`` (a list of
 ``{"step", "delta_ratio", "output_variation", "grad_norm_by_gamma", "grad_norm_by_gamma_x"}``).
 
-Statistics: medians with the interquartile range over seeds; differences from the default formulation as the
-mean of the per-seed (paired) differences with a percentile bootstrap CI; speed-ups with the seeds that never
-reach the target kept in as censored (ranked below every seed that reached it).
+Statistics (:data:`RULES` is the report's own description): medians with the interquartile range over seeds;
+differences from the default formulation as the mean of the per-seed (paired) differences with a Student-t
+interval, the number of pairs and Holm-adjusted p-values over each table's comparisons; speed-ups against the
+default paired by seed (the default against itself is 1.0), seeds that never reach the target kept in as
+censored; segmentation stalls flagged by a fixed rule (:func:`stalled`) and compared with Fisher's exact test.
+Rows with different settings (config and data) are reported in separate tables, never pooled.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,35 +94,112 @@ def _signed(x: float) -> str:
 
 # ---------------------------------------------------------------------------------------------- statistics
 
+#: Fewest pairs for which an interval is printed (a t-interval needs an estimate of the spread).
+MIN_PAIRS = 2
 
-def paired_bootstrap(
-    a: dict[int, float], b: dict[int, float], *, n: int = 10000, seed: int = 0, ci: float = 0.95
-) -> tuple[float, float, float, int]:
-    """Mean of the paired differences ``a[s] - b[s]`` with a percentile bootstrap CI.
 
-    Only seeds present in both (a seed is a pair: same data order, same initialisation stream) count; a pair
-    whose value is None or not finite on either side is dropped. The CI comes from ``n`` resamples of the
-    pairs with replacement (``numpy.random.default_rng(seed)``, so the report is reproducible). Returns
-    ``(mean_diff, lo, hi, n_pairs)``; with fewer than 2 pairs the interval is ``(nan, nan)`` and the mean
-    is the one difference (or nan without any).
+@dataclass(frozen=True)
+class Delta:
+    """A paired comparison: mean of the per-seed differences, its t-interval, the pairs and a two-sided p."""
+
+    mean: float
+    lo: float
+    hi: float
+    n: int
+    p: float
+
+
+def t_interval(values: Any, *, ci: float = 0.95) -> tuple[float, float, float, int]:
+    """Mean of ``values`` with a Student-t confidence interval: ``(mean, lo, hi, n)``.
+
+    Non-finite values and ``None`` are dropped. The interval is ``mean ± t_{n-1, (1+ci)/2} · sd / √n``
+    (``sd`` with ``n - 1`` in the denominator): exact coverage for normal data at any ``n ≥ 2``, and the
+    right width at the 3-10 seeds of these studies, where a percentile bootstrap of the mean is too narrow
+    (with 5 values it covers a 95 % target about 88 % of the time). With fewer than :data:`MIN_PAIRS`
+    values the interval is ``(nan, nan)``.
+
+    Example:
+        >>> m, lo, hi, n = t_interval([1.0, 2.0, 3.0])
+        >>> (m, round(lo, 3), round(hi, 3), n)
+        (2.0, -0.484, 4.484, 3)
     """
-    diffs = []
+    from scipy import stats
+
+    d = np.asarray(_finite(values), dtype=float)
+    k = int(d.size)
+    if k < MIN_PAIRS:
+        return (float(d[0]) if k else math.nan, math.nan, math.nan, k)
+    mean = float(d.mean())
+    half = float(stats.t.ppf(0.5 + ci / 2.0, k - 1)) * float(d.std(ddof=1)) / math.sqrt(k)
+    return mean, mean - half, mean + half, k
+
+
+def paired_diffs(a: dict[int, float], b: dict[int, float]) -> list[float]:
+    """``a[s] - b[s]`` for every seed ``s`` in both whose two values are finite (a seed is a pair: same data
+    order, same initialisation stream); unpaired seeds and missing values are dropped."""
+    out = []
     for s in sorted(set(a) & set(b)):
         x, y = a[s], b[s]
         if x is None or y is None or not (math.isfinite(float(x)) and math.isfinite(float(y))):
             continue
-        diffs.append(float(x) - float(y))
-    d = np.asarray(diffs, dtype=float)
-    k = d.size
-    if k < 2:
-        return (float(d[0]) if k else math.nan, math.nan, math.nan, k)
-    rng = np.random.default_rng(seed)
-    means = d[rng.integers(0, k, size=(n, k))].mean(axis=1)
-    alpha = (1.0 - ci) / 2.0
-    lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
-    mean = float(d.mean())
-    # rounding in the resampled means must not put the point estimate outside a degenerate interval
-    return mean, float(min(lo, mean)), float(max(hi, mean)), k
+        out.append(float(x) - float(y))
+    return out
+
+
+def paired_t(a: dict[int, float], b: dict[int, float], *, ci: float = 0.95) -> Delta:
+    """Paired comparison of ``a`` and ``b`` by seed: mean difference, t-interval and the paired t-test's p.
+
+    ``p`` is two-sided (H0: mean difference 0); with identical differences (no spread) it is 0 when they
+    are not zero and 1 when they are; nan with fewer than :data:`MIN_PAIRS` pairs.
+
+    Example:
+        >>> d = paired_t({0: 1.0, 1: 2.0, 2: 3.5}, {0: 0.0, 1: 1.0, 2: 2.0})
+        >>> (round(d.mean, 3), d.n, round(d.p, 3))
+        (1.167, 3, 0.02)
+    """
+    from scipy import stats
+
+    diffs = paired_diffs(a, b)
+    mean, lo, hi, k = t_interval(diffs, ci=ci)
+    if k < MIN_PAIRS:
+        return Delta(mean, lo, hi, k, math.nan)
+    if float(np.std(diffs)) == 0.0:
+        p = 0.0 if mean != 0.0 else 1.0
+    else:
+        p = float(stats.ttest_1samp(diffs, 0.0).pvalue)
+    return Delta(mean, lo, hi, k, p)
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm's step-down adjustment of a family of p-values (controls the family-wise error rate).
+
+    The i-th smallest of the m finite p-values becomes ``max_{j <= i} min(1, (m - j + 1) p_(j))``; nan
+    entries stay nan and do not count in m.
+
+    Example:
+        >>> holm([0.01, 0.04, 0.03, float("nan")])
+        [0.03, 0.06, 0.06, nan]
+    """
+    idx = sorted((i for i, p in enumerate(pvalues) if math.isfinite(p)), key=lambda i: pvalues[i])
+    m = len(idx)
+    out = [math.nan] * len(pvalues)
+    running = 0.0
+    for rank, i in enumerate(idx):
+        running = max(running, min(1.0, (m - rank) * pvalues[i]))
+        out[i] = round(running, 12)
+    return out
+
+
+def fisher_exact(k1: int, n1: int, k2: int, n2: int) -> float:
+    """Two-sided Fisher's exact test of ``k1`` events out of ``n1`` against ``k2`` out of ``n2``.
+
+    Example:
+        >>> round(fisher_exact(4, 5, 1, 5), 3)
+        0.206
+    """
+    from scipy import stats
+
+    return float(stats.fisher_exact([[k1, n1 - k1], [k2, n2 - k2]]).pvalue)
 
 
 def auc_loss(curve: list[float]) -> float:
@@ -147,7 +228,8 @@ def _by_seed(rows: list[dict[str, Any]], key: str) -> dict[int, float]:
 
 @dataclass
 class SpeedUp:
-    """Per-seed speed-ups of one variant; ``None`` = censored (never reached the target, so below 1x)."""
+    """Per-seed speed-ups of one variant against the reference; ``None`` = censored (never reached the
+    target: somewhere below the reference's steps ÷ the run's length)."""
 
     ratios: list[float | None] = field(default_factory=list)
     capped: list[bool] = field(default_factory=list)  # reached at the first full window: a lower bound
@@ -169,7 +251,7 @@ class SpeedUp:
         """The q-quantile over all seeds (linear interpolation on ranks) and its kind.
 
         Kind "": a value; "≥": a lower bound (a seed that reached at the first window contributes); "<": an
-        upper bound (a censored seed contributes: its ratio is somewhere below 1); "?": both (undetermined).
+        upper bound (a censored seed contributes); "?": both (undetermined).
         """
         ranked = self._ranked()
         if not ranked:
@@ -181,7 +263,7 @@ class SpeedUp:
         parts = [(t, w) for t, w in parts if w > 0]
         censored = any(t[1] for t, _ in parts)
         capped = any(t[2] for t, _ in parts)
-        # a censored ratio is < 1: the interpolated value is below the one with 1 in its place
+        # a censored ratio is below 1 (the reference needs at most the whole run): 1 is its upper bound
         value = sum((1.0 if t[1] else t[0]) * w for t, w in parts)
         if censored and capped:
             return value, "?"
@@ -193,47 +275,112 @@ class SpeedUp:
             return "n/a"
         if kind == "?":
             return "n/a (censored and capped)"
-        return f"{kind}{v:.2f}" if kind != "<" else f"<{v:.2f}"
+        return f"{kind}{v:.2f}"
+
+    def geometric(self, *, ci: float = 0.95) -> tuple[float, float, float, int]:
+        """Geometric mean of the ratios with a t-interval on their logarithms; nan unless every seed reached."""
+        if self.n == 0 or self.reached < self.n:
+            return math.nan, math.nan, math.nan, self.n
+        m, lo, hi, k = t_interval([math.log(r) for r in self.ratios if r is not None], ci=ci)
+        return math.exp(m), math.exp(lo) if math.isfinite(lo) else math.nan, math.exp(hi) if math.isfinite(hi) else math.nan, k
 
     def cell(self) -> str:
-        """'1.52x [1.20, 2.10] (3/3 reached)' or '<1x [<1.00, 1.30] (1/3 reached)'."""
+        """'1.52x [1.20, 1.93] (geo. mean, 95 % t-CI, n=5)' when every seed reached the target, otherwise the
+        median over all seeds with the censored ones ranked lowest: '<1x median (1/5 reached)'."""
         if self.n == 0:
             return "n/a"
+        if self.reached == self.n:
+            g, lo, hi, k = self.geometric()
+            capped = "≥" if any(self.capped) else ""
+            if math.isfinite(lo):
+                return f"{capped}{g:.2f}x [{lo:.2f}, {hi:.2f}] (geo. mean, n={k})"
+            return f"{capped}{g:.2f}x (n={k}, no CI)"
         med = self.text(0.5)
         med = "<1x" if med == "<1.00" else f"{med}x"
-        return f"{med} [{self.text(0.25)}, {self.text(0.75)}] ({self.reached}/{self.n} reached)"
+        return f"{med} median, no CI ({self.reached}/{self.n} reached)"
 
 
-def speed_target(ref_rows: list[dict[str, Any]]) -> float:
-    """The reference's median final moving-average training loss (window 10% of the run)."""
-    finals = [smooth(r["curve"], curve_window(len(r["curve"])))[-1] for r in ref_rows if r.get("curve")]
-    return float(np.median(finals)) if finals else math.nan
+def _window_target(row: dict[str, Any], key: str = "curve") -> tuple[int, int, float]:
+    """(run length, moving-average window, final moving-average value) of a row's curve."""
+    curve = row.get(key) or []
+    # a diverged run's curve stops early: the run's length is its configured number of steps
+    n = max(len(curve), int((row.get("config") or {}).get("steps") or 0))
+    w = curve_window(n)
+    final = smooth(curve, w)[-1] if curve else math.nan
+    return n, w, final
 
 
-def speedups(groups: dict[str, list[dict[str, Any]]], ref: str = "default") -> dict[str, SpeedUp]:
-    """Per variant, per seed: total steps / steps to reach the reference's median final (smoothed) loss.
+def speedups(groups: dict[str, list[dict[str, Any]]], ref: str = "default", *, key: str = "curve") -> dict[str, SpeedUp]:
+    """Speed-up of every variant against a fixed reference, paired by seed.
 
-    A seed that never reaches the target is kept as censored (``None``, ranked below every seed that did);
-    nothing is dropped. Empty without the reference variant.
+    For seed s, the target is the reference's final moving-average value of ``key`` (the training loss;
+    window 10 % of the run, at least 25 steps); the speed-up is (steps the reference's moving average needs
+    to first reach its target) ÷ (steps the variant's moving average needs to first reach the same target),
+    counting full windows only. So the reference against itself is exactly 1.0, and a variant that is 1.5x
+    gets to the reference's end-of-run level in two thirds of the reference's steps. A seed that never reaches
+    the target is kept as censored (``None``); seeds whose reference diverged (no target) or that have no
+    reference partner are left out. Empty without the reference variant.
     """
     if ref not in groups:
         return {}
-    target = speed_target(groups[ref])
-    if math.isnan(target):
+    targets: dict[int, tuple[float, int]] = {}
+    for r in groups[ref]:
+        if not r.get(key):
+            continue
+        _, w, target = _window_target(r, key)
+        s = steps_to_reach(r[key], target, w) if math.isfinite(target) else None
+        if s is not None:
+            targets[int(r["seed"])] = (target, s)
+    if not targets:
         return {}
     out = {}
     for v, rs in groups.items():
         sp = SpeedUp()
         for r in rs:
-            if not r.get("curve"):
+            if not r.get(key) or int(r["seed"]) not in targets:
                 continue
-            # a diverged run's curve stops early: the run's length is its configured number of steps
-            n = max(len(r["curve"]), int((r.get("config") or {}).get("steps") or 0))
-            s = steps_to_reach(r["curve"], target, curve_window(n))
-            sp.ratios.append(n / s if s else None)
-            sp.capped.append(s is not None and s == curve_window(n))
+            target, ref_steps = targets[int(r["seed"])]
+            _, w, _ = _window_target(r, key)
+            s = steps_to_reach(r[key], target, w)
+            sp.ratios.append(ref_steps / s if s else None)
+            sp.capped.append(s is not None and s == w and ref_steps > w)
         out[v] = sp
     return out
+
+
+# ---------------------------------------------------------------------------------------------- stalls
+
+#: Rule for a segmentation run that stalled on a soft-Dice class collapse (see :func:`stalled`).
+STALL_CLASS_DICE = 0.05
+STALL_LOSS = 0.35
+STALL_DICE = 0.5
+STALL_RULE = (
+    "A segmentation run **stalled** (a soft-Dice class collapse) when some tissue class has test Dice below "
+    f"{STALL_CLASS_DICE} (averaged over φ: the class is essentially never predicted); rows written before the "
+    "per-class Dice was recorded use the training curve and the mean Dice instead: final moving-average "
+    f"training loss ≥ {STALL_LOSS} (one of the 4 classes missing from the soft-Dice mean costs 0.25, plus the "
+    f"others' residual) and test Dice (mean over φ and classes) < {STALL_DICE}. A diverged run counts as stalled."
+)
+
+
+def stalled(row: dict[str, Any]) -> bool | None:
+    """Whether a segmentation run stalled on a class-collapse plateau (:data:`STALL_RULE`); None for other tasks.
+
+    Example:
+        >>> stalled({"task": "segment", "metrics": {"diverged_at": None, "dice_by_class": [0.7, 0.0, 0.8]}})
+        True
+    """
+    if row.get("task") != "segment":
+        return None
+    m = row.get("metrics") or {}
+    if m.get("diverged_at") is not None:
+        return True
+    by_class = m.get("dice_by_class")
+    if by_class:
+        return min(float(c) for c in by_class) < STALL_CLASS_DICE
+    _, _, final = _window_target(row)
+    dice = metric(row, "dice")
+    return bool(final >= STALL_LOSS and (math.isnan(dice) or dice < STALL_DICE))
 
 
 # ---------------------------------------------------------------------------------------------- row selection
@@ -257,25 +404,48 @@ def _lr(row: dict[str, Any]) -> float | None:
     return None if lr is None else float(lr)
 
 
+def settings(row: dict[str, Any], *, without: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The settings a row was run with: its config (steps, learning rate, sizes, ...) and its data set."""
+    cfg = {k: v for k, v in (row.get("config") or {}).items() if k not in without}
+    return {**cfg, "data": row.get("data")}
+
+
+def _skey(row: dict[str, Any], *, without: tuple[str, ...] = ()) -> str:
+    return json.dumps(settings(row, without=without), sort_keys=True, default=str)
+
+
+def settings_groups(rows: list[dict[str, Any]], task: str) -> list[list[dict[str, Any]]]:
+    """The task's "main" and "baseline" rows split by their settings (:func:`settings`), largest group first.
+
+    Rows run with different settings (a ``--steps 60`` run written into a folder that holds a ``--steps 20``
+    run, a ``--full`` run into a quick run's folder) are never pooled: each group gets its own table.
+    """
+    by: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        if r["task"] == task and r.get("study", "main") in MAIN_STUDIES:
+            by[_skey(r)].append(r)
+    return sorted(by.values(), key=lambda g: -len(g))
+
+
+def settings_diff(groups: list[list[dict[str, Any]]]) -> list[str]:
+    """Per group, 'key=value, ...' for the settings that differ between the groups ('' for a single group)."""
+    if len(groups) < 2:
+        return [""] * len(groups)
+    sets = [settings(g[0]) for g in groups]
+    keys = sorted({k for s in sets for k in s if len({json.dumps(t.get(k), sort_keys=True, default=str) for t in sets}) > 1})
+    return [", ".join(f"{k}={str(s.get(k))[:60]}" for k in keys) for s in sets]
+
+
 def main_lr(rows: list[dict[str, Any]], task: str) -> float | None:
-    """The learning rate of the task's main configuration: the most common one among its "main" rows
-    (or its "baseline" rows when there are no "main" rows)."""
-    for study in MAIN_STUDIES:
-        lrs = Counter(_lr(r) for r in rows if r["task"] == task and r.get("study", "main") == study)
-        if lrs:
-            return lrs.most_common(1)[0][0]
-    return None
+    """The learning rate of the task's main configuration (that of its largest settings group)."""
+    groups = settings_groups(rows, task)
+    return _lr(groups[0][0]) if groups else None
 
 
-def main_groups(rows: list[dict[str, Any]], task: str) -> dict[str, list[dict[str, Any]]]:
-    """Rows of study "main" and "baseline" at the main configuration's learning rate, by variant, one row
-    per (variant, seed) (the first); sweep and ablation rows never enter."""
-    lr = main_lr(rows, task)
+def _one_per_seed(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     out: dict[str, list[dict[str, Any]]] = defaultdict(list)
     seen = set()
     for r in rows:
-        if r["task"] != task or r.get("study", "main") not in MAIN_STUDIES or _lr(r) != lr:
-            continue
         if (r["variant"], r["seed"]) in seen:
             continue
         seen.add((r["variant"], r["seed"]))
@@ -283,12 +453,25 @@ def main_groups(rows: list[dict[str, Any]], task: str) -> dict[str, list[dict[st
     return {v: out[v] for v in variant_order(out)}
 
 
+def main_groups(rows: list[dict[str, Any]], task: str) -> dict[str, list[dict[str, Any]]]:
+    """Rows of study "main" and "baseline" of the task's largest settings group (:func:`settings_groups`), by
+    variant, one row per (variant, seed) (the first); sweep and ablation rows never enter. To report another
+    settings group, pass its rows."""
+    groups = settings_groups(rows, task)
+    return _one_per_seed(groups[0]) if groups else {}
+
+
 def lr_cells(rows: list[dict[str, Any]], task: str) -> dict[tuple[str, float], list[dict[str, Any]]]:
-    """(variant, learning rate) -> rows, from the task's "main" and "lr" rows (one per seed)."""
+    """(variant, learning rate) -> rows, from the task's "main" and "lr" rows (one per seed) whose settings,
+    the learning rate aside, are those of the main configuration."""
+    groups = settings_groups(rows, task)
+    ref = _skey(groups[0][0], without=("lr",)) if groups else None
     out: dict[tuple[str, float], list[dict[str, Any]]] = defaultdict(list)
     seen = set()
     for r in rows:
         if r["task"] != task or r.get("study", "main") not in ("main", "lr"):
+            continue
+        if ref is not None and _skey(r, without=("lr",)) != ref:
             continue
         lr = _lr(r)
         if lr is None or (r["variant"], lr, r["seed"]) in seen:
@@ -331,16 +514,61 @@ def _median_cell(values: list[float], n_total: int) -> str:
     return cell
 
 
-def _delta_cell(rs: list[dict[str, Any]], ref: list[dict[str, Any]], key: str) -> str:
-    d, lo, hi, k = paired_bootstrap(_by_seed(rs, key), _by_seed(ref, key))
-    if k == 0:
+def _delta_text(d: Delta, p_adj: float | None = None) -> str:
+    """'+0.032 [+0.017, +0.048] (n=5, p=0.004, Holm 0.02)'."""
+    if d.n == 0:
         return "n/a (no paired seeds)"
-    if k < 2:
-        return f"{_signed(d)} (n=1, no CI)"
-    return f"{_signed(d)} [{_signed(lo)}, {_signed(hi)}] (n={k})"
+    if d.n < MIN_PAIRS:
+        return f"{_signed(d.mean)} (n=1, no CI)"
+    ps = f"p={_p(d.p)}" + (f", Holm {_p(p_adj)}" if p_adj is not None and math.isfinite(p_adj) else "")
+    return f"{_signed(d.mean)} [{_signed(d.lo)}, {_signed(d.hi)}] (n={d.n}, {ps})"
+
+
+def _p(p: float) -> str:
+    if math.isnan(p):
+        return "n/a"
+    return "<0.001" if p < 0.001 else f"{p:.3f}" if p < 0.1 else f"{p:.2f}"
+
+
+def _delta_cell(rs: list[dict[str, Any]], ref: list[dict[str, Any]], key: str) -> str:
+    return _delta_text(paired_t(_by_seed(rs, key), _by_seed(ref, key)))
+
+
+def stall_counts(groups: dict[str, list[dict[str, Any]]]) -> dict[str, tuple[int, int]]:
+    """Per variant: (stalled runs, runs) by :func:`stalled`; empty for tasks without a stall rule."""
+    out = {}
+    for v, rs in groups.items():
+        flags = [stalled(r) for r in rs]
+        if any(f is not None for f in flags):
+            out[v] = (sum(bool(f) for f in flags), len(flags))
+    return out
+
+
+def stall_table(groups: dict[str, list[dict[str, Any]]]) -> str:
+    """Stalled runs per variant with Fisher's exact test against the default, the plain network and MIP."""
+    counts = stall_counts(groups)
+    if not counts:
+        return ""
+    refs = [r for r in ("default", "plain", "mip") if r in counts]
+    lines = [
+        "| variant | stalled / runs | " + " | ".join(f"Fisher p vs {r}" for r in refs) + " |",
+        "|" + "---|" * (2 + len(refs)),
+    ]
+    for v, (k, n) in counts.items():
+        ps = ["" if r == v else _p(fisher_exact(k, n, *counts[r])) for r in refs]
+        lines.append(f"| {v} | {k}/{n} | " + " | ".join(ps) + " |")
+    return "\n".join(lines)
+
+
+#: Per task: variants whose training loss is not the hypernetworks' (the plain registration network is
+#: trained at one lambda), so a speed-up on it would compare different losses.
+NOT_COMPARABLE_LOSS = {("register", "plain"): "n/a (trained at λ = 0.2 only: another loss)"}
 
 
 def main_table(rows: list[dict[str, Any]], task: str) -> str:
+    """The task's main table (one row per variant) from its largest settings group (or from ``rows`` as a
+    whole when they are one group). Δ cells: paired t-intervals with Holm-adjusted p over the table's family
+    of comparisons (every variant's headline and loss-AUC difference from the default)."""
     groups = main_groups(rows, task)
     if not groups:
         return ""
@@ -348,31 +576,46 @@ def main_table(rows: list[dict[str, Any]], task: str) -> str:
     others = TASK_METRICS[task][1:]
     sp = speedups(groups)
     ref = groups.get("default", [])
+    deltas: dict[tuple[str, str], Delta] = {}
+    if ref:
+        for v, rs in groups.items():
+            if v != "default":
+                for key in (head_key, "auc_loss"):
+                    deltas[(v, key)] = paired_t(_by_seed(rs, key), _by_seed(ref, key))
+    fam = list(deltas)
+    adj = dict(zip(fam, holm([deltas[k].p for k in fam])))
+    stalls = stall_counts(groups)
     cols = [
         "variant",
         "seeds",
-        head_title,
-        f"Δ {head_title} vs default, mean [95 % bootstrap CI] (paired by seed)",
+        f"{head_title}, median [IQR]",
+        f"Δ {head_title} vs default: mean [95 % t-CI] (n pairs, p, Holm-adjusted p)",
         *(t for _, t, _ in others),
         "loss AUC (mean moving-average train loss)",
-        "Δ loss AUC vs default, mean [95 % bootstrap CI] (paired by seed)",
-        "speed-up vs default, median [IQR] over all seeds",
+        "Δ loss AUC vs default: mean [95 % t-CI] (n pairs, p, Holm-adjusted p)",
+        "speed-up vs default (paired by seed; target: that seed's final default train loss)",
         "diverged",
+        *(["stalled"] if stalls else []),
     ]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for v, rs in groups.items():
         n = len(rs)
         is_ref = v == "default"
+        if (task, v) in NOT_COMPARABLE_LOSS:
+            speed = NOT_COMPARABLE_LOSS[(task, v)]
+        else:
+            speed = sp[v].cell() if v in sp else "n/a"
         cells = [
             v,
             str(n),
             _median_cell([metric(r, head_key) for r in rs], n),
-            "" if is_ref or not ref else _delta_cell(rs, ref, head_key),
+            "" if is_ref or not ref else _delta_text(deltas[(v, head_key)], adj[(v, head_key)]),
             *(_median_cell([metric(r, k) for r in rs], n) for k, _, _ in others),
             _median_cell([metric(r, "auc_loss") for r in rs], n),
-            "" if is_ref or not ref else _delta_cell(rs, ref, "auc_loss"),
-            sp[v].cell() if v in sp else "n/a",
+            "" if is_ref or not ref else _delta_text(deltas[(v, "auc_loss")], adj[(v, "auc_loss")]),
+            speed,
             f"{sum(r['metrics'].get('diverged_at') is not None for r in rs)}/{n}",
+            *([f"{stalls[v][0]}/{stalls[v][1]}"] if stalls else []),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -386,24 +629,34 @@ def _ranked_median(rs: list[dict[str, Any]], key: str, higher: bool) -> float:
     return float(np.median(vals)) if vals else math.nan
 
 
-def lr_table(rows: list[dict[str, Any]], task: str) -> str:
-    """Variant x learning rate: the headline metric's median (seeds); the best rate per variant in bold.
+#: Per task: the validation metric a learning rate (or lambda) is chosen on, where the rows have it.
+VAL_KEY = {"classify": "val_acc", "register": "val_dice_best", "segment": "val_dice"}
 
+
+def lr_table(rows: list[dict[str, Any]], task: str) -> str:
+    """Variant x learning rate: the headline metric's median (seeds); each variant's chosen rate in bold.
+
+    The rate is chosen on the validation metric (:data:`VAL_KEY`) when every cell of the variant has it (the
+    column "chosen on" says "validation"), otherwise on the reported test metric itself ("test": optimistic).
     Empty unless the task has rows of study "lr".
     """
     if not any(r["task"] == task and r.get("study") == "lr" for r in rows):
         return ""
     key, _, higher = HEADLINE[task]
+    vkey = VAL_KEY[task]
     cells = lr_cells(rows, task)
     lrs = sorted({lr for _, lr in cells})
     variants = variant_order(v for v, _ in cells)
     lines = [
-        "| variant | " + " | ".join(f"lr {_fmt_lr(lr)}" for lr in lrs) + " | best lr |",
-        "|" + "---|" * (len(lrs) + 2),
+        "| variant | " + " | ".join(f"lr {_fmt_lr(lr)}" for lr in lrs) + " | chosen lr | chosen on |",
+        "|" + "---|" * (len(lrs) + 3),
     ]
     for v in variants:
-        meds = {lr: _ranked_median(cells[(v, lr)], key, higher) for lr in lrs if (v, lr) in cells}
-        finite = {lr: m for lr, m in meds.items() if math.isfinite(m)}
+        mine = [lr for lr in lrs if (v, lr) in cells]
+        on_val = all(any(math.isfinite(metric(r, vkey)) for r in cells[(v, lr)]) for lr in mine)
+        sel = {lr: _ranked_median(cells[(v, lr)], vkey if on_val else key, higher) for lr in mine}
+        meds = {lr: _ranked_median(cells[(v, lr)], key, higher) for lr in mine}
+        finite = {lr: m for lr, m in sel.items() if math.isfinite(m)}
         best = (max if higher else min)(finite, key=finite.__getitem__) if finite else None
         row = []
         for lr in lrs:
@@ -414,9 +667,12 @@ def lr_table(rows: list[dict[str, Any]], task: str) -> str:
             div = sum(r["metrics"].get("diverged_at") is not None for r in rs)
             m = meds[lr]
             txt = f"{m:.3f}" if math.isfinite(m) else "diverged"
-            txt += f" ({len(rs)}" + (f", {div} div." if div else "") + ")"
+            steps = _finite(metric(r, "rel_step_first10") for r in rs)
+            step = f"; step {float(np.median(steps)):.3g}" if steps else ""
+            txt += f" ({len(rs)}" + (f", {div} div." if div else "") + step + ")"
             row.append(f"**{txt}**" if lr == best else txt)
-        lines.append(f"| {v} | " + " | ".join(row) + f" | {_fmt_lr(best) if best is not None else 'n/a'} |")
+        chosen = _fmt_lr(best) if best is not None else "n/a"
+        lines.append(f"| {v} | " + " | ".join(row) + f" | {chosen} | {'validation' if on_val else 'test (optimistic)'} |")
     return "\n".join(lines)
 
 
@@ -470,6 +726,102 @@ def trace_table(rows: list[dict[str, Any]], task: str) -> str:
     return "\n".join(lines)
 
 
+def _theta_spread(r: dict[str, Any], which: int) -> float:
+    """max/min over gamma of the gradient norm w.r.t. the generated weights at trace point ``which``."""
+    tr = [e for e in (r.get("trace") or []) if e.get("theta_grad_by_gamma")]
+    return _spread(tr[which]["theta_grad_by_gamma"]) if tr else math.nan
+
+
+def gamma_table(rows: list[dict[str, Any]]) -> str:
+    """The gamma-range stress test (study "gamma"): per range and variant, test accuracy, its paired
+    difference from the default at the same range, the paired speed-up, and the spread (max/min over gamma)
+    of the gradient norm w.r.t. the generated weights at the first and the last trace point."""
+    g = [r for r in rows if r.get("study") == "gamma"]
+    if not g:
+        return ""
+    levels: list[str] = []
+    for r in g:
+        if str(r["level"]) not in levels:
+            levels.append(str(r["level"]))
+    lines = [
+        "| gamma range | variant | seeds | test accuracy, median [IQR] | Δ vs default at this range: mean [95 % t-CI] (n, p) | "
+        "speed-up vs default (paired) | ‖∂L/∂θ‖ max/min over gamma, step 0 | same, last step | diverged |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for level in levels:
+        groups = _one_per_seed([r for r in g if str(r["level"]) == level])
+        sp = speedups(groups)
+        ref = groups.get("default", [])
+        for v, rs in groups.items():
+            n = len(rs)
+            delta = "" if v == "default" or not ref else _delta_cell(rs, ref, "test_acc")
+            first = _finite(_theta_spread(r, 0) for r in rs)
+            last = _finite(_theta_spread(r, -1) for r in rs)
+            cells = [
+                level,
+                v,
+                str(n),
+                _median_cell([metric(r, "test_acc") for r in rs], n),
+                delta,
+                sp[v].cell() if v in sp else "n/a",
+                f"{float(np.median(first)):.3g}" if first else "n/a",
+                f"{float(np.median(last)):.3g}" if last else "n/a",
+                f"{sum(r['metrics'].get('diverged_at') is not None for r in rs)}/{n}",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+CLASSES = ("CSF", "GM", "WM")
+
+
+def segattr_table(rows: list[dict[str, Any]]) -> str:
+    """Segmentation attribution (study "segattr"): per arm, stalls (:func:`stalled`) with Fisher's exact test
+    against MIP with the soft-Dice loss at 1e-3, Dice, per-class Dice and the relative step of the first updates."""
+    g = [r for r in rows if r.get("study") == "segattr"]
+    if not g:
+        return ""
+    arms: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    seen = set()
+    for r in g:
+        if (str(r["level"]), r["seed"]) not in seen:
+            seen.add((str(r["level"]), r["seed"]))
+            arms[str(r["level"])].append(r)
+    ref = "mip-soft_dice"
+    rk = sum(bool(stalled(r)) for r in arms.get(ref, []))
+    rn = len(arms.get(ref, []))
+    lines = [
+        "| arm | variant | loss | lr | seeds | stalled | Fisher p vs mip-soft_dice | Dice, median [IQR] | "
+        + " | ".join(f"{c} Dice" for c in CLASSES)
+        + " | relative step, first 10 updates |",
+        "|" + "---|" * (9 + len(CLASSES)),
+    ]
+    for arm, rs in arms.items():
+        n = len(rs)
+        k = sum(bool(stalled(r)) for r in rs)
+        cfg = rs[0].get("config") or {}
+        p = "" if arm == ref or not rn else _p(fisher_exact(k, n, rk, rn))
+        per = []
+        for i in range(len(CLASSES)):
+            vals = _finite((r["metrics"].get("dice_by_class") or [math.nan] * 3)[i] for r in rs)
+            per.append(f"{float(np.median(vals)):.3f}" if vals else "n/a")
+        steps = _finite(metric(r, "rel_step_first10") for r in rs)
+        cells = [
+            arm,
+            rs[0]["variant"],
+            str(cfg.get("loss", "soft_dice")),
+            _fmt_lr(float(cfg.get("lr", math.nan))),
+            str(n),
+            f"{k}/{n}",
+            p,
+            _median_cell([metric(r, "dice") for r in rs], n),
+            *per,
+            f"{float(np.median(steps)):.4f}" if steps else "n/a",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def ablation_table(rows: list[dict[str, Any]]) -> str:
     abl = [r for r in rows if r.get("study") == "ablation"]
     if not abl:
@@ -490,7 +842,12 @@ def ablation_table(rows: list[dict[str, Any]]) -> str:
 
         sp = speedups(g).get("mip")
         div = "/".join(str(sum(r["metrics"].get("diverged_at") is not None for r in g.get(v, []))) for v in ("default", "mip"))
-        spd = "n/a" if sp is None or sp.n == 0 else sp.cell().split(" [")[0] + f" ({sp.reached}/{sp.n})"
+        if sp is None or sp.n == 0:
+            spd = "n/a"
+        elif sp.reached == sp.n:
+            spd = sp.cell().split(" [")[0].split(" (")[0] + f" ({sp.reached}/{sp.n})"
+        else:
+            spd = sp.cell()
         delta = _delta_cell(g.get("mip", []), g.get("default", []), "test_acc") if "default" in g and "mip" in g else "n/a"
         lines.append(
             f"| {axis} | {level} | {cell('default', 'test_acc')} | {cell('mip', 'test_acc')} | {delta} | "
@@ -570,7 +927,8 @@ def plot_metric_vs_gamma(rows: list[dict[str, Any]], task: str, path: Path, key:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             med, lo, hi = np.nanmedian(a, 0), np.nanmin(a, 0), np.nanmax(a, 0)
-        ax.plot(xs, med, marker="o", label=f"{v} (n={len(rs)})")
+        note = " — trained at λ = 0.2 only" if (task, v) in NOT_COMPARABLE_LOSS else ""
+        ax.plot(xs, med, marker="o", label=f"{v} (n={len(rs)}){note}")
         ax.fill_between(xs, lo, hi, alpha=0.2)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -693,93 +1051,176 @@ GAMMA_PLOTS: dict[str, list[tuple[str, str, str, str]]] = {
 }
 
 RULES = (
-    "**How to read the table.** Rows: study `main` and `baseline` runs at the main configuration's learning rate "
-    "(sweep and ablation runs never enter). Metrics: median [25th, 75th percentile] over the seeds that have the "
-    "metric (a diverged run has no evaluation; `n=` says how many when fewer than all). "
+    "**How to read the table.** Rows: study `main` and `baseline` runs with the same settings (config and data; "
+    "runs with other settings get their own table, sweep and ablation runs never enter). Metrics: median [25th, "
+    "75th percentile] over the seeds that have the metric (a diverged run has no evaluation; `n=` says how many "
+    "when fewer than all). "
     "**Δ vs default** is the mean over seeds of the per-seed difference variant - default (seed s of both share "
     "data order and initialisation stream, so the seeds are pairs; seeds without a partner or with a missing or "
-    "non-finite value are left out), with a 95 % percentile bootstrap CI (10,000 resamples of the pairs, fixed "
-    "generator seed 0). With few seeds the CI is coarse (3 seeds: only 10 distinct resamples; 2 seeds: it is the "
-    "range of the two differences) and says little more than whether the seeds agree in sign. "
-    "**Loss AUC**: the mean of the moving-average training loss (window 10 % "
-    "of the run, at least 25 steps) over the whole run, the area under the loss curve per step: a speed and level "
-    "comparison without a threshold (lower is better; a diverged run's AUC is infinite). "
-    "**Speed-up**: total steps ÷ the first step at which a seed's moving-average loss reaches the target, the "
-    "default's median final moving-average loss; only full windows count. A seed that never reaches the target "
-    "is censored: its speed-up is below 1x and ranks below every seed that reached it; it is not dropped. The "
-    "median and quartiles are taken over all seeds on these ranks: where one falls on (or is interpolated with) a "
-    "censored seed the report prints an upper bound (`<1x`, or `<v` when interpolated with a reached seed); `≥` "
-    "marks a lower bound (the seed reached the target at the first full window). `(k/n reached)` counts the seeds "
-    "that reached the target."
+    "non-finite value are left out) with a 95 % Student-t interval (mean ± t(n-1) · sd / √n, which keeps its "
+    "coverage at 3-10 pairs where a percentile bootstrap is too narrow), the number of pairs n, the paired "
+    "t-test's two-sided p, and that p after Holm's correction over the table's family of comparisons (every "
+    "variant's headline and loss-AUC difference from the default). Read a difference as a finding only where "
+    "the Holm-adjusted p is below 0.05. "
+    "**Loss AUC**: the mean of the moving-average training loss (window 10 % of the run, at least 25 steps) over "
+    "the whole run, the area under the loss curve per step: a speed and level comparison without a threshold "
+    "(lower is better; a diverged run's AUC is infinite). "
+    "**Speed-up vs default**, paired by seed: the target of seed s is the default's final moving-average training "
+    "loss in seed s; the speed-up is the steps the default needs to first reach it ÷ the steps the variant needs "
+    "to first reach it (full windows only), so the default scores exactly 1.00x. When every seed reaches the "
+    "target: geometric mean with a 95 % t-interval on the log ratios (n seeds; `≥`: some seed reached it at the "
+    "first full window, a lower bound). Otherwise the seeds that never reach it are censored (below 1x) and "
+    "ranked lowest, and the cell gives the median over all seeds (`<1x`: the median seed never reached it) with "
+    "`(k/n reached)`, no interval. "
+    "The speed-up is measured on the training loss: the rows hold no validation curve. "
 )
 
 
+def _section(rows: list[dict[str, Any]], task: str, out: Path, suffix: str, title: str) -> list[str]:
+    """One task's section (main table, stalls, plots, learning-rate sweep, traces) from one settings group."""
+    table = main_table(rows, task)
+    if not table:
+        return []
+    names = data_names(rows, task)
+    lr = main_lr(rows, task)
+    steps = sorted({int((r.get("config") or {}).get("steps") or 0) for r in rows if r["task"] == task})
+    parts = [
+        f"## Task: {task}{title}",
+        "",
+        f"Data: {'; '.join(names) if names else 'not recorded'}. Steps: {', '.join(map(str, steps))}. Learning rate: "
+        f"{_fmt_lr(lr) if lr is not None else 'n/a'}. Headline metric: {HEADLINE[task][1]} (`{HEADLINE[task][0]}`).",
+        "",
+    ]
+    if task == "register" and "plain" in main_groups(rows, task):
+        parts += [
+            "Caveat: the plain network is trained at λ = 0.2 only (flat line on the by-λ plots: one network for "
+            "every λ); its Dice at the best λ is its Dice at its own λ, and its training loss is not the "
+            "hypernetworks' (no speed-up).",
+            "",
+        ]
+    if task == "register":
+        mg = [r for rs in main_groups(rows, task).values() for r in rs]
+        if mg and all("val_dice_best" in (r.get("metrics") or {}) for r in mg if r["metrics"].get("diverged_at") is None):
+            parts += [
+                "Dice at the best λ: the test Dice at the λ that is best on the validation slices (the test subject's "
+                "slices in blocks of 4, alternately validation and test); the metric `dice_best_test_chosen` keeps the "
+                "optimistic value with λ chosen on the test pairs themselves.",
+                "",
+            ]
+        else:
+            parts += ["Dice at the best λ: λ chosen on the test pairs themselves (these rows have no validation split): optimistic.", ""]
+    parts += [table, ""]
+    stt = stall_table(main_groups(rows, task))
+    if stt:
+        parts += [f"Stalls ({task}). {STALL_RULE} Fisher's exact test, two-sided, not adjusted.", "", stt, ""]
+    tag = f"{task}{suffix}"
+    if plot_curves(rows, task, out / f"{tag}_curves.png"):
+        parts += [f"![{task} training curves]({tag}_curves.png)", ""]
+    if plot_curves(rows, task, out / f"{tag}_gradnorm.png", key="grad_norms", ylabel="grad norm"):
+        parts += [f"![{task} gradient norms]({tag}_gradnorm.png)", ""]
+    for key, name, xl, yl in GAMMA_PLOTS[task]:
+        name = name.replace(f"{task}_", f"{tag}_", 1)
+        if plot_metric_vs_gamma(rows, task, out / name, key, xl, yl):
+            parts += [f"![{task} {key}]({name})", ""]
+    lrt = lr_table(rows, task)
+    if lrt:
+        parts += [
+            f"### Learning-rate sweep ({task})",
+            "",
+            f"{HEADLINE[task][1]}: median over seeds (number of seeds, diverged runs) per variant and learning rate, "
+            "from the `lr` sweep and the `main` runs; a diverged run ranks worst in the median. Bold: each "
+            "variant's chosen rate, the best on the validation metric where the rows have one (`chosen on: "
+            "validation`), otherwise the best on the same test data it is reported on (optimistic). `step`: the "
+            "median relative change of the generated weights over the first 10 updates, where recorded (the same "
+            "learning rate is not the same step for every formulation).",
+            "",
+            lrt,
+            "",
+        ]
+        if plot_lr(rows, task, out / f"{tag}_lr.png"):
+            parts += [f"![{task} learning-rate sweep]({tag}_lr.png)", ""]
+    trt = trace_table(rows, task)
+    if trt and plot_trace(rows, task, out / f"{tag}_trace.png"):
+        parts += [
+            f"### Training traces ({task})",
+            "",
+            "At each run's last trace step, median over seeds: ‖Δ‖/‖θ0‖ (averaged over gamma; additive variants "
+            "only), the relative variation of the model output across gamma on a fixed probe batch, and max/min "
+            "of the loss's gradient norm over the gamma bins (of all trainable parameters: for registration it "
+            "includes the (1 - λ) weighting of the loss, for the default the output bias; not a clean measure of "
+            "proportionality).",
+            "",
+            trt,
+            "",
+            f"![{task} training traces]({tag}_trace.png)",
+            "",
+        ]
+    return parts
+
+
 def write_report(rows: list[dict[str, Any]], out: Path, *, header: str = "") -> Path:
-    """Write plots and report.md into ``out``; return the report path."""
+    """Write plots and report.md into ``out``; return the report path.
+
+    A task whose rows were run with different settings (:func:`settings_groups`) gets one section per
+    settings group, titled with the settings that differ, never a pooled table.
+    """
     out.mkdir(parents=True, exist_ok=True)
     parts = ["# hyperloom experiment report", "", header, ""]
+    note = out / "NOTE.md"
+    if note.exists():
+        parts += [note.read_text().strip(), ""]
     if any(r.get("study", "main") in MAIN_STUDIES for r in rows):
         parts += [RULES, ""]
     for task in ("classify", "register", "segment"):
-        table = main_table(rows, task)
-        if not table:
-            continue
-        names = data_names(rows, task)
-        lr = main_lr(rows, task)
+        groups = settings_groups(rows, task)
+        diffs = settings_diff(groups)
+        for i, (g, diff) in enumerate(zip(groups, diffs)):
+            if len(groups) > 1:
+                title = f" — settings {i + 1} of {len(groups)}: {diff}"
+                # the lr sweep belongs to the settings it was run from: give each group its own lr rows
+                base = _skey(g[0], without=("lr",))
+                extra = [r for r in rows if r["task"] == task and r.get("study") == "lr" and _skey(r, without=("lr",)) == base]
+                parts += _section(g + extra, task, out, f"_s{i + 1}", title)
+            else:
+                parts += _section(rows, task, out, "", "")
+    sat = segattr_table(rows)
+    if sat:
         parts += [
-            f"## Task: {task}",
+            "## Is the segmentation stall MIP's fault? (task: segment)",
             "",
-            f"Data: {'; '.join(names) if names else 'not recorded'}. Main configuration learning rate: "
-            f"{_fmt_lr(lr) if lr is not None else 'n/a'}. Headline metric: {HEADLINE[task][1]} (`{HEADLINE[task][0]}`).",
+            f"{STALL_RULE} Arms: loss (soft Dice, soft Dice + cross-entropy) x {{plain, additive-only, MIP}}; MIP at a "
+            "learning rate whose relative step matches plain's, plain at one that matches MIP's; MIP with a "
+            "zero-initialised head. Fisher's exact test two-sided, unadjusted. Relative step: mean over the first 10 "
+            "updates of ‖θ_after - θ_before‖ / ‖θ_before‖ of the generated weights at φ = 0.25 (the weights "
+            "themselves for the plain network); median over seeds.",
             "",
-            table,
+            sat,
             "",
         ]
-        if plot_curves(rows, task, out / f"{task}_curves.png"):
-            parts += [f"![{task} training curves]({task}_curves.png)", ""]
-        if plot_curves(rows, task, out / f"{task}_gradnorm.png", key="grad_norms", ylabel="grad norm"):
-            parts += [f"![{task} gradient norms]({task}_gradnorm.png)", ""]
-        for key, name, xl, yl in GAMMA_PLOTS[task]:
-            if plot_metric_vs_gamma(rows, task, out / name, key, xl, yl):
-                parts += [f"![{task} {key}]({name})", ""]
-        lrt = lr_table(rows, task)
-        if lrt:
-            parts += [
-                f"### Learning-rate sweep ({task})",
-                "",
-                f"{HEADLINE[task][1]}: median over seeds (number of seeds, diverged runs) per variant and learning rate, "
-                "from the `lr` sweep and the `main` runs; a diverged run ranks worst in the median. Bold: each "
-                "variant's best rate.",
-                "",
-                lrt,
-                "",
-            ]
-            if plot_lr(rows, task, out / f"{task}_lr.png"):
-                parts += [f"![{task} learning-rate sweep]({task}_lr.png)", ""]
-        trt = trace_table(rows, task)
-        if trt and plot_trace(rows, task, out / f"{task}_trace.png"):
-            parts += [
-                f"### Training traces ({task})",
-                "",
-                "At each run's last trace step, median over seeds: ‖Δ‖/‖θ0‖ (averaged over gamma; additive variants "
-                "only), the relative variation of the model output across gamma on a fixed probe batch, and max/min "
-                "of the loss's gradient norm over the gamma bins.",
-                "",
-                trt,
-                "",
-                f"![{task} training traces]({task}_trace.png)",
-                "",
-            ]
+    gam = gamma_table(rows)
+    if gam:
+        parts += [
+            "## gamma-range stress test (task: classify)",
+            "",
+            "gamma ~ U(lo, hi)² drawn per minibatch and declared with that range (the encoding maps it to [0, 1]; the raw "
+            "variants see it as is). If MIP's mechanism (removing the proportionality θ ∝ ‖gamma‖) matters, its advantage "
+            "over the default should grow with the range. ‖∂L/∂θ‖: the loss's gradient w.r.t. the generated weights "
+            "θ(gamma) only (not the hypernetwork's parameters, so neither an output bias nor a loss weighting enters), on "
+            "a fixed probe batch at 5 values of gamma across the range; max/min over those values, median over seeds. "
+            "Δ and speed-up: paired by seed with the default at the same range; p unadjusted.",
+            "",
+            gam,
+            "",
+        ]
     abl = ablation_table(rows)
     if abl:
         parts += [
             "## Ablations (task: classify)",
             "",
-            "Median over seeds. Δ acc: mean of the per-seed differences MIP - default with a 95 % percentile "
-            "bootstrap CI (paired by seed; with 2 seeds it is the range of the two differences). "
-            "MIP speed-up: steps for MIP's moving-average loss to reach the default's "
-            "median final loss under the same setting, median over all seeds with the seeds that never reach it "
-            "ranked lowest (`<1x`: the median seed never reached it; ≥: reached within the first window, a lower bound).",
+            "Median over seeds. Δ acc: mean of the per-seed differences MIP - default with a 95 % t-interval "
+            "(paired by seed; n pairs; two-sided paired t-test p, not adjusted: read only large effects). "
+            "MIP speed-up: paired by seed against the default under the same setting (see the rules above); "
+            "`<1x`: the median seed never reached the default's final loss.",
             "",
             abl,
             "",

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .brain import NUM_LABELS, BrainSlices, dice_per_class, load_brain_slices, one_hot, random_smooth_warp, warp
-from .common import VARIANTS, build_variant, grad_norm_by_condition, set_seed, trace_probe, train_and_evaluate
+from .common import VARIANTS, build_variant, flat_weights, grad_norm_by_condition, set_seed, trace_probe, train_and_evaluate
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -69,6 +69,16 @@ def soft_dice_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return 1 - ((2 * inter + 1e-5) / (denom + 1e-5)).mean()
 
 
+def seg_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str = "soft_dice") -> torch.Tensor:
+    """The training loss: ``"soft_dice"`` (the paper's) or ``"dice_ce"`` (soft Dice + cross-entropy, the usual
+    remedy for a class that the soft Dice lets collapse)."""
+    if kind == "soft_dice":
+        return soft_dice_loss(logits, labels)
+    if kind == "dice_ce":
+        return soft_dice_loss(logits, labels) + F.cross_entropy(logits, labels)
+    raise ValueError(f"Unknown segmentation loss {kind!r}; choose 'soft_dice' or 'dice_ce'")
+
+
 def augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, strength: float) -> tuple[torch.Tensor, torch.Tensor]:
     d = random_smooth_warp(x.shape[0], x.shape[-1], strength, gen)
     xw = warp(x, d)
@@ -91,6 +101,8 @@ DEFAULTS: dict[str, Any] = {
     "encoding": None,
     "theta0": "init",  # the method's theta0 init (Kaiming fan-in weights, zero biases); "model": PyTorch's
     "probes": 10,  # trace points over training
+    # the test subject's slices in blocks of 4, alternately validation (choose a learning rate) and test (report)
+    "val_split": "blocks4",
 }
 
 SIZES: dict[str, dict[str, Any]] = {
@@ -116,14 +128,35 @@ def conditioning(variant: str, phi: Any) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: BrainSlices, cfg: dict[str, Any], seed: int, variant: str = "mip") -> dict[str, Any]:
-    gen = torch.Generator().manual_seed(40_000 + seed)
-    x, y = augment(data.x_test, data.y_test, gen, cfg["warp_strength"])
-    dice = []
+def _dice(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: dict[str, Any], variant: str) -> tuple[list[float], list[float]]:
+    """(Dice per phi averaged over classes, Dice per class averaged over phi)."""
+    dice, per_class = [], torch.zeros(NUM_LABELS - 1)
     for phi in cfg["phis"]:
         pred = model(x, scale=1 - phi, **conditioning(variant, phi)).argmax(1)
-        dice.append(float(dice_per_class(pred, y).mean()))
+        d = dice_per_class(pred, y)
+        dice.append(float(d.mean()))
+        per_class += d
+    return dice, (per_class / len(cfg["phis"])).tolist()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: BrainSlices, cfg: dict[str, Any], seed: int, variant: str = "mip") -> dict[str, Any]:
+    """Test Dice per phi and per class; with ``cfg["val_split"]`` also the validation Dice (the test subject's
+    other slices), on which a learning rate is chosen."""
+    extra: dict[str, Any] = {}
+    if cfg.get("val_split"):
+        from .register import val_split
+
+        val, data = val_split(data)
+        vx, vy = augment(val.x_test, val.y_test, torch.Generator().manual_seed(45_000 + seed), cfg["warp_strength"])
+        vdice, _ = _dice(model, vx, vy, cfg, variant)
+        extra["val_dice"] = sum(vdice) / len(vdice)
+    gen = torch.Generator().manual_seed(40_000 + seed)
+    x, y = augment(data.x_test, data.y_test, gen, cfg["warp_strength"])
+    dice, per_class = _dice(model, x, y, cfg, variant)
     return {
+        **extra,
+        "dice_by_class": per_class,
         "dice": sum(dice) / len(dice),
         "dice_spread": max(dice) - min(dice),
         "dice_by_phi": dice,
@@ -143,7 +176,7 @@ def run(
             idx = torch.randint(0, len(data.x_train), (cfg["batch"],), generator=gen)
             x, y = augment(data.x_train[idx], data.y_train[idx], gen, cfg["warp_strength"])
             phi = 0.5 * float(torch.rand((), generator=gen))
-            return soft_dice_loss(model(x, scale=1 - phi, **conditioning(variant, phi)), y)
+            return seg_loss(model(x, scale=1 - phi, **conditioning(variant, phi)), y, cfg.get("loss", "soft_dice"))
 
         return step_loss
 
@@ -171,5 +204,6 @@ def run(
             bins,
         )
 
-    out = train_and_evaluate(model, cfg, seed, make_step_loss, evaluate_all, desc=desc, checkpoint=checkpoint, probe=probe)
+    weights = lambda: flat_weights(model, conditioning(variant, 0.25))  # noqa: E731
+    out = train_and_evaluate(model, cfg, seed, make_step_loss, evaluate_all, desc=desc, checkpoint=checkpoint, probe=probe, weights=weights)
     return {**out, "data": data.source}

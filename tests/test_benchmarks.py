@@ -57,6 +57,28 @@ def test_lora_benchmark_quick_smoke(tmp_path, capsys):
     assert (tmp_path / "memory.png").stat().st_size > 1000
 
 
+def test_heads_benchmark_quick_smoke(tmp_path, capsys):
+    import warnings
+
+    from benchmarks import heads
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert heads.main(["--quick", "--out", str(tmp_path), "--sections", "lora,convnet"]) == 0
+    out = capsys.readouterr().out
+    assert "structured ÷ dense step time =" in out and "chunked ÷ dense step time =" in out
+    report = json.loads((tmp_path / "bench-heads.json").read_text())
+    assert report["lora"]["time_ratio"] > 0 and set(report["convnet"]["ratios"]) == {"chunked", "structured"}
+
+
+def test_pinn_benchmark_quick_smoke(tmp_path, capsys):
+    """The per-sample PDE residual section runs (it checks that vmap and the loop compute the same residual)."""
+    assert main(["--quick", "--out", str(tmp_path), "--sections", "pinn"]) == 0
+    assert "vmap ÷ fastest loop =" in capsys.readouterr().out
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["pinn"]["B"] == 8 and report["pinn"]["ratio"] > 0
+
+
 def test_selftune_benchmark_quick_smoke(tmp_path, capsys):
     assert main(["--quick", "--out", str(tmp_path), "--sections", "selftune"]) == 0
     assert "selftune ÷ plain =" in capsys.readouterr().out

@@ -41,3 +41,28 @@ def test_two_process_ddp_equals_single_process(tmp_path, mode):
         hidden=(16, 32),
     ).state_dict()
     assert any(not torch.allclose(init[k], a[k]) for k in a)
+
+
+FSDP_WORKER = Path(__file__).resolve().parent / "_fsdp_worker.py"
+
+
+def test_fsdp2_two_processes_equal_one_process(tmp_path):
+    """fully_shard on the base model's blocks (gloo, CPU): losses and gradients of 2 processes equal 1 process's."""
+    import json
+    import os
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.Popen([sys.executable, str(FSDP_WORKER), "0", "1", str(tmp_path / "s1"), str(tmp_path / "one.json")], env=env)
+    two = [
+        subprocess.Popen([sys.executable, str(FSDP_WORKER), str(r), "2", str(tmp_path / "s2"), str(tmp_path / "two.json")], env=env)
+        for r in (0, 1)
+    ]
+    assert all(p.wait(timeout=300) == 0 for p in (one, *two))
+    a, b = json.loads((tmp_path / "one.json").read_text()), json.loads((tmp_path / "two.json").read_text())
+    for kind in ("hyper", "lora"):
+        assert a[kind]["sharded"] == [] and "primary.2.0.weight" in b[kind]["sharded"]  # the base blocks really were sharded
+        assert any(n.startswith("hypernet.") for n in b[kind]["sharded"])  # and the root unit holds the hypernetwork
+        torch.testing.assert_close(torch.tensor(b[kind]["losses"]), torch.tensor(a[kind]["losses"]), rtol=1e-5, atol=1e-6)
+        assert sorted(a[kind]["grads"]) == sorted(b[kind]["grads"]) and any(k.startswith("hypernet.") for k in a[kind]["grads"])
+        for k, v in a[kind]["grads"].items():
+            torch.testing.assert_close(torch.tensor(b[kind]["grads"][k]), torch.tensor(v), rtol=1e-4, atol=1e-6, msg=f"{kind} {k}")

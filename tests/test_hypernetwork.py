@@ -84,7 +84,7 @@ def test_dtype_follows_targets():
     ("kwargs", "msg"),
     [
         ({"formulation": "hyper"}, "Unknown formulation 'hyper'; valid options are ['default', 'mip']"),
-        ({"head": "sparse"}, "Unknown head 'sparse'; valid options are ['dense', 'lowrank']"),
+        ({"head": "sparse"}, "Unknown head 'sparse'; valid options are ['dense', 'lowrank', 'chunked', 'structured']"),
         ({"head": "lowrank"}, "head='lowrank' needs rank=<int>"),
         ({"targets": {}}, "targets must be a non-empty mapping"),
         ({"targets": {"w": "big"}}, "Target 'w': expected a shape or a tensor, got 'big'"),
@@ -203,3 +203,11 @@ def test_under_compile_raise_mode_inputs_clamp_for_every_encoding():
     c = torch.compile(m, backend="aot_eager")
     x = torch.ones(1, 2)
     torch.testing.assert_close(c(x, g=torch.tensor(5.0)), m(x, g=1.0))
+
+
+def test_calling_a_hypernetwork_with_a_bare_number_says_how():
+    # used to raise a bare TypeError: 'float' object is not iterable
+    h = hl.HyperNetwork({"lam": (0.0, 1.0)}, {"w": (2,)}, hidden=(4,))
+    msg = "Conditioning must be a mapping from input name to value, e.g. {'lam': ...} (a HyperNetwork is called as hnet({'lam': ...})"
+    with pytest.raises(hl.HyperloomError, match=re.escape(msg)):
+        h(0.3)

@@ -475,3 +475,19 @@ def test_save_load_roundtrip(case, tmp_path):
         assert_same_output(hnet2(*args, **kwargs, lam=lam), hnet(*args, **kwargs, lam=lam))
     for name, t in hnet.generate(lam=0.6).items():
         torch.testing.assert_close(hnet2.generate(lam=0.6)[name], t, rtol=0, atol=0)
+
+
+def test_per_sample_loss_of_a_sample_with_no_labelled_token_and_the_documented_average():
+    # a sample whose labels are all -100 has no token to average over: its per-sample loss is NaN (0/0), as a
+    # shared call on that sample alone is; docs/guides/per-sample.md gives the average that equals the batch loss
+    hnet = hl.hypernetize(llama(), inputs={"lam": (0.0, 1.0)}, predict=["model.layers.0.mlp.*"], hidden=HIDDEN)
+    (ids,), kw = causal_inputs(4)
+    labels = kw["labels"].clone()
+    labels[2] = -100
+    out = hnet(ids, attention_mask=kw["attention_mask"], labels=labels, lam=torch.full((4,), 0.3))
+    assert torch.isnan(out.loss[2]) and torch.isfinite(out.loss[[0, 1, 3]]).all()
+    n = (labels[:, 1:] != -100).sum(1)  # labelled tokens per sample (causal models predict token t+1)
+    batch_loss = (out.loss.nan_to_num() * n).sum() / n.sum()
+    shared = hnet(ids, attention_mask=kw["attention_mask"], labels=labels, lam=0.3).loss
+    torch.testing.assert_close(batch_loss, shared)
+    torch.testing.assert_close(out.loss.nanmean(), out.loss[[0, 1, 3]].mean())

@@ -415,7 +415,7 @@ def test_handwired_hypernetwork_shape_mismatch():
         ({}, "Missing conditioning input(s) ['lam']"),
         (
             {"lam": torch.rand(3)},
-            "The conditioning has 3 per-sample values but positional argument 0 of shape (4, 1, 28, 28) has 4 samples "
+            "The conditioning has 3 per-sample value(s) but positional argument 0 of shape (4, 1, 28, 28) has 4 samples "
             "along its batch dimension 0",
         ),
         ({"lam": 1.5}, "Conditioning input 'lam' out of its declared range [0.0, 1.0]: got values in [1.5, 1.5]"),
@@ -482,7 +482,9 @@ def test_predicted_parameters_are_held_once():
     trunk = sum(p.numel() for p in hnet.hypernet.trunk.parameters())
     untouched = sum(p.numel() for p in net[2].parameters())
     assert sum(held.values()) == 1_001_000 + head + trunk + untouched + sum(b.numel() for b in hnet.hypernet.buffers())
-    assert not hasattr(hnet.primary[0], "weight") or hnet.primary[0].weight is None
+    # what stays in the copy is an unregistered alias of theta0 (for print / apply idioms), not a second tensor
+    assert "weight" not in dict(hnet.primary[0].named_parameters()) and "0.weight" not in hnet.primary.state_dict()
+    assert hnet.primary[0].weight.data_ptr() == hnet.theta0["0.weight"].data_ptr()
     x = torch.randn(2, 1000)
     torch.testing.assert_close(hnet(x, lam=0.5), hnet.materialize(lam=0.5)(x))
     assert "weight" in dict(hnet.materialize(lam=0.5)[0].named_parameters())
@@ -523,3 +525,124 @@ def test_rnn_still_runs_after_its_weights_are_removed():
     out2, h2 = hnet(x, lam=torch.tensor([0.5, 0.5]))
     torch.testing.assert_close(out2, ref_out)
     torch.testing.assert_close(h2, ref_h)
+
+
+# --------------------------------------------------------------------------------------- #
+# printing, apply / modules() idioms, messages that point to the right fix
+# --------------------------------------------------------------------------------------- #
+def _quickstart():
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+    return hl.hypernetize(net, predict=[nn.Conv2d, nn.Linear], inputs={"lam": (0.0, 1.0)})
+
+
+def test_a_model_with_a_predicted_bias_prints_what_is_predicted():
+    # print(hnet) used to raise AttributeError: 'Conv2d' object has no attribute 'bias'
+    text = repr(_quickstart())
+    assert "Conv2d(1, 4, kernel_size=(3, 3), stride=(1, 1))" in text
+    assert "predicted=4 tensors = theta0 + Delta(lam), encoding=cossin: 0.weight (4, 1, 3, 3), 0.bias (4,)" in text
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    plain = hl.hypernetize(net, predict=["2.bias"], inputs={"lam": (0.0, 1.0), "mu": (0.0, 1.0)}, formulation="default")
+    assert "predicted=1 tensors = Delta(lam, mu) (no theta0), encoding=raw: 2.bias (2,)" in repr(plain)
+    assert "Linear(in_features=4, out_features=2, bias=True)" in repr(plain)
+
+
+def test_apply_and_modules_idioms_reach_theta0():
+    # primary.apply(zeros_(m.bias)) used to raise AttributeError; now it initialises the base value theta0
+    hnet = _quickstart()
+    hnet.primary.apply(lambda m: nn.init.zeros_(m.bias) if isinstance(m, nn.Linear) else None)
+    assert torch.equal(hnet.theta0["3.bias"], torch.zeros(10))
+    hnet.apply(lambda m: nn.init.ones_(m.bias) if isinstance(m, nn.Conv2d) and m.bias is not None else None)
+    assert torch.equal(hnet.theta0["0.bias"], torch.ones(4))
+    convs = [m for m in hnet.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 1 and tuple(convs[0].weight.shape) == (4, 1, 3, 3)
+    # still held once, after moving, casting, copying and pickling
+    for h in (hnet.double(), copy.deepcopy(hnet)):
+        assert h.primary[3].bias.data_ptr() == h.theta0["3.bias"].data_ptr() and h.primary[3].bias.dtype == torch.float64
+    buf = io.BytesIO()
+    torch.save(hnet, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert loaded.primary[3].bias.data_ptr() == loaded.theta0["3.bias"].data_ptr()
+    x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(loaded(x, lam=0.3), hnet(x, lam=0.3))
+    assert "3.bias" not in dict(hnet.primary.named_parameters()) and "primary.3.bias" not in hnet.state_dict()
+
+
+def test_positional_conditioning_says_where_it_went():
+    hnet = _quickstart()
+    msg = (
+        "Missing conditioning input(s) ['lam']: conditioning is passed by keyword, e.g. hnet(x, lam=...); positional "
+        "argument(s) 1 (0.3) went to the model Sequential, not to the hypernetwork"
+    )
+    with pytest.raises(HyperloomError, match=re.escape(msg)):
+        hnet(torch.randn(2, 1, 8, 8), 0.3)
+
+
+@pytest.mark.parametrize(("lam", "batch"), [(torch.tensor([0.3]), 16), (torch.rand(5), 8)])
+def test_a_conditioning_batch_mismatch_points_to_the_conditioning(lam, batch):
+    # used to suggest only in_dims={0: None}, which is the wrong fix for a batch of images
+    hnet = _quickstart()
+    with pytest.raises(HyperloomError) as e:
+        hnet(torch.randn(batch, 1, 8, 8), lam=lam)
+    assert "pass each conditioning input as a number or a 0-d tensor (e.g. lam=0.3 or torch.tensor(0.3), not shape (1,))" in str(e.value)
+    assert f"for one weight set per sample, pass {batch} values per input" in str(e.value)
+
+
+# --------------------------------------------------------------------------------------- #
+# parametrized modules (torch.nn.utils.parametrize)
+# --------------------------------------------------------------------------------------- #
+def test_predict_by_type_on_weight_norm_linears_predicts_the_weight():
+    # predict=[nn.Linear] used to predict only the bias and silently skip the parametrized weight
+    from torch.nn.utils.parametrizations import weight_norm
+
+    torch.manual_seed(0)
+    net = nn.Sequential(weight_norm(nn.Linear(3, 4)), nn.ReLU(), nn.Linear(4, 2))
+    hnet = hl.hypernetize(net, predict=[nn.Linear], inputs={"lam": (0.0, 1.0)}, zero_init=True)
+    assert hnet.predicted == (
+        "0.bias",
+        "0.parametrizations.weight.original0",
+        "0.parametrizations.weight.original1",
+        "2.weight",
+        "2.bias",
+    )
+    x = torch.randn(5, 3)
+    torch.testing.assert_close(hnet(x, lam=0.5), net(x))  # Delta = 0: the original network
+    for p in hnet.hypernet.head.parameters():
+        nn.init.normal_(p, std=0.1)
+    a, b = hnet(x, lam=0.0), hnet(x, lam=1.0)
+    assert not torch.allclose(a, b)
+    # the weight really comes from the generated originals: g * v / |v|
+    theta = hnet.generate(lam=1.0)
+    g, v = theta["0.parametrizations.weight.original0"], theta["0.parametrizations.weight.original1"]
+    w = g * v / v.norm(dim=1, keepdim=True)
+    ref = nn.functional.linear(torch.relu(nn.functional.linear(x, w, theta["0.bias"])), theta["2.weight"], theta["2.bias"])
+    torch.testing.assert_close(b, ref)
+    lam = torch.rand(5)
+    loop = torch.cat([hnet(x[i : i + 1], lam=float(lam[i])) for i in range(5)])
+    torch.testing.assert_close(hnet(x, lam=lam), loop)
+    torch.testing.assert_close(hnet.materialize(lam=1.0)(x), b)
+    assert "0.parametrizations.weight.original0 (4, 1)" in repr(hnet)
+
+
+def test_parametrize_cached_does_not_reuse_generated_weights():
+    # under parametrize.cached() the second call used to reuse the first call's generated weight
+    from torch.nn.utils import parametrize
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    parametrize.register_parametrization(net[0], "weight", Double())
+    hnet = hl.hypernetize(net, predict=["0.parametrizations.weight.original", "0.bias"], inputs={"lam": (0.0, 1.0)})
+    x = torch.randn(4, 3)
+    expected = [hnet(x, lam=v) for v in (0.0, 1.0)]
+    with parametrize.cached():
+        got = [hnet(x, lam=v) for v in (0.0, 1.0)]
+        per_sample = hnet(x, lam=torch.tensor([0.0, 1.0, 0.0, 1.0]))
+        original = net(x)  # the user's own model in the same block gets its own weight, not a generated one
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e)
+    torch.testing.assert_close(per_sample[1], expected[1][1])
+    torch.testing.assert_close(original, net(x))

@@ -82,8 +82,8 @@ def test_mismatched_keyword_batch_names_the_argument():
     with pytest.raises(
         HyperloomError,
         match=re.escape(
-            "The conditioning has 4 per-sample values but keyword argument 'labels' of shape (3,) has 3 samples along its batch "
-            "dimension 0; pass in_dims={'labels': None} to hypernetize"
+            "The conditioning has 4 per-sample value(s) but keyword argument 'labels' of shape (3,) has 3 samples along its batch "
+            "dimension 0."
         ),
     ):
         hnet(ids, mask=mask, labels=labels[:3], lam=torch.rand(4))
@@ -478,3 +478,36 @@ def test_per_sample_keeps_the_random_state_of_a_shared_check():
     b = hnet(x, lam=lam)  # the layout is checked now: no second shared call
     assert torch.equal(a, b) and torch.equal(after_first, torch.rand(1))
     assert torch.equal(hnet.primary[2].running_mean, torch.zeros(4))
+
+
+def test_a_packed_sequence_says_what_works():
+    # a PackedSequence used to be split into its fields, with an in_dims suggestion that does not help
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    class Packed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gru = nn.GRU(3, 4, batch_first=True)
+
+        def forward(self, packed):
+            return self.gru(packed)[1][-1]
+
+    class Padded(Packed):
+        def forward(self, x, lengths):
+            packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+            return self.gru(packed)[1][-1]
+
+    x, lengths = torch.randn(3, 5, 3), torch.tensor([5, 2, 4])
+    packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    hnet = hl.hypernetize(Packed(), inputs={"lam": (0.0, 1.0)})
+    assert hnet(packed, lam=0.3).shape == (3, 4)  # shared conditioning takes it
+    with pytest.raises(HyperloomError, match=re.escape("Per-sample mode cannot split the PackedSequence positional argument 0")):
+        hnet(packed, lam=torch.rand(3))
+    # what the message says works: the padded batch and the lengths, packed inside the model
+    padded = hl.hypernetize(Padded(), inputs={"lam": (0.0, 1.0)})
+    padded.load_state_dict(hnet.state_dict())
+    lam = torch.rand(3)
+    out = padded(x, lengths, lam=lam)
+    for i in range(3):
+        torch.testing.assert_close(out[i : i + 1], padded(x[i : i + 1, : lengths[i]], lengths[i : i + 1], lam=float(lam[i])))
+    assert pad_packed_sequence(packed, batch_first=True)[0].shape == (3, 5, 3)

@@ -100,3 +100,13 @@ def test_tied_first_owner_is_refused_and_untied_ones_pass():
     net = TiedLM()
     net.out.bias = nn.Parameter(torch.zeros(10))
     assert select_parameters(net, "out.bias") == ["out.bias"]
+
+
+def test_a_buffer_name_says_buffers_cannot_be_predicted():
+    # used to say only "matched no parameter"
+    net = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3))
+    for sel in ("1.running_mean", "1.running_*", re.compile(r"1\.running_.*")):
+        with pytest.raises(HyperloomError, match=re.escape("matches buffer(s) ['1.running_mean'")):
+            select_parameters(net, sel)
+    with pytest.raises(HyperloomError, match=re.escape("buffers (running statistics, masks, position ids) are not trained")):
+        select_parameters(net, "1.num_batches_tracked")

@@ -24,6 +24,7 @@ from .checkpoint import (
     save_training,
 )
 from .data_input import Data, Masked
+from .derivatives import laplacian
 from .diagnostics import theta_norms
 from .dropout import BoundDropout, bind_dropout
 from .encoding import (
@@ -46,6 +47,7 @@ from .model import HyperModel, hypernetize
 from .params import ParamStore
 from .select import select_parameters
 from .selftune import SelfTuner
+from .shared_heads import Chunked, ChunkedHead, Structured, StructuredHead
 from .task import Task, TaskEmbedding
 from .training import NonFiniteLossError, Trainer
 from .trunk import ACTIVATIONS, NORMS, Trunk, WeightNormLinear
@@ -56,6 +58,10 @@ __all__ = [
     "ACTIVATIONS",
     "BoundDropout",
     "CheckpointError",
+    "Chunked",
+    "ChunkedHead",
+    "Structured",
+    "StructuredHead",
     "NonFiniteLossError",
     "Sweep",
     "Trainer",
@@ -101,6 +107,7 @@ __all__ = [
     "get_encoding",
     "hypernetize",
     "init_theta0",
+    "laplacian",
     "sample",
     "select_parameters",
     "sweep",

@@ -30,6 +30,8 @@ every buffer batched (and that layout is remembered), so such a model works too.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
@@ -46,14 +48,14 @@ def _split(root: nn.Module, name: str) -> tuple[nn.Module, str]:
     return root.get_submodule(mod_name), attr
 
 
-def _bn_stats(primary: nn.Module) -> set[int]:
+def _bn_stats(modules: Iterable[nn.Module]) -> set[int]:
     """Ids of the running statistics of BatchNorm / InstanceNorm layers in training mode.
 
     Their kernel writes them in place per sample, without bumping autograd's version counter, so they count
     as written at every training call.
     """
     out: set[int] = set()
-    for m in primary.modules():
+    for m in modules:
         if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats:
             for b in (m.running_mean, m.running_var):
                 if isinstance(b, torch.Tensor):
@@ -84,10 +86,14 @@ class BufferState:
         HyperloomError: From :meth:`commit` and :meth:`restore_attributes` (see the module docstring).
     """
 
-    def __init__(self, primary: nn.Module, n: int, *, batch_all: bool) -> None:
+    def __init__(self, primary: nn.Module, n: int, *, batch_all: bool, modules: list[tuple[str, nn.Module]] | None = None) -> None:
         self.primary, self.n, self.batch_all = primary, n, batch_all
-        self.module_buffers: dict[str, torch.Tensor] = dict(primary.named_buffers(remove_duplicate=False))
-        bn = _bn_stats(primary)
+        #: ``primary.named_modules(remove_duplicate=False)``, computed once by the caller when given.
+        self.modules = list(primary.named_modules(remove_duplicate=False)) if modules is None else modules
+        self.module_buffers: dict[str, torch.Tensor] = {
+            (f"{mname}.{k}" if mname else k): b for mname, m in self.modules for k, b in m._buffers.items() if b is not None
+        }
+        bn = _bn_stats(m for _, m in self.modules)
         self._always: set[str] = set()
         copies: dict[int, torch.Tensor] = {}  # tied buffers (one tensor, several names) share one copy
         #: name -> (n, *shape) copy, split across samples (dim 0).
@@ -108,6 +114,7 @@ class BufferState:
         self._versions = {id(c): None if c.is_inference() else c._version for c in copies.values()}
         #: name -> per-sample results (m, *shape), m = n or 1 (the same value for every sample).
         self.results: dict[str, torch.Tensor] = {}
+        self._n_buffers: dict[int, int] = {}
         self._attrs = self._tensor_attributes()
 
     # -- the call ------------------------------------------------------------------------
@@ -174,20 +181,22 @@ class BufferState:
         Raises:
             HyperloomError: Naming a buffer the forward registered during the call (it is removed first).
         """
+        if torch.compiler.is_compiling():
+            return  # a compiled call keeps no functorch tensor in modules (traced, not run eagerly)
         added: list[str] = []
-        for mname, m in self.primary.named_modules():
-            prefix = mname + "." if mname else ""
-            for k, v in list(m._buffers.items()):
-                if prefix + k not in self.module_buffers and isinstance(v, torch.Tensor) and _is_wrapped(v):
-                    del m._buffers[k]
-                    added.append(prefix + k)
-            for k, v in list(vars(m).items()):
-                if isinstance(v, torch.Tensor) and _is_wrapped(v):
-                    old = self._attrs.get((id(m), k))
-                    if old is None:
-                        delattr(m, k)
-                    else:
-                        object.__setattr__(m, k, old)
+        for mname, m in self.modules:
+            if len(m._buffers) != self._n_buffers.get(id(m), 0):
+                prefix = mname + "." if mname else ""
+                for k, v in list(m._buffers.items()):
+                    if prefix + k not in self.module_buffers and isinstance(v, torch.Tensor) and _is_wrapped(v):
+                        del m._buffers[k]
+                        added.append(prefix + k)
+            for k in [k for k, v in m.__dict__.items() if isinstance(v, torch.Tensor) and _is_wrapped(v)]:
+                old = self._attrs.get((id(m), k))
+                if old is None:
+                    delattr(m, k)
+                else:
+                    object.__setattr__(m, k, old)
         if added:
             raise HyperloomError(
                 f"Buffer(s) {added} were registered during a per-sample forward: per-sample mode carries the buffers a "
@@ -195,12 +204,10 @@ class BufferState:
             )
 
     def _tensor_attributes(self) -> dict[tuple[int, str], torch.Tensor]:
-        return {
-            (id(m), k): v
-            for m in self.primary.modules()
-            for k, v in vars(m).items()
-            if isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter)
-        }
+        if torch.compiler.is_compiling():
+            return {}
+        self._n_buffers = {id(m): len(m._buffers) for _, m in self.modules}
+        return {(id(m), k): v for _, m in self.modules for k, v in m.__dict__.items() if isinstance(v, torch.Tensor)}
 
     def commit(self) -> None:
         """Check every written buffer, then write each one's combined value into the module's tensor in place.

@@ -387,6 +387,7 @@ def _hypernetworks(model: nn.Module) -> dict[str, dict[str, Any]]:
                 "formulation": getattr(module, "formulation", None),
                 "encoding": getattr(encoding, "name", None),
                 "additive": getattr(module, "additive", None),
+                "head": module.head_config(),
             }
     return out
 
@@ -409,7 +410,7 @@ def _check_hypernetworks(path: str | os.PathLike[str], saved: Any, model: nn.Mod
                 sv, mv = fields.get(f) if isinstance(fields, dict) else None, m_inputs[inp][f]
                 if sv is not None and sv != mv:
                     raise CheckpointError(f"{path}: hypernetwork {name!r}: input {inp!r} {f}: saved {sv!r}, model {mv!r}")
-        for f in ("formulation", "encoding", "additive"):
+        for f in ("formulation", "encoding", "additive", "head"):
             sv, mv = saved[name].get(f), own[name][f]
             if sv is not None and sv != mv:
                 raise CheckpointError(f"{path}: hypernetwork {name!r} {f}: saved {sv!r}, model {mv!r}")

@@ -20,9 +20,10 @@ from torch import nn
 from .data_input import Data, DataCode, DataEncoder
 from .encoding import Encoding, get_encoding
 from .errors import HyperloomError
-from .heads import HEADS, DenseHead, LowRankHead, SplitHead, check_target_memory
+from .heads import DenseHead, LowRankHead, check_target_memory
 from .inputs import Input, InputLike, InputSet, columns
 from .params import ParamStore
+from .shared_heads import Chunked, ChunkedHead, Structured, StructuredHead, build_shared_head, head_spec
 from .task import Task, TaskEmbedding, _as_int
 from .trunk import Trunk, activation_gain
 from .types import ParamDict
@@ -102,7 +103,9 @@ class HyperNetwork(nn.Module):
         init: ``"mip"`` (Kaiming fan_out trunk, split-init head) or
             ``"torch"`` (PyTorch's default ``nn.Linear`` init).
         zero_init: Zero the head so that ``Delta = 0`` at the start.
-        head: ``"dense"`` or ``"lowrank"`` (``Delta W = B A``).
+        head: ``"dense"``, ``"lowrank"`` (``Delta W = B A``), or a shared head: ``"chunked"`` /
+            ``"structured"`` or their options :class:`~hyperloom.Chunked` / :class:`~hyperloom.Structured`
+            (one generator for many tensors, see :mod:`hyperloom.shared_heads`).
         rank: Rank of the ``"lowrank"`` head.
         dtype: Dtype of all parameters (default: that of tensor targets, else
             the default dtype).
@@ -121,8 +124,9 @@ class HyperNetwork(nn.Module):
         {'w': (6, 4, 3), 'b': (6, 4)}
 
     Raises:
-        HyperloomError: On an unknown option, an empty target set, or
-            targets of mixed dtypes or devices.
+        HyperloomError: On an unknown option (head included; ``rank`` with another head than
+            ``"lowrank"``), an empty target set, targets of mixed dtypes or devices, or a structured
+            head over targets of which no two share a shape (see :mod:`hyperloom.shared_heads`).
     """
 
     _in_lo: torch.Tensor
@@ -144,7 +148,7 @@ class HyperNetwork(nn.Module):
         additive: bool | None = None,
         init: str = "mip",
         zero_init: bool = False,
-        head: str = "dense",
+        head: str | Chunked | Structured = "dense",
         rank: int | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
@@ -154,8 +158,10 @@ class HyperNetwork(nn.Module):
             raise HyperloomError(f"Unknown formulation {formulation!r}; valid options are {sorted(FORMULATIONS)}")
         if not isinstance(targets, Mapping) or len(targets) == 0:
             raise HyperloomError("targets must be a non-empty mapping name -> shape or tensor")
-        if head not in HEADS:
-            raise HyperloomError(f"Unknown head {head!r}; valid options are {list(HEADS)}")
+        spec = head_spec(head)
+        if not isinstance(spec, str) and rank is not None:
+            raise HyperloomError(f"rank={rank!r} applies to head='lowrank' only, got head={spec!r}")
+        self.head_options = spec
         if head == "lowrank" and rank is None:
             raise HyperloomError("head='lowrank' needs rank=<int>")
         enc_default, add_default = FORMULATIONS[formulation]
@@ -174,8 +180,12 @@ class HyperNetwork(nn.Module):
         gain = activation_gain(activation)
         in_features = self._plan_features(dtype, device)
         self.trunk = Trunk(in_features, hidden, activation=activation, norm=norm, init=init)
-        self.head: SplitHead
-        if head == "lowrank" and rank is not None:
+        self.head: DenseHead | LowRankHead | ChunkedHead | StructuredHead
+        if not isinstance(spec, str):
+            self.head = build_shared_head(
+                spec, self.trunk.out_features, shapes, init=init, gain=gain, zero_init=zero_init, dtype=dtype, device=device
+            )
+        elif head == "lowrank" and rank is not None:
             self.head = LowRankHead(
                 self.trunk.out_features,
                 shapes,
@@ -199,6 +209,17 @@ class HyperNetwork(nn.Module):
         self._map_cache: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._register_input_map(dtype)
         self.to(dtype=dtype, device=device)
+        if (
+            isinstance(self.head, ChunkedHead | StructuredHead)
+            and self.head.options.combine == "concat"
+            and not zero_init
+            and self.device.type != "meta"
+        ):
+            was = self.training
+            self.eval()  # one row: a batch norm in the trunk uses its (initial) running statistics
+            with torch.no_grad():
+                self.head.calibrate(self.trunk(self.features(self.input_set.midpoint(dtype=dtype, device=device))))
+            self.train(was)
 
     def _plan_features(self, dtype: torch.dtype, device: torch.device | None) -> int:
         """Build the task tables and the column plan; return the trunk's input size.
@@ -386,12 +407,25 @@ class HyperNetwork(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         """Dtype of the hypernetwork's parameters."""
-        return self.head.linear.weight.dtype
+        return next(self.head.parameters()).dtype
 
     @property
     def device(self) -> torch.device:
         """Device of the hypernetwork's parameters."""
-        return self.head.linear.weight.device
+        return next(self.head.parameters()).device
+
+    def head_config(self) -> dict[str, Any]:
+        """The head's kind and options as a JSON-able dict (recorded in checkpoints and checked on load).
+
+        Example:
+            >>> import hyperloom as hl
+            >>> hl.HyperNetwork({"lam": (0, 1)}, {"w": (4, 3)}, hidden=(4,), head="lowrank", rank=1).head_config()
+            {'kind': 'lowrank', 'rank': 1}
+        """
+        spec = self.head_options
+        if not isinstance(spec, str):
+            return spec.to_json()
+        return {"kind": spec, "rank": self.head.rank} if isinstance(self.head, LowRankHead) else {"kind": spec}
 
     @property
     def num_outputs(self) -> int:

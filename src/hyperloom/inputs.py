@@ -304,10 +304,17 @@ class InputSet:
             every input.
 
         Raises:
-            HyperloomError: Naming the input, on unknown or missing names, a
-                wrong shape or batch size, a tensor on the wrong device, a
+            HyperloomError: On conditioning that is not a mapping; naming the
+                input, on unknown or missing names, a wrong shape or batch size, a tensor on the wrong device, a
                 non-numeric dtype, non-finite values or values out of range.
         """
+        if not isinstance(values, Mapping):
+            example = ", ".join(f"{k!r}: ..." for k in self.specs)
+            raise HyperloomError(
+                f"Conditioning must be a mapping from input name to value, e.g. {{{example}}} (a HyperNetwork is called as "
+                f"hnet({{{example}}}), a HyperModel as hnet(x, {', '.join(f'{k}=...' for k in self.specs)})); "
+                f"got {type(values).__name__} {values!r:.60}"
+            )
         unknown = [k for k in values if k not in self.specs]
         if unknown:
             raise HyperloomError(f"Unknown conditioning input(s) {unknown}; declared inputs are {list(self.specs)}")

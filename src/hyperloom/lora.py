@@ -581,6 +581,8 @@ class LoRAModel(nn.Module):
             hyper["encoding"] = hyper["encoding"].name
         if "hidden" in hyper:
             hyper["hidden"] = list(hyper["hidden"])
+        if hasattr(hyper.get("head"), "to_json"):  # hl.Chunked / hl.Structured options
+            hyper["head"] = hyper["head"].to_json()
         return {
             "format": LORA_FORMAT,
             "lora": self.lora.to_json(self.targets),

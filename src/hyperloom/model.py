@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.nn.utils import parametrize
 
 from ._rng import rng_state, set_rng_state
 from .buffers import BufferState
@@ -49,7 +50,9 @@ from .per_sample import (
     run_vmap,
     validate_in_dims,
 )
+from .recompute import Binding, CallState, Probe, leave, refuse_per_sample, route
 from .select import Selector, select_parameters
+from .shared_heads import Chunked, Structured
 from .types import ParamDict
 
 if TYPE_CHECKING:  # the core never imports lora.py; LoRA.build is called on the object passed in
@@ -63,6 +66,32 @@ _MAX_CHECKED_LAYOUTS = 256
 
 #: Module types with no ``vmap`` batching rule: per-sample mode loops over samples.
 NO_VMAP_MODULES: tuple[type[nn.Module], ...] = (nn.RNNBase,)
+
+
+def _parametrized_targets(primary: nn.Module, predicted: Sequence[str]) -> list[tuple[nn.Module, str]]:
+    """(module, tensor name) for every parametrized tensor one of whose originals is predicted."""
+    out: dict[tuple[int, str], tuple[nn.Module, str]] = {}
+    for name in predicted:
+        parts = name.split(".")
+        if len(parts) >= 3 and parts[-3] == "parametrizations" and parts[-1].startswith("original"):
+            owner = primary.get_submodule(".".join(parts[:-3]))
+            out[(id(owner), parts[-2])] = (owner, parts[-2])
+    return list(out.values())
+
+
+def _hf_checkpointing(model: nn.Module) -> bool:
+    """Whether a Hugging Face model has activation (gradient) checkpointing on (the newer name first: no warning)."""
+    for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), attr):
+            return bool(getattr(model, attr))
+    return False
+
+
+def _is_scalar(a: Any) -> bool:
+    """A Python number or a 0-d tensor (what conditioning passed by position looks like)."""
+    if isinstance(a, torch.Tensor):
+        return a.dim() == 0
+    return isinstance(a, (int, float)) and not isinstance(a, bool)
 
 
 def _split_name(root: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -86,6 +115,17 @@ def _remove_param(root: nn.Module, name: str) -> bool:
     assert p is not None  # selected parameters exist by construction
     _refresh_rnn(module)
     return bool(p.requires_grad)
+
+
+def _set_placeholder(root: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Leave a plain (unregistered) tensor attribute where a predicted parameter was.
+
+    ``print(model)``, ``m.bias is None`` checks and ``model.apply(init_fn)`` idioms then see the base value
+    ``theta0`` (a detached alias: an in-place init writes ``theta0``) or, with no ``theta0``, a shape-only
+    ``meta`` tensor. It is in no ``state_dict`` and no ``parameters()``: the tensor is held once, in ``theta0``.
+    """
+    module, attr = _split_name(root, name)
+    object.__setattr__(module, attr, value)  # not Module.__setattr__: nothing is registered
 
 
 def _restore_param(root: nn.Module, name: str, value: torch.Tensor, requires_grad: bool) -> None:
@@ -189,6 +229,13 @@ class HyperModel(nn.Module):
         self._requires_grad = {n: _remove_param(primary, n) for n in self.predicted}
         self.primary = primary
         self.hypernet = hypernet
+        self._set_placeholders()
+        # activation checkpointing: a probe on every module owning a predicted tensor (see hyperloom.recompute)
+        self._calls = CallState()
+        owners = {mod_name: primary.get_submodule(mod_name) for mod_name in {n.rpartition(".")[0] for n in self.predicted}}
+        self._probes = {m: owners[m].register_forward_pre_hook(Probe(self._calls)).id for m in owners}
+        #: (module, tensor name) of parametrized tensors whose originals are predicted (see _drop_parametrize_cache).
+        self._parametrized: list[tuple[nn.Module, str]] = _parametrized_targets(primary, self.predicted)
         if per_sample == "auto":
             per_sample = "loop" if any(isinstance(m, NO_VMAP_MODULES) for m in primary.modules()) else "vmap"
         self.per_sample_mode: str = per_sample
@@ -198,6 +245,7 @@ class HyperModel(nn.Module):
         #: Compare the first per-sample output of each argument layout with a shared call (see hyperloom.per_sample).
         self.check_outputs = True
         self._all_modules: list[nn.Module] = list(primary.modules())
+        self._named_modules: list[tuple[str, nn.Module]] = list(primary.named_modules(remove_duplicate=False))
         self._rnns: list[nn.RNNBase] = [m for m in self._all_modules if isinstance(m, nn.RNNBase)]
         #: Train/eval layouts whose per-sample vmap calls need every buffer batched (see hyperloom.buffers).
         self._batched_buffers: set[tuple[bool, ...]] = set()
@@ -242,6 +290,39 @@ class HyperModel(nn.Module):
                 raise HyperloomError(f"{name}: generated dtype {t.dtype}, expected {p.dtype}")
             if t.device != p.device:
                 raise HyperloomError(f"{name}: generated on {t.device}, the parameter is on {p.device}")
+
+    def _bind(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Bind a call's tensors for its recomputation (bound buffers are shadowed by an instance attribute)."""
+        for n, t in tensors.items():
+            _set_placeholder(self.primary, n, t)
+
+    def _unbind(self) -> None:
+        """Undo :meth:`_bind`: placeholders back, shadows of bound buffers removed."""
+        self._set_placeholders()
+        for n in self.bound:
+            module, attr = _split_name(self.primary, n)
+            module.__dict__.pop(attr, None)
+
+    def _set_placeholders(self) -> None:
+        theta0 = self.hypernet.theta0
+        for n in self.predicted:
+            if theta0 is not None:
+                value = theta0[n].detach()
+            else:
+                shape = self.hypernet.shapes[n]
+                value = torch.empty(shape, dtype=self.hypernet.dtype, device="meta")
+            _set_placeholder(self.primary, n, value)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """After unpickling or ``copy.deepcopy``: the placeholders alias the copy's own ``theta0``."""
+        super().__setstate__(state)  # type: ignore[no-untyped-call]
+        self._set_placeholders()
+
+    def _apply(self, fn: Any, recurse: bool = True) -> HyperModel:
+        """Move and cast as usual, then point the placeholders at the moved ``theta0``."""
+        out = super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
+        self._set_placeholders()
+        return out  # type: ignore[no-any-return]
 
     # -- views ---------------------------------------------------------------------------
     @property
@@ -316,6 +397,8 @@ class HyperModel(nn.Module):
         with torch.no_grad():
             theta = self.hypernet.theta_shared(raw)
         plain = copy.deepcopy(self.primary)
+        for mod_name, hid in self._probes.items():
+            plain.get_submodule(mod_name)._forward_pre_hooks.pop(hid, None)
         for name, value in theta.items():
             _restore_param(plain, name, value, self._requires_grad[name])
         return plain
@@ -346,20 +429,53 @@ class HyperModel(nn.Module):
                 another device, or a model that cannot run per sample (with
                 the way out).
         """
+        if self._parametrized:
+            self._drop_parametrize_cache()
         try:
             return self._forward(args, kwargs)
         finally:
             for m in self._rnns:  # functional_call leaves the call's tensors in an RNN's _flat_weights
                 m._init_flat_weights()
+            if self._parametrized:
+                self._drop_parametrize_cache()
+
+    def _drop_parametrize_cache(self) -> None:
+        """Forget ``parametrize.cached()`` values computed from generated originals (they change at every call)."""
+        cache = getattr(parametrize, "_cache", None)
+        if isinstance(cache, dict) and cache:
+            # keyed (id(module), tensor name), but a deep copy of a parametrized module keeps the original's id in
+            # the key (the property's closure): drop every entry of these tensor names (a cache: it is recomputed)
+            names = {t for _, t in self._parametrized}
+            for key in [k for k in cache if isinstance(k, tuple) and len(k) == 2 and k[1] in names]:
+                cache.pop(key, None)
 
     def _forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         cond, rest = self._split(kwargs)
+        if len(cond) != len(self.hypernet.input_set.specs):
+            self._missing_conditioning(args, cond)
         if not _is_compiling():
             self._check_devices(args, rest)
         raw, per_sample = self.hypernet.prepare(cond)
         if not per_sample:
             theta = {**self.hypernet.theta_shared(raw), **{k: raw[0, c] for k, c in self.bound.items()}}
-            return functional_call(self.primary, theta, tuple(args), rest, tie_weights=False, strict=False)
+            if (
+                _is_compiling()
+                or not torch.is_grad_enabled()
+                or torch._C._functorch.maybe_current_level() is not None  # inside a user's vmap/grad/jacfwd: no binding
+                or not any(theta[k].requires_grad for k in self.predicted)
+            ):
+                return functional_call(self.primary, theta, tuple(args), rest, tie_weights=False, strict=False)
+            binding = Binding(self.predicted, self._bind, self._unbind)
+            binding.extra = {k: theta[k].detach() for k in self.bound}
+            entered = leave(binding, theta)  # the binding outlives the call for checkpoint recomputation
+            self._calls.mode, self._calls.seen = "shared", False
+            try:
+                out = functional_call(self.primary, {**theta, **entered}, tuple(args), rest, tie_weights=False, strict=False)
+            finally:
+                self._calls.mode = None
+            return route(binding, out, entered) if self._calls.seen else out
+        if self.primary.training and _hf_checkpointing(self.primary):  # HF checkpoints in training, with or without grad
+            raise refuse_per_sample()
         n = raw.shape[0]
         if n == 0:
             raise HyperloomError("Per-sample conditioning with an empty batch (0 samples)")
@@ -376,6 +492,19 @@ class HyperModel(nn.Module):
         modes = tuple(m.training for m in self._all_modules)
         batch_all = self.per_sample_mode == "loop" or modes in self._batched_buffers
         state = self._buffer_state(n, batch_all)
+        self._calls.mode = "per_sample" if torch.is_grad_enabled() and not _is_compiling() else None
+        try:
+            out, state = self._run_per_sample(theta, state, plan, n, modes, batch_all)
+        finally:
+            self._calls.mode = None
+        self._check_outputs(theta, plan, out, n)
+        state.commit()  # after the check: a call that raises writes no buffer
+        return out
+
+    def _run_per_sample(
+        self, theta: ParamDict, state: BufferState, plan: Any, n: int, modes: tuple[bool, ...], batch_all: bool
+    ) -> tuple[Any, BufferState]:
+        """Run a per-sample call (vmap, or the loop); return its output and the buffer state to commit."""
         if self.per_sample_mode == "loop":
             out = run_loop(self.primary, theta, state, plan, self.out_dims, n)
         else:
@@ -390,13 +519,27 @@ class HyperModel(nn.Module):
                 stacked, out_plan = run_vmap(self.primary, theta, state, plan, self.out_dims)
                 self._batched_buffers.add(modes)
             out = rebuild_vmap(stacked, out_plan)
-        self._check_outputs(theta, plan, out, n)
-        state.commit()  # after the check: a call that raises writes no buffer
-        return out
+        return out, state
+
+    def _missing_conditioning(self, args: tuple[Any, ...], cond: Mapping[str, Any]) -> None:
+        """Raise for missing conditioning, saying where a positional number went.
+
+        Raises:
+            HyperloomError: Always, naming the missing inputs and the keyword form.
+        """
+        names = list(self.hypernet.input_set.names)
+        missing = [k for k in names if k not in cond]
+        example = ", ".join(f"{k}=..." for k in missing)
+        msg = f"Missing conditioning input(s) {missing}: conditioning is passed by keyword, e.g. hnet(x, {example})"
+        numbers = [(i, a) for i, a in enumerate(args) if _is_scalar(a)]
+        if numbers:
+            shown = ", ".join(f"{i} ({a!r})" for i, a in numbers)
+            msg += f"; positional argument(s) {shown} went to the model {type(self.primary).__name__}, not to the hypernetwork"
+        raise HyperloomError(msg)
 
     def _buffer_state(self, n: int, batch_all: bool) -> BufferState:
         """The buffers as per-sample state, less the bound ones (they travel with ``theta``: hyperloom.dropout)."""
-        state = BufferState(self.primary, n, batch_all=batch_all)
+        state = BufferState(self.primary, n, batch_all=batch_all, modules=self._named_modules)
         for k in self.bound:
             state.batched.pop(k, None)
             state.shared.pop(k, None)
@@ -429,7 +572,17 @@ class HyperModel(nn.Module):
             set_rng_state(saved)
 
     def extra_repr(self) -> str:
-        return f"predicted={len(self.predicted)} tensors, per_sample={self.per_sample_mode!r}"
+        """What is predicted, from which inputs, and how (``theta0 + Delta`` or ``Delta`` alone)."""
+        h = self.hypernet
+        inputs = ", ".join(h.input_set.names)
+        how = f"theta0 + Delta({inputs})" if h.theta0 is not None else f"Delta({inputs}) (no theta0)"
+        shown = [f"{n} {tuple(h.shapes[n])}" for n in self.predicted[:8]]
+        if len(self.predicted) > 8:
+            shown.append(f"... ({len(self.predicted) - 8} more)")
+        return (
+            f"predicted={len(self.predicted)} tensors = {how}, encoding={h.encoding.name}: {', '.join(shown)}\n"
+            f"per_sample={self.per_sample_mode!r}"
+        )
 
 
 def split_conditioning(
@@ -476,7 +629,7 @@ def hypernetize(
     init: str = "mip",
     zero_init: bool = False,
     theta0: Literal["model", "init"] = "model",
-    head: str = "dense",
+    head: str | Chunked | Structured = "dense",
     rank: int | None = None,
     per_sample: PerSampleMode = "auto",
     batch_dim: int = 0,
@@ -501,7 +654,7 @@ def hypernetize(
     init: str = "mip",
     zero_init: bool = False,
     theta0: Literal["model", "init"] = "model",
-    head: str = "dense",
+    head: str | Chunked | Structured = "dense",
     rank: int | None = None,
     per_sample: PerSampleMode = "auto",
     batch_dim: int = 0,
@@ -525,7 +678,7 @@ def hypernetize(
     init: str = "mip",
     zero_init: bool = False,
     theta0: Literal["model", "init"] = "model",
-    head: str = "dense",
+    head: str | Chunked | Structured = "dense",
     rank: int | None = None,
     per_sample: PerSampleMode = "auto",
     batch_dim: int = 0,
@@ -561,7 +714,9 @@ def hypernetize(
             Kaiming fan_in for tensors of two or more dimensions, zero for
             biases, and the model's own value for other vectors and scalars
             (normalisation gains stay 1).
-        head: ``"dense"`` or ``"lowrank"``; ``rank`` for the latter.
+        head: ``"dense"`` or ``"lowrank"`` (``rank`` for the latter), or a shared head that does not
+            grow with the model: ``"chunked"``, ``"structured"`` or their options
+            :class:`~hyperloom.Chunked` / :class:`~hyperloom.Structured` (see :mod:`hyperloom.shared_heads`).
         rank: Rank of the low-rank head.
         per_sample: How per-sample weights run: ``"auto"``, ``"vmap"``, ``"loop"``.
         batch_dim: Sample dimension of every tensor argument in per-sample mode.

@@ -179,6 +179,13 @@ def plan_arguments(
     keyed: list[tuple[int | str, Any]] = [*enumerate(args), *kwargs.items()]
     for key, value in keyed:
         d = in_dims.get(key, batch_dim)
+        if d is not None and isinstance(value, nn.utils.rnn.PackedSequence):
+            raise HyperloomError(
+                f"Per-sample mode cannot split the PackedSequence {_describe_arg(key)}: its data is packed across samples, "
+                "time step by time step, so no dimension holds one sample. Pass the padded batch (B, T, ...) and the "
+                "lengths (a tensor of B values) and pack inside the model (torch.nn.utils.rnn.pack_padded_sequence with "
+                "enforce_sorted=False), or use shared conditioning (one value per input), which accepts a PackedSequence"
+            )
         sub, sub_spec = tree_flatten(value)
         sig.append((key, sub_spec))
         for j, leaf in enumerate(sub):
@@ -197,10 +204,14 @@ def plan_arguments(
                     "another dimension"
                 )
             if leaf.shape[dd] != n:
+                m = leaf.shape[dd]
                 raise HyperloomError(
-                    f"The conditioning has {n} per-sample values but {where} of shape {tuple(leaf.shape)} has {leaf.shape[dd]} "
-                    f"samples along its batch dimension {d}; pass in_dims={{{key!r}: None}} to hypernetize if it is shared by "
-                    f"all samples, or in_dims={{{key!r}: <dim>}} if its samples lie along another dimension"
+                    f"The conditioning has {n} per-sample value(s) but {where} of shape {tuple(leaf.shape)} has {m} "
+                    f"samples along its batch dimension {d}. For one weight set shared by the whole batch, pass each "
+                    "conditioning input as a number or a 0-d tensor (e.g. lam=0.3 or torch.tensor(0.3), not shape (1,)); "
+                    f"for one weight set per sample, pass {m} values per input. Only if {where} is not a batch (shared "
+                    f"by all samples) pass in_dims={{{key!r}: None}} to hypernetize, or in_dims={{{key!r}: <dim>}} if its "
+                    "samples lie along another dimension"
                 )
             dims.append(dd)
             sig.append((dd, leaf.dim(), leaf.dtype))

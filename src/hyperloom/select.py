@@ -3,7 +3,9 @@ r"""Choosing which parameters of a model the hypernetwork predicts.
 A selector is one of:
 
 * a module type (``nn.Conv2d``): every parameter directly owned by a module
-  of that type;
+  of that type, and the original tensors of its parametrized tensors
+  (``torch.nn.utils.parametrizations.weight_norm``: ``weight`` is predicted as
+  ``parametrizations.weight.original0`` / ``original1``);
 * a string: an exact parameter name (``"conv1.weight"``), an exact module
   name (``"enc.0"``, all its parameters), or a glob (``"enc.*.conv.*"``,
   matched against parameter and module names with :mod:`fnmatch`);
@@ -40,6 +42,23 @@ def _module_params(model: nn.Module, module_name: str) -> list[str]:
     return [prefix + n for n, _ in model.get_submodule(module_name).named_parameters(remove_duplicate=False)]
 
 
+def _parametrized_originals(mod: nn.Module, prefix: str) -> list[str]:
+    """The original tensors of ``mod``'s parametrized tensors (``parametrizations.weight.original0`` ...).
+
+    A module with ``torch.nn.utils.parametrize`` parametrizations (``parametrizations.weight_norm``,
+    ``orthogonal``, ...) holds its weight as the originals; selecting the module by type predicts them (the
+    parametrization then maps the generated originals as usual).
+    """
+    plists = getattr(mod, "parametrizations", None)
+    if not isinstance(plists, nn.ModuleDict):
+        return []
+    return [
+        f"{prefix}parametrizations.{t}.{n}"
+        for t, plist in plists.items()
+        for n, _ in plist.named_parameters(recurse=False, remove_duplicate=False)
+    ]
+
+
 def _match(model: nn.Module, sel: object, param_names: list[str]) -> list[str]:
     if isinstance(sel, type) and issubclass(sel, nn.Module):
         out = []
@@ -47,6 +66,7 @@ def _match(model: nn.Module, sel: object, param_names: list[str]) -> list[str]:
             if isinstance(mod, sel):
                 prefix = mname + "." if mname else ""
                 out += [prefix + n for n, _ in mod.named_parameters(recurse=False, remove_duplicate=False)]
+                out += _parametrized_originals(mod, prefix)
         return out
     if isinstance(sel, str) or isinstance(sel, re.Pattern):
         if isinstance(sel, re.Pattern):
@@ -117,6 +137,15 @@ def select_parameters(model: nn.Module, predict: Selector | Sequence[Selector] |
         owner: dict[str, object] = {}
         for sel in sels:
             names = _match(model, sel, all_names)
+            if not names and not isinstance(sel, type):
+                bufs = [n for n, _ in model.named_buffers()]
+                hit = _match(nn.Module(), sel, bufs) if bufs else []
+                if hit:
+                    raise HyperloomError(
+                        f"predict selector {_describe(sel)} matches buffer(s) {hit[:8]}, not parameters: buffers (running "
+                        "statistics, masks, position ids) are not trained and cannot be predicted; select parameters "
+                        f"(parameter names: {all_names[:12]})"
+                    )
             if not names:
                 types = sorted({type(m).__name__ for m in model.modules() if next(m.parameters(False), None) is not None})
                 shown = all_names[:12] + (["..."] if len(all_names) > 12 else [])

@@ -3,6 +3,8 @@ import json
 import pytest
 import torch
 
+import hyperloom as hl
+
 pytest.importorskip("transformers")
 
 from experiments import adapters
@@ -27,7 +29,7 @@ def test_variants_start_from_the_pretrained_model_and_train_what_they_should():
     x, t = torch.rand(4, 1, 28, 28), torch.rand(4)
     ref = base(x).logits
     counts = {}
-    for v in ["frozen", "shared-lora", "hyper-lora-default", "hyper-lora-mip", "oracle-lora@60", "full-ft"]:
+    for v in ["frozen", "shared-lora", "hyper-lora-default", "hyper-lora-mip", "hyper-lora-mip-structured", "oracle-lora@60", "full-ft"]:
         m = adapters.build(v, base, cfg).eval()
         assert torch.equal(m(x, t), ref), v  # every adapter starts exactly at the pretrained model
         counts[v] = adapters.trainable(m)
@@ -36,6 +38,7 @@ def test_variants_start_from_the_pretrained_model_and_train_what_they_should():
     assert counts["shared-lora"] == counts["oracle-lora@60"] == r * (64 + 64) * 2 + r * (64 + 128)  # q, v, fc1 of one block
     assert counts["full-ft"] == sum(p.numel() for p in base.parameters())
     assert counts["hyper-lora-mip"] > counts["shared-lora"] and n_targets == 3
+    assert isinstance(adapters.build("hyper-lora-mip-structured", base, cfg).model.hypernet.head, hl.StructuredHead)
 
 
 def test_run_all_smoke_resumes_and_reports(tmp_path):
@@ -58,7 +61,8 @@ def test_run_all_smoke_resumes_and_reports(tmp_path):
     store = ResultStore(tmp_path / "results.jsonl")
     adapters.run_all(args, cfg, tmp_path, store)
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
-    expected = {"frozen", "shared-lora", "hyper-lora-default", "hyper-lora-mip", "full-ft", "oracle-lora@0", "oracle-lora@180"}
+    expected = {"frozen", "shared-lora", "hyper-lora-default", "hyper-lora-mip", "hyper-lora-mip-structured", "full-ft"}
+    expected |= {"oracle-lora@0", "oracle-lora@180"}
     assert {r["variant"] for r in rows} == expected
     assert all(set(r["metrics"]["acc_by_angle"]) == {"0", "90", "180"} for r in rows)
     adapters.run_all(args, cfg, tmp_path, ResultStore(tmp_path / "results.jsonl"))  # everything finished: nothing re-run

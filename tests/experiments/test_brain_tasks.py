@@ -201,7 +201,52 @@ def test_registration_lambda_oversamples_the_ends_and_plain_uses_its_fixed_lambd
 def test_registration_reports_dice_at_the_best_lambda(data):
     torch.manual_seed(0)
     model = register.build("mip", {})
-    m = register.evaluate(model, data, {**register.DEFAULTS, "n_eval": 4}, 0)
+    m = register.evaluate(model, data, {**register.DEFAULTS, "n_eval": 4, "val_split": None}, 0)
     best = max(range(len(m["dice_by_lambda"])), key=m["dice_by_lambda"].__getitem__)
     assert m["dice_best"] == max(m["dice_by_lambda"]) and m["lambda_best"] == register.DEFAULTS["lambdas"][best]
     assert len(m["smoothness_by_lambda"]) == len(register.DEFAULTS["lambdas"])
+    assert "val_dice_best" not in m
+
+
+def test_registration_chooses_lambda_on_validation_slices_and_reports_test_there(data):
+    torch.manual_seed(0)
+    model = register.build("mip", {})
+    m = register.evaluate(model, data, {**register.DEFAULTS, "n_eval": 4}, 0)
+    lams = register.DEFAULTS["lambdas"]
+    vbest = max(range(len(lams)), key=m["val_dice_by_lambda"].__getitem__)
+    assert m["lambda_best"] == lams[vbest] and m["val_dice_best"] == max(m["val_dice_by_lambda"])
+    assert m["dice_best"] == m["dice_by_lambda"][vbest]  # test Dice at the validation choice
+    assert m["dice_best_test_chosen"] == max(m["dice_by_lambda"]) >= m["dice_best"]
+    val, test = register.val_split(data)
+    assert len(val.x_test) + len(test.x_test) == len(data.x_test)
+    assert set(val.z_test.tolist()).isdisjoint(test.z_test.tolist())  # no slice in both
+
+
+def test_segmentation_records_per_class_and_validation_dice(data):
+    torch.manual_seed(0)
+    m = segment.evaluate(segment.build("mip", {}), data, {**segment.DEFAULTS, "phis": [0.0, 0.5]}, 0, "mip")
+    assert len(m["dice_by_class"]) == 3 and 0.0 <= m["val_dice"] <= 1.0
+    assert m["dice"] == pytest.approx(sum(m["dice_by_class"]) / 3, abs=1e-6)
+
+
+def test_segmentation_loss_choice_and_relative_step(data):
+    torch.manual_seed(0)
+    logits, labels = torch.randn(2, 4, 8, 8), torch.randint(0, 4, (2, 8, 8))
+    ce = torch.nn.functional.cross_entropy(logits, labels)
+    assert segment.seg_loss(logits, labels, "dice_ce") == pytest.approx(float(segment.soft_dice_loss(logits, labels) + ce))
+    with pytest.raises(ValueError, match="dice_ce"):
+        segment.seg_loss(logits, labels, "focal")
+    res = segment.run("mip", 0, data, {"steps": 2, "loss": "dice_ce", "phis": [0.0]})
+    assert 0.0 < res["metrics"]["rel_step_first10"] < 1.0
+
+
+def test_attribution_and_full_lr_studies():
+    from experiments.__main__ import study_runs
+
+    runs = study_runs("segment", {"steps": 10, "lr": 1e-3}, ["segattr"])
+    arms = {lv: (v, c) for _, _, lv, c, v in runs}
+    assert len(arms) == 9 and arms["mip-lr2e-4"] == ("mip", {"steps": 10, "lr": 2e-4})
+    assert arms["plain-dice_ce"][1]["loss"] == "dice_ce" and arms["mip-zeroinit"][1]["zero_init"] is True
+    assert study_runs("classify", {"steps": 10}, ["segattr"]) == []
+    lr = study_runs("register", {"steps": 10, "lr": 1e-3}, ["lrfull"])
+    assert len(lr) == 25 and {c["lr"] for *_, c, _ in lr} == {1e-4, 3e-4, 1e-3, 3e-3, 1e-2}

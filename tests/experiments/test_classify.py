@@ -33,6 +33,7 @@ def test_run_smoke(data, variant):
     m = res["metrics"]
     assert len(res["curve"]) == 4 and all(math.isfinite(v) for v in res["curve"])
     assert 0.0 <= m["test_acc"] <= 1.0 and len(m["grad_norm_by_gamma"]) == 5
+    assert 0.0 <= m["val_acc"] <= 1.0  # validation images held out of training
 
 
 def test_cli_writes_results_report_and_resumes(tmp_path, monkeypatch, capsys):
@@ -40,17 +41,30 @@ def test_cli_writes_results_report_and_resumes(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     args = ["reproduce", "--task", "classify", "--seeds", "1", "--steps", "3", "--out", str(out)]
     assert main(args) == 0
+    start = capsys.readouterr().out.split("[classify 1/5]")[0]  # printed before the first run
+    assert f"Output: {out.resolve()}" in start and "classify: 5 of 5 runs to train (0 finished before), 3 steps, 1 seeds" in start
+    assert "data: fashion-mnist" in start or "data: mnist" in start
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert sorted(r["variant"] for r in rows) == ["additive-only", "default", "encoding-only", "mip", "plain"]
+    command = f"python -m experiments reproduce --quick --task classify --seeds 1 --steps 3 --out {out}"
+    assert all(r["command"] == command for r in rows)
     assert all([t["step"] for t in r["trace"]] == [0, 1, 2, 3] for r in rows)
     report = (out / "report.md").read_text()
     assert report.count("| mip |") == 2 and report.count("| plain |") == 2  # one row in the main table, one in the trace table
     assert "### Training traces (classify)" in report and (out / "classify_trace.png").stat().st_size > 1000
     assert (out / "classify_curves.png").stat().st_size > 1000
+    assert f"Regenerate (runs resume; finished runs are skipped) with `{command}`" in report
+    assert "The last invocation trained 5 runs" in report
     capsys.readouterr()
     assert main(args) == 0  # resume: nothing is re-run
     assert "all runs already finished" in capsys.readouterr().out
     assert len((out / "results.jsonl").read_text().splitlines()) == 5
+    assert "The last invocation trained no runs (all had finished before)" in (out / "report.md").read_text()
+    # another --steps into the same folder: its own table, never pooled with the 3-step runs
+    assert main([*args[:-4], "--steps", "4", "--out", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert "## Task: classify — settings 1 of 2" in report and "## Task: classify — settings 2 of 2" in report
+    assert "steps=3" in report and "steps=4" in report and f"{command.replace('--steps 3', '--steps 4')}" in report
 
 
 def test_lr_and_baseline_studies_reuse_the_main_runs_at_the_main_rate(tmp_path, monkeypatch):
@@ -112,3 +126,14 @@ def test_ablation_relabels_shared_baseline_runs_instead_of_retraining(tmp_path, 
     labels = {(r["axis"], str(r["level"]), r["variant"]) for r in rows}
     assert ("depth", "0", "mip") in labels and ("k", "2", "mip") in labels
     assert "| depth | 0 |" in (out / "report.md").read_text()
+
+
+def test_gamma_range_draws_and_theta_gradients(data):
+    cfg = {"steps": 2, "n_test": 50, "n_eval_gamma": 2, "probes": 1, "probe_batch": 8, "gamma_range": [0.5, 1.0]}
+    res = classify.run("mip", 0, data, cfg)
+    tr = res["trace"]
+    assert tr[0]["grad_norm_by_gamma_x"] == pytest.approx([0.55, 0.65, 0.75, 0.85, 0.95])  # bins inside the range
+    assert len(tr[0]["theta_grad_by_gamma"]) == 5 and all(g > 0 for g in tr[0]["theta_grad_by_gamma"])
+    # [0, 1] draws exactly what the main study draws
+    g1, g2 = __import__("torch").Generator().manual_seed(3), __import__("torch").Generator().manual_seed(3)
+    assert classify.draw_gamma({"gamma_range": [0.0, 1.0]}, (2,), g1).tolist() == classify.draw_gamma({}, (2,), g2).tolist()

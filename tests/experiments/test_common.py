@@ -145,3 +145,12 @@ def test_train_loop_records_the_trace_and_resumes_it_exactly(tmp_path):
         _toy_run(tmp_path / "b", crash_at=17)
     resumed = _toy_run(tmp_path / "b")
     assert resumed["trace"] == full["trace"] and resumed["curve"] == full["curve"]
+
+
+def test_sgd_momentum_variants_for_the_ablation():
+    from experiments.common import make_optimizer
+
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    assert [make_optimizer(n, p, 0.1).param_groups[0]["momentum"] for n in ("sgd", "sgd0", "sgd99")] == [0.9, 0.0, 0.99]
+    with pytest.raises(ValueError, match="sgd99"):
+        make_optimizer("sgd5", p, 0.1)

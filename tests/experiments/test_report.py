@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from experiments import report
-from experiments.report import SpeedUp, lr_table, main_table, paired_bootstrap, plot_trace, speedups, write_report
+from experiments.report import SpeedUp, lr_table, main_table, paired_t, plot_trace, speedups, write_report
 
 ROOT = Path(__file__).resolve().parents[2]
 # the quick rows of the first reproduction: no traces, lr or baseline runs (the test adds its own)
@@ -35,62 +35,101 @@ def row(variant, seed, *, task="classify", study="main", lr=1e-3, acc=0.8, curve
     }
 
 
-# ------------------------------------------------------------------------------------------------ bootstrap
+# ------------------------------------------------------------------------------------------------ intervals
 
 
-def test_bootstrap_identical_pairs_give_zero():
+def test_t_interval_identical_pairs_give_zero():
     a = {0: 0.7, 1: 0.8, 2: 0.75, 3: 0.9}
-    assert paired_bootstrap(a, dict(a)) == (0.0, 0.0, 0.0, 4)
+    d = paired_t(a, dict(a))
+    assert (d.mean, d.lo, d.hi, d.n, d.p) == (0.0, 0.0, 0.0, 4, 1.0)
 
 
-def test_bootstrap_constant_shift():
+def test_t_interval_constant_shift():
     a = {0: 0.7, 1: 0.8, 2: 0.75, 3: 0.9}
-    b = {s: v - 0.25 for s, v in a.items()}
-    d, lo, hi, n = paired_bootstrap(a, b)
-    assert n == 4
-    assert d == pytest.approx(0.25) and lo == pytest.approx(0.25) and hi == pytest.approx(0.25)
+    d = paired_t(a, {s: v - 0.25 for s, v in a.items()})
+    assert d.n == 4 and d.p == 0.0
+    assert d.mean == pytest.approx(0.25) and d.lo == pytest.approx(0.25) and d.hi == pytest.approx(0.25)
 
 
-def test_bootstrap_pairs_by_seed_and_ignores_unpaired():
-    a = {0: 1.0, 1: 2.0, 2: 3.0, 7: 100.0}
-    b = {0: 0.0, 1: 1.0, 2: 2.0, 9: -100.0}
-    d, lo, hi, n = paired_bootstrap(a, b)
-    assert (d, lo, hi, n) == (pytest.approx(1.0), pytest.approx(1.0), pytest.approx(1.0), 3)
+def test_t_interval_pairs_by_seed_and_drops_unpaired_and_missing():
+    d = paired_t({0: 1.0, 1: 2.0, 2: 3.5, 7: 100.0, 8: math.nan, 9: None}, {0: 0.0, 1: 1.0, 2: 2.0, 8: 0.0, 9: 0.0, 10: -100.0})
+    assert d.n == 3 and d.mean == pytest.approx(3.5 / 3)
+    # by hand: diffs 1, 1, 1.5: sd 0.2887, t(2, 0.975) = 4.3027
+    half = 4.302652729911275 * float(np.std([1.0, 1.0, 1.5], ddof=1)) / math.sqrt(3)
+    assert d.lo == pytest.approx(d.mean - half) and d.hi == pytest.approx(d.mean + half)
 
 
-def test_bootstrap_drops_nan_and_none_pairwise():
-    a = {0: 1.0, 1: math.nan, 2: 3.0, 3: None, 4: 5.0}
-    b = {0: 0.0, 1: 0.0, 2: 1.0, 3: 0.0, 4: 2.0}
-    d, lo, hi, n = paired_bootstrap(a, b)
-    assert n == 3 and d == pytest.approx(2.0)
-    assert lo < d < hi
+def test_t_interval_too_few_pairs():
+    d = paired_t({0: 1.0}, {0: 0.5, 1: 0.0})
+    assert d.mean == 0.5 and math.isnan(d.lo) and math.isnan(d.hi) and d.n == 1 and math.isnan(d.p)
+    d = paired_t({0: 1.0}, {1: 0.0})
+    assert math.isnan(d.mean) and d.n == 0
 
 
-def test_bootstrap_too_few_pairs():
-    d, lo, hi, n = paired_bootstrap({0: 1.0}, {0: 0.5, 1: 0.0})
-    assert d == 0.5 and math.isnan(lo) and math.isnan(hi) and n == 1
-    d, lo, hi, n = paired_bootstrap({0: 1.0}, {1: 0.0})
-    assert math.isnan(d) and math.isnan(lo) and n == 0
+@pytest.mark.parametrize("n", [3, 5, 10])
+def test_t_interval_covers_a_known_mean_95_percent_of_the_time(n):
+    """Coverage on synthetic paired data with a known mean difference, at the seed counts of the studies."""
+    rng = np.random.default_rng(n)
+    true = 0.03
+    trials = 2000
+    hits = 0
+    for _ in range(trials):
+        base = rng.normal(0.8, 0.05, size=n)
+        diff = rng.normal(true, 0.02, size=n)
+        d = paired_t(dict(enumerate(base + diff)), dict(enumerate(base)))
+        hits += d.lo <= true <= d.hi
+    # binomial sd at 2000 trials: 0.5 %; a percentile bootstrap of 5 pairs gives about 88 %
+    assert 0.93 <= hits / trials <= 0.97
 
 
-def test_bootstrap_ci_contains_mean_narrows_with_seeds_and_is_reproducible():
-    rng = np.random.default_rng(1)
-    widths = []
-    for k in (5, 50, 500):
-        diffs = rng.normal(0.1, 0.2, size=k)
-        a = {s: 1.0 + float(x) for s, x in enumerate(diffs)}
-        b = dict.fromkeys(range(k), 1.0)
-        d, lo, hi, n = paired_bootstrap(a, b)
-        assert n == k and lo <= d <= hi and d == pytest.approx(float(diffs.mean()))
-        widths.append(hi - lo)
-        assert paired_bootstrap(a, b) == (d, lo, hi, n)  # fixed generator seed
-    assert widths[0] > widths[1] > widths[2]
-    # a 95 % interval is wider than a 50 % one
-    d, lo50, hi50, _ = paired_bootstrap(a, b, ci=0.5)
-    assert hi50 - lo50 < widths[2]
+def test_percentile_bootstrap_would_undercover_at_five_pairs():
+    """The reason for the t-interval: the percentile bootstrap of the mean of 5 pairs covers well under 95 %."""
+    rng = np.random.default_rng(0)
+    hits = t_hits = 0
+    for _ in range(1000):
+        d = rng.normal(0.0, 1.0, size=5)
+        means = d[rng.integers(0, 5, size=(2000, 5))].mean(axis=1)
+        lo, hi = np.quantile(means, [0.025, 0.975])
+        hits += lo <= 0.0 <= hi
+        _, tlo, thi, _ = report.t_interval(d)
+        t_hits += tlo <= 0.0 <= thi
+    assert hits / 1000 < 0.91 < 0.93 < t_hits / 1000
+
+
+def test_holm_adjustment():
+    assert report.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert report.holm([0.5, 0.001]) == pytest.approx([0.5, 0.002])
+    adj = report.holm([math.nan, 0.2, 0.9])
+    assert math.isnan(adj[0]) and adj[1:] == pytest.approx([0.4, 0.9])
+    assert report.holm([0.6, 0.7]) == pytest.approx([1.0, 1.0])
+
+
+def test_fisher_exact_four_of_five_against_one_of_five():
+    assert report.fisher_exact(4, 5, 1, 5) == pytest.approx(0.2063, abs=1e-3)
+    assert report.fisher_exact(2, 5, 2, 5) == pytest.approx(1.0)
+    assert report.fisher_exact(5, 5, 0, 5) == pytest.approx(0.0079, abs=1e-3)
 
 
 # ------------------------------------------------------------------------------------------------ speed-up
+
+
+def test_speedup_of_the_default_against_itself_is_one():
+    ref = [row("default", s, curve=_curve(2.0, 0.5 + 0.1 * s)) for s in range(5)]
+    sp = speedups({"default": ref})["default"]
+    assert sp.ratios == [1.0] * 5 and sp.cell().startswith("1.00x [1.00, 1.00]")
+
+
+def test_speedup_is_paired_by_seed_against_the_default():
+    # default seed s ends at 0.5 + 0.3 s; the variant gets there in half the steps in every seed
+    ref = [row("default", s, curve=_curve(2.0, 0.5 + 0.3 * s)) for s in range(3)]
+    fast = [row("mip", s, curve=[*_curve(2.0, 0.5 + 0.3 * s, 50), *[0.5 + 0.3 * s] * 50]) for s in range(3)]
+    sp = speedups({"default": ref, "mip": fast})["mip"]
+    assert sp.n == 3 and sp.reached == 3
+    for r in sp.ratios:
+        assert r == pytest.approx(2.0, rel=0.15)
+    assert "(geo. mean, n=3)" in sp.cell()
+    # a seed whose default partner is missing is left out
+    assert speedups({"default": ref[:2], "mip": fast})["mip"].n == 2
 
 
 def test_speedup_majority_censored_prints_below_one():
@@ -122,8 +161,10 @@ def test_speedup_quantile_rules():
     sp = SpeedUp([None, 2.0], [False, False])
     assert sp.quantile(0.5) == (1.5, "<")  # between a censored (<1) and 2.0: below 1.5
     assert SpeedUp([None, None, 3.0], [False] * 3).cell().startswith("<1x")
-    assert SpeedUp([4.0, 4.0, 2.0], [True, True, False]).cell().startswith("≥4.00x")
-    assert SpeedUp([2.0, 3.0, 4.0], [False] * 3).cell() == "3.00x [2.50, 3.50] (3/3 reached)"
+    assert SpeedUp([4.0, 4.0, 2.0], [True, True, False]).cell().startswith("≥3.17x")  # geometric mean, a lower bound
+    cell = SpeedUp([2.0, 3.0, 4.0], [False] * 3).cell()
+    lo, hi = (math.exp(v) for v in report.t_interval([math.log(2.0), math.log(3.0), math.log(4.0)])[1:3])
+    assert cell == f"2.88x [{lo:.2f}, {hi:.2f}] (geo. mean, n=3)"
 
 
 # ------------------------------------------------------------------------------------------------ tables
@@ -151,15 +192,16 @@ def test_main_table_order_delta_and_no_leaks():
         ]
     table = main_table(rows, "classify")
     lines = table.splitlines()
-    assert "Δ test accuracy vs default, mean [95 % bootstrap CI] (paired by seed)" in lines[0]
+    assert "Δ test accuracy vs default: mean [95 % t-CI] (n pairs, p, Holm-adjusted p)" in lines[0]
     body = [_table_rows(line) for line in lines[2:]]
     assert [c[0] for c in body] == ["plain", "default", "encoding-only", "additive-only", "mip", "default-hyperfan", "mip-theta0-model"]
     assert all(c[1] == "4" for c in body)  # no extra seeds leaked in
     by = {c[0]: c for c in body}
     assert by["default"][3] == ""  # no delta against itself
-    assert by["mip"][3].startswith("+0.100 [+0.100, +0.100] (n=4)")
+    assert by["mip"][3].startswith("+0.100 [+0.100, +0.100] (n=4, p=<0.001, Holm <0.001)")
     assert by["default-hyperfan"][3].startswith("+0.050")
-    assert by["plain"][-2].endswith("(4/4 reached)")  # plain has a curve: a speed-up like the others
+    assert by["plain"][-2].endswith("(geo. mean, n=4)")  # plain has a curve: a speed-up like the others
+    assert by["default"][-2].startswith("1.00x [1.00, 1.00]")
     assert "0.000" not in by["default"][2]
 
 
@@ -167,7 +209,7 @@ def test_main_table_auc_loss_delta():
     rows = [row("default", s, curve=_curve(2.0, 0.5)) for s in range(3)] + [row("mip", s, curve=_curve(1.0, 0.5)) for s in range(3)]
     body = {c[0]: c for c in (_table_rows(line) for line in main_table(rows, "classify").splitlines()[2:])}
     header = _table_rows(main_table(rows, "classify").splitlines()[0])
-    col = header.index("Δ loss AUC vs default, mean [95 % bootstrap CI] (paired by seed)")
+    col = header.index("Δ loss AUC vs default: mean [95 % t-CI] (n pairs, p, Holm-adjusted p)")
     auc_default = report.auc_loss(_curve(2.0, 0.5))
     auc_mip = report.auc_loss(_curve(1.0, 0.5))
     assert auc_mip < auc_default
@@ -182,10 +224,10 @@ def test_lr_table_bolds_the_best_rate():
         rows += [row("mip", s, study="lr", lr=3e-4, acc=0.7), row("mip", s, study="lr", lr=3e-3, acc=0.85)]
     table = lr_table(rows, "classify")
     lines = table.splitlines()
-    assert _table_rows(lines[0]) == ["variant", "lr 3e-4", "lr 1e-3", "lr 3e-3", "best lr"]
+    assert _table_rows(lines[0]) == ["variant", "lr 3e-4", "lr 1e-3", "lr 3e-3", "chosen lr", "chosen on"]
     by = {c[0]: c for c in (_table_rows(line) for line in lines[2:])}
-    assert by["default"][1] == "**0.750 (3)**" and by["default"][-1] == "3e-4"
-    assert by["mip"][3] == "**0.850 (3)**" and by["mip"][-1] == "3e-3"
+    assert by["default"][1] == "**0.750 (3)**" and by["default"][-2] == "3e-4" and by["default"][-1] == "test (optimistic)"
+    assert by["mip"][3] == "**0.850 (3)**" and by["mip"][-2] == "3e-3"
     assert by["mip"][2] == "0.800 (3)"  # the main runs count as the 1e-3 cell
     assert lr_table([r for r in rows if r["study"] == "main"], "classify") == ""
 
@@ -199,7 +241,19 @@ def test_lr_table_ranks_diverged_runs_worst():
             bad["metrics"] = {"diverged_at": 10, "final_train_loss": math.nan}
         rows.append(bad)
     by = {c[0]: c for c in (_table_rows(line) for line in lr_table(rows, "classify").splitlines()[2:])}
-    assert by["mip"][-1] == "3e-4" and by["mip"][2] == "diverged (3, 2 div.)"
+    assert by["mip"][-2] == "3e-4" and by["mip"][2] == "diverged (3, 2 div.)"
+
+
+def test_lr_table_chooses_on_validation_and_reports_test_there():
+    rows = []
+    for s in range(3):
+        # on test 3e-3 looks best, on validation 3e-4 is: the choice follows validation
+        for study, lr, acc, val in (("main", 1e-3, 0.70, 0.70), ("lr", 3e-4, 0.72, 0.80), ("lr", 3e-3, 0.90, 0.60)):
+            r = row("mip", s, study=study, lr=lr, acc=acc)
+            r["metrics"]["val_acc"] = val
+            rows.append(r)
+    by = {c[0]: c for c in (_table_rows(line) for line in lr_table(rows, "classify").splitlines()[2:])}
+    assert by["mip"][1] == "**0.720 (3)**" and by["mip"][-2] == "3e-4" and by["mip"][-1] == "validation"
 
 
 def _trace(step_values):
@@ -270,7 +324,7 @@ def test_write_report_on_the_committed_quick_results(tmp_path):
     assert not (tmp_path / "classify_trace.png").exists()
     assert "Data: fashion-mnist" in text and "Data: MNI152 2009a (nilearn)" in text
     assert text.count("| default-hyperfan |") == 1
-    assert "censored" in text and "bootstrap" in text
+    assert "censored" in text and "t-interval" in text and "Holm" in text
     assert "### Learning-rate sweep (classify)" in text and "### Training traces (segment)" in text
     classify = text.split("## Task: classify")[1].split("### Learning-rate sweep")[0]
     assert classify.count("| mip |") == 1 and classify.count("| default |") == 1  # the lr rows stay out
@@ -286,7 +340,7 @@ def test_diverged_run_is_counted_censored_and_left_out_of_the_pairs(tmp_path):
     mip = by["mip"]
     assert mip[1] == "3" and mip[-1] == "1/3"
     assert mip[2].endswith("(n=2)")  # the median over the 2 seeds with an accuracy
-    assert mip[3].startswith("+0.100 [+0.100, +0.100] (n=2)")  # seed 2 has no partner value
+    assert mip[3].startswith("+0.100 [+0.100, +0.100] (n=2,")  # seed 2 has no partner value
     assert "(2/3 reached)" in mip[-2]  # the diverged seed is censored, not dropped
     assert math.isinf(report.auc_loss(bad["curve"]))
     assert (write_report(rows, tmp_path)).exists() and (tmp_path / "classify_curves.png").exists()
@@ -297,3 +351,134 @@ def test_plain_has_no_output_variation_in_the_trace_table():
     rows = [row("plain", s, trace=tr) for s in range(2)] + [row("default", s, trace=tr) for s in range(2)]
     by = {c[0]: c for c in (_table_rows(line) for line in report.trace_table(rows, "classify").splitlines()[2:])}
     assert by["plain"][4] == "n/a" and by["default"][4] == "0" and by["plain"][5] == "2"
+
+
+# ------------------------------------------------------------------------------------------------ stalls
+
+
+def _seg(variant, seed, *, final, dice, by_class=None, steps=100):
+    r = row(variant, seed, task="segment", curve=[1.0] * 20 + [final] * (steps - 20))
+    r["metrics"] = {"diverged_at": None, "dice": dice, "final_train_loss": final, "dice_spread": 0.0}
+    if by_class is not None:
+        r["metrics"]["dice_by_class"] = by_class
+    return r
+
+
+def test_stall_rule():
+    # per-class Dice decides when recorded: a class never predicted is a stall, whatever the loss
+    assert report.stalled(_seg("mip", 0, final=0.2, dice=0.6, by_class=[0.9, 0.01, 0.9])) is True
+    assert report.stalled(_seg("mip", 0, final=0.45, dice=0.4, by_class=[0.4, 0.3, 0.5])) is False
+    # older rows: plateau level of the training loss and the mean Dice together
+    assert report.stalled(_seg("mip", 0, final=0.404, dice=0.416)) is True
+    assert report.stalled(_seg("plain", 0, final=0.32, dice=0.56)) is False  # an under-trained run is not a stall
+    assert report.stalled(_seg("plain", 0, final=0.40, dice=0.63)) is False
+    bad = _seg("mip", 0, final=0.3, dice=0.6)
+    bad["metrics"]["diverged_at"] = 5
+    assert report.stalled(bad) is True
+    assert report.stalled(row("mip", 0)) is None  # no rule for the classifier
+
+
+def test_stall_counts_and_fisher_in_the_segment_table():
+    rows = []
+    for s in range(5):
+        rows.append(_seg("mip", s, final=0.404 if s < 4 else 0.2, dice=0.41 if s < 4 else 0.7))
+        rows.append(_seg("additive-only", s, final=0.404 if s == 0 else 0.2, dice=0.41 if s == 0 else 0.7))
+        rows.append(_seg("default", s, final=0.2, dice=0.7))
+    table = report.stall_table(report.main_groups(rows, "segment"))
+    by = {c[0]: c for c in (_table_rows(line) for line in table.splitlines()[2:])}
+    assert by["mip"][1] == "4/5" and by["additive-only"][1] == "1/5" and by["default"][1] == "0/5"
+    assert _table_rows(table.splitlines()[0])[-1] == "Fisher p vs mip"
+    assert by["additive-only"][-1] == "0.21"
+    main = {c[0]: c for c in (_table_rows(line) for line in main_table(rows, "segment").splitlines()[2:])}
+    assert main["mip"][-1] == "4/5"
+    assert report.stall_table(report.main_groups([row("mip", 0)], "classify")) == ""
+
+
+# ------------------------------------------------------------------------------------------------ settings
+
+
+def test_rows_with_other_settings_are_never_pooled(tmp_path):
+    short = [row(v, s, acc=0.5) for v in ("default", "mip") for s in range(3)]
+    long = []
+    for v in ("default", "mip"):
+        for s in range(2):
+            r = row(v, s, acc=0.9)
+            r["config"] = {**r["config"], "steps": 500}
+            long.append(r)
+    rows = short + long
+    # the largest settings group alone: no 0.9 accuracy in the 100-step table
+    body = {c[0]: c for c in (_table_rows(line) for line in main_table(rows, "classify").splitlines()[2:])}
+    assert body["mip"][1] == "3" and body["mip"][2].startswith("0.500")
+    text = write_report(rows, tmp_path).read_text()
+    assert "## Task: classify — settings 1 of 2: steps=100" in text
+    assert "## Task: classify — settings 2 of 2: steps=500" in text
+    second = text.split("settings 2 of 2")[1]
+    assert "| mip | 2 | 0.900" in second
+    assert (tmp_path / "classify_s2_curves.png").exists()
+    # a different data set is another setting as well
+    other = [{**r, "data": "mnist"} for r in short]
+    assert report.settings_diff(report.settings_groups(short + other, "classify")) == ["data=fashion-mnist", "data=mnist"]
+
+
+# ------------------------------------------------------------------------------------------------ gamma range
+
+
+def test_gamma_table_pairs_within_each_range(tmp_path):
+    rows = []
+    for level, gain in (("0.5-1", 0.01), ("0-4", 0.2)):
+        for s in range(3):
+            for v, acc in (("default", 0.6), ("mip", 0.6 + gain)):
+                tr = [{"step": 0, "theta_grad_by_gamma": [1.0, 1.0 + 9 * (v == "default") * (level == "0-4")]}, {"step": 100}]
+                r = row(v, s, study="gamma", acc=acc + 0.001 * s, trace=tr)
+                r["axis"], r["level"] = "gamma_range", level
+                rows.append(r)
+    table = report.gamma_table(rows)
+    body = [_table_rows(line) for line in table.splitlines()[2:]]
+    by = {(c[0], c[1]): c for c in body}
+    assert by[("0.5-1", "mip")][4].startswith("+0.010 [+0.010, +0.010] (n=3")
+    assert by[("0-4", "mip")][4].startswith("+0.200")
+    assert by[("0-4", "default")][6] == "10" and by[("0-4", "mip")][6] == "1"
+    assert by[("0-4", "default")][5].startswith("1.00x")
+    text = write_report(rows, tmp_path).read_text()
+    assert "## gamma-range stress test (task: classify)" in text
+    assert "## Task: classify" not in text  # gamma rows never enter the main table
+
+
+def test_gamma_study_runs():
+    from experiments.__main__ import study_runs
+
+    runs = study_runs("classify", {"steps": 10, "lr": 1e-3}, ["gamma"])
+    spans = {(lv, *c["gamma_range"]) for _, _, lv, c, _ in runs}
+    assert spans == {("0.5-1", 0.5, 1.0), ("0-1", 0.0, 1.0), ("0-4", 0.0, 4.0)}
+    assert sorted({v for *_, v in runs}) == ["additive-only", "default", "default-hyperfan", "mip"]
+    assert study_runs("segment", {"steps": 10}, ["gamma"]) == []
+
+
+# ------------------------------------------------------------------------------------------------ segmentation attribution
+
+
+def test_segattr_table_counts_stalls_per_arm_against_mip_soft_dice(tmp_path):
+    rows = []
+    for s in range(5):
+        for arm, variant, loss, bad in (("mip-soft_dice", "mip", "soft_dice", s < 4), ("mip-dice_ce", "mip", "dice_ce", s < 1)):
+            r = _seg(variant, s, final=0.2, dice=0.7, by_class=[0.8, 0.0 if bad else 0.6, 0.8])
+            r["study"], r["axis"], r["level"] = "segattr", "arm", arm
+            r["config"] = {**r["config"], "loss": loss}
+            r["metrics"]["rel_step_first10"] = 0.03
+            rows.append(r)
+    table = report.segattr_table(rows)
+    by = {c[0]: c for c in (_table_rows(line) for line in table.splitlines()[2:])}
+    assert by["mip-soft_dice"][5] == "4/5" and by["mip-dice_ce"][5] == "1/5" and by["mip-dice_ce"][6] == "0.21"
+    assert by["mip-dice_ce"][2] == "dice_ce" and by["mip-dice_ce"][-1] == "0.0300" and by["mip-dice_ce"][9] == "0.600"
+    assert "## Is the segmentation stall MIP's fault?" in write_report(rows, tmp_path).read_text()
+
+
+def test_lr_table_shows_the_relative_step():
+    rows = []
+    for s in range(2):
+        for study, lr in (("main", 1e-3), ("lr", 3e-3)):
+            r = row("mip", s, study=study, lr=lr)
+            r["metrics"]["rel_step_first10"] = 0.01 if lr == 1e-3 else 0.03
+            rows.append(r)
+    by = {c[0]: c for c in (_table_rows(line) for line in lr_table(rows, "classify").splitlines()[2:])}
+    assert "step 0.01)" in by["mip"][1] and "step 0.03)" in by["mip"][2]
