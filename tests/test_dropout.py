@@ -114,3 +114,27 @@ def test_bad_bindings_are_named():
         hl.bind_dropout(hnet, {"d1": "2"})
     with pytest.raises(hl.HyperloomError, match="must be a HyperModel"):
         hl.bind_dropout(_net(), {"d1": "2"})
+
+
+def test_a_bound_hugging_face_attention_dropout_whose_p_is_read_by_its_parent():
+    # BERT's attention passes `self.dropout.p` to scaled_dot_product_attention: the bound module must answer it
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, max_position_embeddings=16
+    )
+    ids = torch.randint(0, 50, (3, 5))
+    for mode in ("vmap", "loop"):
+        torch.manual_seed(0)
+        hnet = hl.hypernetize(BertModel(cfg), predict=["*.intermediate.dense"], inputs={"d": (0.0, 1.0)}, per_sample=mode)
+        hl.bind_dropout(hnet, {"d": "*dropout"})
+        assert abs(hnet.primary.encoder.layer[0].attention.self.dropout.p - 0.1) < 1e-7  # the replaced module's rate
+        hnet.train()
+        assert hnet(input_ids=ids, d=0.3).last_hidden_state.shape == (3, 5, 16)
+        assert torch.equal(hnet(input_ids=ids, d=1.0).last_hidden_state, torch.zeros(3, 5, 16))  # the output dropout
+        rates = torch.tensor([0.1, 0.2, 0.3])
+        if mode == "loop":
+            assert hnet(input_ids=ids, d=rates).last_hidden_state.shape == (3, 5, 16)
+        else:  # a per-sample rate is not a number under vmap: said so, naming the input
+            with pytest.raises(hl.HyperloomError, match=r"BoundDropout \(input 'd'\).*read as a number.*per_sample='loop'"):
+                hnet(input_ids=ids, d=rates)

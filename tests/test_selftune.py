@@ -205,7 +205,16 @@ def test_history_plot_and_repr(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3] and [r["train_steps"] for r in rows] == [1, 2, 3]
     assert set(rows[0]) == {"step", "train_steps", "val_loss", "values", "scales"} and set(rows[0]["values"]) == {"wd", "mix"}
     assert rows[-1]["values"] == tuner.values and rows[-1]["scales"] == tuner.scales
-    assert tuner.plot(tmp_path / "t.png").stat().st_size > 1000
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    backend, figures = matplotlib.get_backend(), plt.get_fignums()
+    matplotlib.use("svg")  # a caller's backend (a notebook's, say) is left as it is
+    try:
+        assert tuner.plot(tmp_path / "t.png").stat().st_size > 1000
+        assert matplotlib.get_backend() == "svg" and plt.get_fignums() == figures
+    finally:
+        matplotlib.use(backend)
     (tmp_path / "file").write_text("x")  # through the library's one atomic writer: a bad path is a CheckpointError
     with pytest.raises(hl.CheckpointError, match=re.escape(f"{tmp_path / 'file' / 't.png'}: cannot write")):
         tuner.plot(tmp_path / "file" / "t.png")
@@ -285,3 +294,48 @@ def test_non_finite_losses_follow_the_rule(rule):
     assert all(torch.equal(state[k], after[k]) for k in ("u", "log_scale", "adam_m", "adam_v", "adam_t"))
     assert tuner.skipped == ({"train": 2, "hyper": 1} if rule == "skip" else {"train": 0, "hyper": 0})
     assert all(math.isfinite(v) for v in tuner.values.values())
+
+
+def test_a_state_of_other_inputs_is_refused_naming_both(tmp_path):
+    model = hl.hypernetize(nn.Linear(2, 1), inputs={"a": (0.0, 1.0), "b": (0.0, 1.0), "wd": (1e-4, 1.0, "log")})
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    state = hl.SelfTuner(model, opt, inputs="a", init={"a": 0.9}).state_dict()
+    other = hl.SelfTuner(model, opt, inputs="b")  # the same sizes: loading would silently make b = 0.9
+    with pytest.raises(hl.HyperloomError, match=re.escape("it tunes {a: dim=1, [0.0, 1.0], linear}, this tuner tunes {b: dim=1")):
+        other.load_state_dict(state)
+    assert other.values == {"b": 0.5}
+    with pytest.raises(hl.HyperloomError, match=re.escape("this tuner tunes {a: dim=1, [0.0, 1.0], linear; b: dim=1")):
+        hl.SelfTuner(model, opt).load_state_dict(state)  # other sizes: named, not a raw size-mismatch error
+    with pytest.raises(
+        hl.HyperloomError, match=re.escape("history_rows has shape (10000, 5), this tuner's has (4, 5) (history_size differs)")
+    ):
+        hl.SelfTuner(model, opt, inputs="a", history_size=4).load_state_dict(state)
+    same = hl.SelfTuner(model, opt, inputs="a")
+    same.load_state_dict(state)
+    assert same.values == {"a": 0.9}
+    x = torch.randn(4, 2)
+
+    def fit(name, steps):  # resuming a run through the Trainer with a tuner of another input is refused too
+        tuner = hl.SelfTuner(model, opt, inputs=name)
+
+        def loss_fn(m, step):
+            cond = {"a": 0.5, "b": 0.5, "wd": 0.01, **tuner.sample()}
+            return m(x, **cond).pow(2).mean(), cond
+
+        hl.Trainer(model, opt, loss_fn, checkpoint=tmp_path / "run.safetensors", every=1, extras={"tuner": tuner}).fit(steps)
+
+    fit("a", 1)
+    with pytest.raises(hl.HyperloomError, match=re.escape("(extras.tuner) is that of a tuner of other inputs: it tunes {a: dim=1")):
+        fit("b", 2)
+
+
+def test_plot_without_matplotlib_says_how_to_get_it(monkeypatch, tmp_path):
+    import sys
+
+    _, _, tuner, _, val_loss = _setup()
+    tuner.hyper_step(val_loss)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(hl.HyperloomError, match=re.escape("SelfTuner.plot needs matplotlib: pip install matplotlib")):
+        tuner.plot(tmp_path / "t.png")
+    assert not (tmp_path / "t.png").exists()

@@ -69,6 +69,23 @@ class BoundDropout(nn.Module):
         self.input = input
         self.register_buffer("rate", torch.tensor(float(p)), persistent=False)
 
+    @property
+    def p(self) -> float:
+        """The current rate as a number, for code that reads ``module.p`` as ``nn.Dropout`` allows.
+
+        Hugging Face attention passes ``self.dropout.p`` to ``scaled_dot_product_attention``; one rate per call
+        (or per sample in the loop) reaches it. Under ``vmap`` a per-sample rate is not a number: a
+        :class:`~hyperloom.HyperloomError` says so.
+        """
+        try:
+            return float(self.rate.detach())
+        except RuntimeError:
+            raise HyperloomError(
+                f"BoundDropout (input {self.input!r}): its rate is read as a number (module.p, e.g. an attention "
+                "dropout probability passed to scaled_dot_product_attention), which a per-sample rate under vmap is "
+                "not; give one rate per call, use per_sample='loop', or bind only dropout modules that are called"
+            ) from None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return x

@@ -94,7 +94,9 @@ class SelfTuner(nn.Module):
 
     The tuner's state (values, scales, Adam moments, counters, history) is
     all in tensors: ``hl.Trainer(..., extras={"tuner": tuner})`` checkpoints
-    and resumes it exactly. Inside a Trainer, the loss function draws the
+    and resumes it exactly; the state records the tuned inputs and their ranges, and a state of a
+    tuner of other inputs (or ranges, or ``history_size``) is refused with a ``HyperloomError`` naming
+    both. Inside a Trainer, the loss function draws the
     training conditioning with :meth:`sample` (the Trainer steps the
     optimiser) and calls :meth:`hyper_step` every few steps.
 
@@ -130,6 +132,7 @@ class SelfTuner(nn.Module):
     adam_t: torch.Tensor
     counters: torch.Tensor
     history_rows: torch.Tensor
+    layout: torch.Tensor
     model: nn.Module
     optimizer: torch.optim.Optimizer
 
@@ -217,7 +220,33 @@ class SelfTuner(nn.Module):
         #: train draws, hyper steps, skipped train steps, skipped hyper steps, history rows, history stride
         self.register_buffer("counters", torch.tensor([0, 0, 0, 0, 0, 1], dtype=torch.int64))
         self.register_buffer("history_rows", torch.full((int(size), 3 + 2 * k_), math.nan, dtype=torch.float64))
+        #: what the state is about (names, sizes, ranges, scales: the normalised values mean nothing without them)
+        self.register_buffer("layout", torch.tensor(list(self._layout().encode()), dtype=torch.uint8))
         self._train_checked = False
+
+    def _layout(self) -> str:
+        return "; ".join(f"{k}: dim={s.dim}, [{s.low!r}, {s.high!r}], {s.scale}" for k, s in self.specs.items())
+
+    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        """Refuse a state of a tuner of other inputs (or ranges, or history size), naming both, before loading it."""
+        where = f" ({prefix.rstrip('.')})" if prefix else ""
+        theirs = state_dict.get(prefix + "layout")
+        if isinstance(theirs, torch.Tensor) and theirs.dtype == torch.uint8 and theirs.dim() == 1:
+            other = bytes(theirs.tolist()).decode(errors="replace")
+            if other != self._layout():
+                raise HyperloomError(
+                    f"SelfTuner.load_state_dict: the state{where} is that of a tuner of other inputs: it tunes {{{other}}}, "
+                    f"this tuner tunes {{{self._layout()}}}"
+                )
+        for k, mine in self._buffers.items():
+            t = state_dict.get(prefix + k)
+            if mine is not None and k != "layout" and isinstance(t, torch.Tensor) and t.shape != mine.shape:
+                hint = " (history_size differs)" if k == "history_rows" else ""
+                raise HyperloomError(
+                    f"SelfTuner.load_state_dict: {prefix}{k} has shape {tuple(t.shape)}, this tuner's has "
+                    f"{tuple(mine.shape)}{hint}; this tuner tunes {{{self._layout()}}}"
+                )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[arg-type]
 
     # -- views -----------------------------------------------------------------------------------
     def _values_of(self, u: torch.Tensor) -> dict[str, float | list[float]]:
@@ -524,11 +553,8 @@ class SelfTuner(nn.Module):
             CheckpointError: Naming the path, if it cannot be written (written atomically: a file already
                 there is kept on failure).
         """
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg", force=False)
-            import matplotlib.pyplot as plt
+        try:  # a Figure of its own: no pyplot, so the caller's backend and open figures stay as they are
+            from matplotlib.figure import Figure
         except ImportError:
             raise HyperloomError("SelfTuner.plot needs matplotlib: pip install matplotlib") from None
         n_rows = int(self.counters[4])
@@ -538,7 +564,8 @@ class SelfTuner(nn.Module):
         k_ = self.u.numel()
         x = h[:, 1].numpy() if bool((h[:, 1] > 0).any()) else h[:, 0].numpy()
         panels = [(k, j) for k in self.names for j in range(self._slices[k].stop - self._slices[k].start)]
-        fig, axes = plt.subplots(len(panels) + 1, 1, figsize=(6, 2.2 * (len(panels) + 1)), sharex=True, squeeze=False)
+        fig = Figure(figsize=(6, 2.2 * (len(panels) + 1)))
+        axes = fig.subplots(len(panels) + 1, 1, sharex=True, squeeze=False)
         for ax, (k, j) in zip(axes[:, 0], panels):
             spec, c = self.specs[k], self._slices[k].start + j
             u, s = h[:, 3 + c], h[:, 3 + k_ + c].exp()
@@ -559,6 +586,5 @@ class SelfTuner(nn.Module):
         out = Path(path)
         buf = io.BytesIO()
         fig.savefig(buf, dpi=120, format=out.suffix[1:].lower() or "png")
-        plt.close(fig)
         atomic_write_bytes(out, [buf.getvalue()])  # the library's one writer, as for every file it writes
         return out
