@@ -324,11 +324,11 @@ class ChunkedHead(_SharedHead):
         ``(*, H)`` -> ``{name: (*, *shape)}``.
 
     Example:
-        >>> head = ChunkedHead(8, {"w": (30, 20), "b": (30,)}, Chunked(chunk_size=64, width=16))
-        >>> head.num_chunks, sum(p.numel() for p in head.parameters()) < 630
-        (11, True)
+        >>> head = ChunkedHead(8, {"w": (300, 200), "b": (300,)}, Chunked(chunk_size=1024, width=16))
+        >>> head.num_chunks, sum(p.numel() for p in head.parameters()), 300 * 201  # 60,300 values from 17,114
+        (59, 17114, 60300)
         >>> {k: tuple(v.shape) for k, v in head(torch.rand(4, 8)).items()}
-        {'w': (4, 30, 20), 'b': (4, 30)}
+        {'w': (4, 300, 200), 'b': (4, 300)}
 
     Raises:
         HyperloomError: On invalid options (see :class:`Chunked`).
@@ -391,12 +391,12 @@ class StructuredHead(_SharedHead):
         ``(*, H)`` -> ``{name: (*, *shape)}``.
 
     Example:
-        >>> shapes = {f"layer{i}.w": (32, 32) for i in range(4)}
-        >>> head = StructuredHead(8, shapes, Structured(width=8))
-        >>> len(head.groups), sum(p.numel() for p in head.parameters()) < 4 * 32 * 32
-        (1, True)
+        >>> shapes = {f"layer{i}.w": (64, 64) for i in range(8)}
+        >>> head = StructuredHead(8, shapes, Structured(block=16, width=8))
+        >>> len(head.groups), sum(p.numel() for p in head.parameters()), 8 * 64 * 64  # one generator for 128 blocks
+        (1, 3208, 32768)
         >>> tuple(head(torch.rand(2, 8))["layer3.w"].shape)
-        (2, 32, 32)
+        (2, 64, 64)
 
     Raises:
         HyperloomError: On invalid options, or targets of which no two blocks share a shape (nothing to
