@@ -61,8 +61,10 @@ def _run_grid(
     Returns the number of runs trained; ``command`` (the command line) is recorded in each new row."""
     mod = _task(task)
     todo = []
-    for study, axis, level, cfg, variant in runs:
-        for seed in range(seeds):
+    # seed-major: every run at seed 0, then every run at seed 1, ...; a grid stopped part-way (or still running
+    # while its rows are reported) has the same seeds for every arm, not all seeds of the first arms and none of the last
+    for seed in range(seeds):
+        for study, axis, level, cfg, variant in runs:
             row = {"task": task, "study": study, "axis": axis, "level": level, "variant": variant, "seed": seed, "config": cfg}
             todo.append((config_key(row), row))
     pending = {k for k, _ in todo if not store.done(k)}

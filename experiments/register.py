@@ -260,8 +260,16 @@ def run(
     pmov, pfix, _, _ = make_pairs(data, 8, torch.Generator().manual_seed(60_000 + seed), test=False, warp_strength=cfg["warp_strength"])
     bins = [0.1, 0.3, 0.5, 0.7, 0.9]
 
+    # the validation curve (the trace's "val"): the best Dice over lambda on 16 validation pairs (as
+    # ``val_dice_best``, on fewer pairs); its own generator, so training is the same with or without it
+    vpairs = None
+    if cfg.get("val_split"):
+        vgen = torch.Generator().manual_seed(36_000 + seed)
+        vpairs = make_pairs(val_split(data)[0], 16, vgen, test=True, warp_strength=cfg["warp_strength"])
+
     def probe() -> dict[str, Any]:
-        return trace_probe(
+        val = {} if vpairs is None else {"val": max(_dice_by_lambda(model, vpairs, cfg["lambdas"]))}
+        return val | trace_probe(
             model,
             lambda lam: model(pmov, pfix, lam=lam),
             lambda lam: reg_loss(model, pmov, pfix, lam, cfg["image_sigma"]),

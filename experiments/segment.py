@@ -195,8 +195,22 @@ def run(
     px, py = augment(data.x_train[:8], data.y_train[:8], torch.Generator().manual_seed(60_000 + seed), cfg["warp_strength"])
     bins = [0.05, 0.15, 0.25, 0.35, 0.45]
 
+    # the validation curve (the trace's "val"): Dice on the validation slices at 3 phis (as ``val_dice``, at fewer
+    # phis), with its per-class Dice; its own generator, so training is the same with or without it
+    vxy = None
+    if cfg.get("val_split"):
+        from .register import val_split
+
+        val = val_split(data)[0]
+        vxy = augment(val.x_test, val.y_test, torch.Generator().manual_seed(46_000 + seed), cfg["warp_strength"])
+
     def probe() -> dict[str, Any]:
-        return trace_probe(
+        vd: dict[str, Any] = {}
+        if vxy is not None:
+            with torch.no_grad():
+                dice, per_class = _dice(model, *vxy, {**cfg, "phis": [0.05, 0.25, 0.45]}, variant)
+            vd = {"val": sum(dice) / len(dice), "val_by_class": per_class}
+        return vd | trace_probe(
             model,
             lambda phi: model(px, scale=0.75, **conditioning(variant, phi)),
             lambda phi: soft_dice_loss(model(px, scale=1 - phi, **conditioning(variant, phi)), py),

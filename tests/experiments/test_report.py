@@ -482,3 +482,38 @@ def test_lr_table_shows_the_relative_step():
             rows.append(r)
     by = {c[0]: c for c in (_table_rows(line) for line in lr_table(rows, "classify").splitlines()[2:])}
     assert "step 0.01)" in by["mip"][1] and "step 0.03)" in by["mip"][2]
+
+
+# ------------------------------------------------------------------------------------ speed-up on validation data
+
+
+def _val_trace(vals, every=10):
+    return [{"step": every * i, "val": v} for i, v in enumerate(vals)]
+
+
+def test_val_speedup_is_paired_by_seed_on_the_validation_curve():
+    # default seed s reaches its final 0.8 at step 40; mip gets there at step 20 (2x), except seed 2 at step 40 (1x)
+    ref = [row("default", s, trace=_val_trace([0.1, 0.3, 0.5, 0.7, 0.8])) for s in range(3)]
+    mip = [row("mip", s, trace=_val_trace([0.1, 0.6, 0.8, 0.8, 0.85] if s < 2 else [0.1, 0.6, 0.7, 0.7, 0.85])) for s in range(3)]
+    sp = report.val_speedups({"default": ref, "mip": mip})
+    assert sp["default"].ratios == [1.0, 1.0, 1.0]
+    assert sp["mip"].ratios == [2.0, 2.0, 1.0]
+    # a variant that never reaches the default's final validation metric is censored, not dropped
+    slow = [row("additive-only", s, trace=_val_trace([0.1, 0.2, 0.3, 0.4, 0.5])) for s in range(3)]
+    assert report.val_speedups({"default": ref, "additive-only": slow})["additive-only"].ratios == [None] * 3
+
+
+def test_val_speedup_at_step_zero_is_a_capped_lower_bound_not_infinite():
+    ref = [row("default", 0, trace=_val_trace([0.1, 0.3, 0.5, 0.8]))]
+    good_at_init = [row("mip", 0, trace=_val_trace([0.9, 0.9, 0.9, 0.9]))]
+    sp = report.val_speedups({"default": ref, "mip": good_at_init})["mip"]
+    assert sp.ratios == [3.0] and sp.capped == [True] and sp.cell().startswith("≥")
+
+
+def test_val_speedup_column_only_with_validation_curves():
+    plain = [row(v, s) for v in ("default", "mip") for s in range(3)]
+    assert "on validation data" not in main_table(plain, "classify")
+    traced = [row(v, s, trace=_val_trace([0.1, 0.5, 0.8])) for v in ("default", "mip") for s in range(3)]
+    table = main_table(traced, "classify")
+    assert "on validation data" in table and "1.00x" in table
+    assert report.val_speedups({"mip": traced[3:]}) == {}  # no reference: no column
