@@ -517,3 +517,33 @@ def test_val_speedup_column_only_with_validation_curves():
     table = main_table(traced, "classify")
     assert "on validation data" in table and "1.00x" in table
     assert report.val_speedups({"mip": traced[3:]}) == {}  # no reference: no column
+
+
+# ------------------------------------------------------------------------------------ each variant at its own rate
+
+
+def test_lr_best_table_compares_each_variant_at_its_own_validation_chosen_rate():
+    rows = []
+    for s in range(4):
+        # plain is best (on validation) at 3e-3, mip at 1e-3; on test mip at 3e-3 would look better (not chosen)
+        spec = {
+            "plain": {1e-3: (0.70, 0.70), 3e-3: (0.80, 0.80)},
+            "default": {1e-3: (0.60, 0.60), 3e-3: (0.55, 0.50)},
+            "mip": {1e-3: (0.82, 0.85), 3e-3: (0.95, 0.60)},
+        }
+        for v, by_lr in spec.items():
+            for lr, (acc, val) in by_lr.items():
+                r = row(v, s, study="main" if lr == 1e-3 else "lr", lr=lr, acc=acc + 0.01 * s * (v == "mip"))
+                r["metrics"]["val_acc"] = val
+                r["metrics"]["rel_step_first10"] = lr * (30 if v == "mip" else 8)
+                rows.append(r)
+    table = report.lr_best_table(rows, "classify")
+    by = {c[0]: c for c in (_table_rows(line) for line in table.splitlines()[2:])}
+    assert by["plain"][1] == "3e-3 (validation)" and by["mip"][1] == "1e-3 (validation)" and by["default"][1] == "1e-3 (validation)"
+    # mip at 1e-3 (0.82 + 0.01 s) against plain at 3e-3 (0.80): +0.035 on average, paired over 4 seeds
+    assert by["mip"][5].startswith("+0.035 [") and "n=4" in by["mip"][5]
+    assert by["mip"][4].startswith("+0.235 [")  # against the default at its 1e-3
+    assert by["mip"][-1] == "0.0300" and by["plain"][-1] == "0.0240"
+    assert by["default"][5] == "(see plain)"  # counted once in the family
+    # one rate only: nothing to choose, no table
+    assert report.lr_best_table([r for r in rows if r["study"] == "main"], "classify") == ""
