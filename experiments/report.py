@@ -741,7 +741,10 @@ def lr_best_table(rows: list[dict[str, Any]], task: str) -> str:
             continue
         rs = at[v]
         steps = _finite(metric(r, "rel_step_first10") for r in rs)
-        ds = [_delta_text(deltas[(v, r)], adj[(v, r)]) if (v, r) in deltas else ("(see plain)" if v == "default" and r != v else "") for r in refs]
+        ds = [
+            _delta_text(deltas[(v, r)], adj[(v, r)]) if (v, r) in deltas else "(see plain)" if v == "default" and r != v else ""
+            for r in refs
+        ]
         cells_ = [
             v,
             f"{_fmt_lr(lr)} ({'validation' if on_val else 'test, optimistic'})",
