@@ -897,15 +897,9 @@ CLASSES = ("CSF", "GM", "WM")
 def segattr_table(rows: list[dict[str, Any]]) -> str:
     """Segmentation attribution (study "segattr"): per arm, stalls (:func:`stalled`) with Fisher's exact test
     against MIP with the soft-Dice loss at 1e-3, Dice, per-class Dice and the relative step of the first updates."""
-    g = [r for r in rows if r.get("study") == "segattr"]
-    if not g:
+    arms = segattr_arms(rows)
+    if not arms:
         return ""
-    arms: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    seen = set()
-    for r in g:
-        if (str(r["level"]), r["seed"]) not in seen:
-            seen.add((str(r["level"]), r["seed"]))
-            arms[str(r["level"])].append(r)
     ref = "mip-soft_dice"
     rk = sum(bool(stalled(r)) for r in arms.get(ref, []))
     rn = len(arms.get(ref, []))
@@ -939,6 +933,56 @@ def segattr_table(rows: list[dict[str, Any]]) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def segattr_arms(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Study "segattr" rows per arm (one row per seed)."""
+    arms: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    seen = set()
+    for r in rows:
+        if r.get("study") == "segattr" and (str(r["level"]), r["seed"]) not in seen:
+            seen.add((str(r["level"]), r["seed"]))
+            arms[str(r["level"])].append(r)
+    return dict(arms)
+
+
+def plot_segattr(rows: list[dict[str, Any]], path: Path) -> bool:
+    """Per arm of the segmentation attribution, each tissue class's validation Dice over training (the trace's
+    ``val_by_class``): one thin line per seed, the median thick. A stall shows as one class flat near 0. False
+    (and no file) when no row has the per-class validation curve."""
+    arms = {a: [r for r in rs if any("val_by_class" in t for t in r.get("trace") or [])] for a, rs in segattr_arms(rows).items()}
+    arms = {a: rs for a, rs in arms.items() if rs}
+    if not arms:
+        return False
+    plt = _pyplot()
+    ncol = 3
+    nrow = -(-len(arms) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.2 * nrow), sharex=True, sharey=True, squeeze=False)
+    for ax, (arm, rs) in zip(axes.flat, arms.items()):
+        for c, name in enumerate(CLASSES):
+            by_step: dict[int, list[float]] = defaultdict(list)
+            for r in rs:
+                pts = [(int(t["step"]), float(t["val_by_class"][c])) for t in r["trace"] if "val_by_class" in t]
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], color=f"C{c}", alpha=0.25, lw=0.7)
+                for st, v in pts:
+                    by_step[st].append(v)
+            steps = sorted(by_step)
+            ax.plot(steps, [float(np.median(by_step[s])) for s in steps], color=f"C{c}", lw=2, label=name)
+        k = sum(bool(stalled(r)) for r in rs)
+        ax.set_title(f"{arm}: {k}/{len(rs)} stalled", fontsize=9)
+        ax.set_ylim(0, 1)
+    for ax in axes.flat[len(arms) :]:
+        ax.axis("off")
+    for ax in axes[-1]:
+        ax.set_xlabel("step")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("validation Dice")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle("Segmentation attribution: validation Dice per class over training (thin: seeds, thick: median)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def ablation_table(rows: list[dict[str, Any]]) -> str:
@@ -1333,6 +1377,8 @@ def write_report(rows: list[dict[str, Any]], out: Path, *, header: str = "") -> 
             sat,
             "",
         ]
+        if plot_segattr(rows, out / "segattr_val_by_class.png"):
+            parts += ["![validation Dice per class over training, per arm](segattr_val_by_class.png)", ""]
     gam = gamma_table(rows)
     if gam:
         parts += [

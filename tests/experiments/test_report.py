@@ -547,3 +547,21 @@ def test_lr_best_table_compares_each_variant_at_its_own_validation_chosen_rate()
     assert by["default"][5] == "(see plain)"  # counted once in the family
     # one rate only: nothing to choose, no table
     assert report.lr_best_table([r for r in rows if r["study"] == "main"], "classify") == ""
+
+
+def test_segattr_plot_and_table_from_per_class_validation_curves(tmp_path):
+    def seg(arm, variant, seed, by_class_final):
+        r = row(variant, seed, task="segment", study="segattr", level=arm, axis="arm")
+        r["metrics"].update({"dice": sum(by_class_final) / 3, "dice_by_class": by_class_final})
+        r["trace"] = [{"step": st, "val": 0.5, "val_by_class": [x * st / 100 for x in by_class_final]} for st in (0, 50, 100)]
+        return r
+
+    rows = [seg("mip-soft_dice", "mip", s, [0.0 if s < 2 else 0.5, 0.8, 0.8]) for s in range(3)]
+    rows += [seg("plain-soft_dice", "plain", s, [0.5, 0.8, 0.8]) for s in range(3)]
+    assert report.plot_segattr(rows, tmp_path / "p.png") and (tmp_path / "p.png").stat().st_size > 0
+    by = {c[0]: c for c in (_table_rows(line) for line in report.segattr_table(rows).splitlines()[2:])}
+    assert by["mip-soft_dice"][5] == "2/3" and by["plain-soft_dice"][5] == "0/3"
+    # rows without the per-class validation curve: no plot, no file
+    for r in rows:
+        r["trace"] = [{"step": 0, "val": 0.5}]
+    assert not report.plot_segattr(rows, tmp_path / "q.png") and not (tmp_path / "q.png").exists()
