@@ -864,8 +864,9 @@ def gamma_table(rows: list[dict[str, Any]]) -> str:
             levels.append(str(r["level"]))
     lines = [
         "| gamma range | variant | seeds | test accuracy, median [IQR] | Δ vs default at this range: mean [95 % t-CI] (n, p) | "
+        "Δ vs additive-only at this range (the encoding's share) | "
         "speed-up vs default (paired) | ‖∂L/∂θ‖ max/min over gamma, step 0 | same, last step | diverged |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for level in levels:
         groups = _one_per_seed([r for r in g if str(r["level"]) == level])
@@ -874,6 +875,8 @@ def gamma_table(rows: list[dict[str, Any]]) -> str:
         for v, rs in groups.items():
             n = len(rs)
             delta = "" if v == "default" or not ref else _delta_cell(rs, ref, "test_acc")
+            add = groups.get("additive-only", [])
+            delta_add = _delta_cell(rs, add, "test_acc") if v == "mip" and add else ""
             first = _finite(_theta_spread(r, 0) for r in rs)
             last = _finite(_theta_spread(r, -1) for r in rs)
             cells = [
@@ -882,6 +885,7 @@ def gamma_table(rows: list[dict[str, Any]]) -> str:
                 str(n),
                 _median_cell([metric(r, "test_acc") for r in rs], n),
                 delta,
+                delta_add,
                 sp[v].cell() if v in sp else "n/a",
                 f"{float(np.median(first)):.3g}" if first else "n/a",
                 f"{float(np.median(last)):.3g}" if last else "n/a",

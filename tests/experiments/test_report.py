@@ -427,7 +427,7 @@ def test_gamma_table_pairs_within_each_range(tmp_path):
     rows = []
     for level, gain in (("0.5-1", 0.01), ("0-4", 0.2)):
         for s in range(3):
-            for v, acc in (("default", 0.6), ("mip", 0.6 + gain)):
+            for v, acc in (("default", 0.6), ("additive-only", 0.6 + gain / 2), ("mip", 0.6 + gain)):
                 tr = [{"step": 0, "theta_grad_by_gamma": [1.0, 1.0 + 9 * (v == "default") * (level == "0-4")]}, {"step": 100}]
                 r = row(v, s, study="gamma", acc=acc + 0.001 * s, trace=tr)
                 r["axis"], r["level"] = "gamma_range", level
@@ -437,8 +437,11 @@ def test_gamma_table_pairs_within_each_range(tmp_path):
     by = {(c[0], c[1]): c for c in body}
     assert by[("0.5-1", "mip")][4].startswith("+0.010 [+0.010, +0.010] (n=3")
     assert by[("0-4", "mip")][4].startswith("+0.200")
-    assert by[("0-4", "default")][6] == "10" and by[("0-4", "mip")][6] == "1"
-    assert by[("0-4", "default")][5].startswith("1.00x")
+    # the encoding's share: mip against additive-only at the same range, only in mip's row
+    assert by[("0-4", "mip")][5].startswith("+0.100") and by[("0.5-1", "mip")][5].startswith("+0.005")
+    assert by[("0-4", "default")][5] == "" and by[("0-4", "additive-only")][5] == ""
+    assert by[("0-4", "default")][7] == "10" and by[("0-4", "mip")][7] == "1"
+    assert by[("0-4", "default")][6].startswith("1.00x")
     text = write_report(rows, tmp_path).read_text()
     assert "## gamma-range stress test (task: classify)" in text
     assert "## Task: classify" not in text  # gamma rows never enter the main table
