@@ -531,7 +531,15 @@ def main(argv: list[str] | None = None) -> int:
     common(pe, "runs/personalized")
     rp = sub.add_parser("report", help="rewrite plots and report.md from results.jsonl", formatter_class=_DefaultsHelp)
     rp.add_argument("--out", default="runs/reproduce-quick", help="the folder whose results.jsonl is reported")
+    sub.add_parser(
+        "claims",
+        help="recompute the study's claims from the committed rows: docs/results/claims.md and the README's summary block",
+    )
     args = p.parse_args(argv)
+    if args.cmd == "claims":
+        from .claims import main as claims_main
+
+        return claims_main()
     if args.cmd == "heads":
         from .heads import main as heads_main
 

@@ -622,6 +622,21 @@ def stall_table(groups: dict[str, list[dict[str, Any]]]) -> str:
 NOT_COMPARABLE_LOSS = {("register", "plain"): "n/a (trained at λ = 0.2 only: another loss)"}
 
 
+def main_deltas(groups: dict[str, list[dict[str, Any]]], task: str) -> tuple[dict[tuple[str, str], Delta], dict[tuple[str, str], float]]:
+    """The main table's family of comparisons: (variant, key) -> paired difference from the default for the
+    headline metric and the loss AUC of every variant, and the Holm-adjusted p of each over that family."""
+    head_key = TASK_METRICS[task][0][0]
+    ref = groups.get("default", [])
+    deltas: dict[tuple[str, str], Delta] = {}
+    if ref:
+        for v, rs in groups.items():
+            if v != "default":
+                for key in (head_key, "auc_loss"):
+                    deltas[(v, key)] = paired_t(_by_seed(rs, key), _by_seed(ref, key))
+    fam = list(deltas)
+    return deltas, dict(zip(fam, holm([deltas[k].p for k in fam])))
+
+
 def main_table(rows: list[dict[str, Any]], task: str) -> str:
     """The task's main table (one row per variant) from its largest settings group (or from ``rows`` as a
     whole when they are one group). Δ cells: paired t-intervals with Holm-adjusted p over the table's family
@@ -634,14 +649,7 @@ def main_table(rows: list[dict[str, Any]], task: str) -> str:
     sp = speedups(groups)
     vsp = val_speedups(groups)
     ref = groups.get("default", [])
-    deltas: dict[tuple[str, str], Delta] = {}
-    if ref:
-        for v, rs in groups.items():
-            if v != "default":
-                for key in (head_key, "auc_loss"):
-                    deltas[(v, key)] = paired_t(_by_seed(rs, key), _by_seed(ref, key))
-    fam = list(deltas)
-    adj = dict(zip(fam, holm([deltas[k].p for k in fam])))
+    deltas, adj = main_deltas(groups, task)
     stalls = stall_counts(groups)
     cols = [
         "variant",
@@ -707,6 +715,22 @@ def chosen_lr(cells: dict[tuple[str, float], list[dict[str, Any]]], task: str, v
     return best, on_val
 
 
+def lr_best(rows: list[dict[str, Any]], task: str) -> tuple[Any, Any, Any, Any] | None:
+    """(chosen rate per variant, rows at it, paired differences from the default and the plain network at their
+    chosen rates, Holm-adjusted p over that family); None with fewer than two rates. See :func:`lr_best_table`."""
+    cells = lr_cells(rows, task)
+    if len({lr for _, lr in cells}) < 2:
+        return None
+    key = HEADLINE[task][0]
+    chosen = {v: chosen_lr(cells, task, v) for v in variant_order(v for v, _ in cells)}
+    at = {v: cells[(v, lr)] for v, (lr, _) in chosen.items() if lr is not None}
+    refs = [r for r in ("default", "plain") if r in at]
+    # default vs plain is the same comparison as plain vs default: counted once in the family
+    deltas = {(v, ref): paired_t(_by_seed(at[v], key), _by_seed(at[ref], key)) for v in at for ref in refs if v not in (ref, "default")}
+    fam = list(deltas)
+    return chosen, at, deltas, dict(zip(fam, holm([deltas[k].p for k in fam])))
+
+
 def lr_best_table(rows: list[dict[str, Any]], task: str) -> str:
     """Every variant at its own chosen learning rate (:func:`chosen_lr`): the headline test metric, its paired
     difference from the default and from the plain network, each at *their* chosen rates (seed s against seed
@@ -716,18 +740,13 @@ def lr_best_table(rows: list[dict[str, Any]], task: str) -> str:
     rate for all, a variant whose updates move the generated weights more per step may win by a larger
     effective learning rate alone. Empty with fewer than two rates per variant.
     """
-    cells = lr_cells(rows, task)
-    if len({lr for _, lr in cells}) < 2:
+    best = lr_best(rows, task)
+    if best is None:
         return ""
+    chosen, at, deltas, adj = best
     key, title, _ = HEADLINE[task]
-    variants = variant_order(v for v, _ in cells)
-    chosen = {v: chosen_lr(cells, task, v) for v in variants}
-    at = {v: cells[(v, lr)] for v, (lr, _) in chosen.items() if lr is not None}
+    variants = list(chosen)
     refs = [r for r in ("default", "plain") if r in at]
-    # default vs plain is the same comparison as plain vs default: counted once in the family
-    deltas = {(v, ref): paired_t(_by_seed(at[v], key), _by_seed(at[ref], key)) for v in at for ref in refs if v not in (ref, "default")}
-    fam = list(deltas)
-    adj = dict(zip(fam, holm([deltas[k].p for k in fam])))
     lines = [
         f"| variant | chosen lr (on) | seeds | {title} at it, median [IQR] | "
         + " | ".join(f"Δ vs {r} at its chosen lr: mean [95 % t-CI] (n, p, Holm)" for r in refs)
