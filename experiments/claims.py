@@ -261,13 +261,154 @@ def compute() -> list[Claim]:
     ]
 
 
+# ------------------------------------------------------------------------------ generated tables of the results page
+
+TASK_TITLES = {
+    "classify": "1. classifier, γ ~ U(0,1)² (test accuracy)",
+    "register": "2. HyperMorph registration (Dice at the best λ)",
+    "segment": "3. scale-space segmentation (Dice, mean over φ)",
+}
+
+
+def _quick_full() -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
+    quick = load(QUICK)
+    return quick, load("reproduce-full"), QUICK
+
+
+#: The quick study's folder: the rows with a validation split where committed, else the older rows.
+QUICK = "reproduce-quick"
+
+
+def main_study_table() -> str:
+    """Per task and variant of the main study: quick and full medians, the full budget's paired difference from
+    the default (Holm over the report table's family) and its paired speed-ups (training loss; validation data
+    where the rows hold a validation curve)."""
+    quick, full, _ = _quick_full()
+    val = any(report.val_curve(r) for r in full)
+    cols = ["task (headline metric)", "variant", "quick, median [IQR] (seeds)", "full, median [IQR] (seeds)"]
+    cols += ["full: Δ vs default, mean [95 % t-CI] (n, p, Holm p)", "full: speed-up vs default (train loss), paired by seed"]
+    if val:
+        cols.append("full: speed-up vs default (validation data)")
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for task in ("classify", "register", "segment"):
+        qg, fg = main_groups(quick, task), main_groups(full, task)
+        key = report.HEADLINE[task][0]
+        deltas, adj = main_deltas(fg, task)
+        sp, vsp = speedups(fg), report.val_speedups(fg)
+        for i, v in enumerate(v for v in report.VARIANT_ORDER if v in qg or v in fg):
+            q, f = qg.get(v, []), fg.get(v, [])
+            cells = [
+                TASK_TITLES[task] if i == 0 else "",
+                "MIP" if v == "mip" else v,
+                f"{report._median_cell([report.metric(r, key) for r in q], len(q))} ({len(q)})" if q else "n/a",
+                f"{report._median_cell([report.metric(r, key) for r in f], len(f))} ({len(f)})" if f else "n/a",
+                report._delta_text(deltas[(v, key)], adj[(v, key)]) if (v, key) in deltas else "",
+                report.NOT_COMPARABLE_LOSS.get((task, v)) or (sp[v].cell() if v in sp else "n/a"),
+            ]
+            if val:
+                cells.append(vsp[v].cell() if v in vsp else "n/a")
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def baseline_table() -> str:
+    """The baseline study's variants (stronger defaults, θ0's init) against the default of the same seeds."""
+    quick, full, _ = _quick_full()
+    lines = [
+        "| variant | task, budget | headline, median [IQR] | Δ vs default, mean [95 % t-CI] (n, p, Holm p) |",
+        "|---|---|---|---|",
+    ]
+    for task in ("classify", "register", "segment"):
+        for budget, rows in (("quick", quick), ("full", full)):
+            g = main_groups(rows, task)
+            deltas, adj = main_deltas(g, task)
+            key = report.HEADLINE[task][0]
+            for v in sorted(x for x in g if x not in report.VARIANT_ORDER):
+                rs = g[v]
+                lines.append(
+                    f"| `{v}` | {task}, {budget} | {report._median_cell([report.metric(r, key) for r in rs], len(rs))} | "
+                    f"{report._delta_text(deltas[(v, key)], adj[(v, key)])} |"
+                )
+    return "\n".join(lines)
+
+
+def stall_sentence() -> str:
+    """Segmentation stalls per variant at each budget with Fisher's exact tests of MIP against the others."""
+    quick, full, _ = _quick_full()
+    out = []
+    for budget, rows in (("full", full), ("quick", quick)):
+        counts = report.stall_counts(main_groups(rows, "segment"))
+        if not counts:
+            continue
+        text = ", ".join(f"{v} {k}/{n}" for v, (k, n) in counts.items() if v in report.VARIANT_ORDER)
+        if "mip" in counts:
+            ps = [
+                f"MIP vs {v} p = {report._p(fisher_exact(*counts['mip'], *counts[v]))}"
+                for v in ("additive-only", "default", "plain")
+                if v in counts
+            ]
+            text += "; Fisher's exact test " + ", ".join(ps) + " (unadjusted)"
+        out.append(f"{budget} budget: {text}")
+    return ("Stalled runs (rule: `experiments/report.py`, `STALL_RULE`): " + "; ".join(out) + ".") if out else ""
+
+
+def quick_lr_table() -> str:
+    """The quick learning-rate sweep per task: the headline metric's median per rate, the chosen rate in bold
+    and what it was chosen on."""
+    quick, _, _ = _quick_full()
+    per_task: dict[str, dict[str, str]] = {}
+    rates: list[float] = []
+    for task in ("classify", "register", "segment"):
+        cells = report.lr_cells(quick, task)
+        rates = sorted({lr for _, lr in cells}) or rates
+        key, _, higher = report.HEADLINE[task]
+        for v in report.variant_order(v for v, _ in cells):
+            best, on_val = report.chosen_lr(cells, task, v)
+            vals = []
+            for lr in sorted({lr for _, lr in cells}):
+                if (v, lr) not in cells:
+                    vals.append("–")
+                    continue
+                m = report._ranked_median(cells[(v, lr)], key, higher)
+                txt = f"{m:.3f}" if math.isfinite(m) else "div."
+                vals.append(f"**{txt}**" if lr == best else txt)
+            per_task.setdefault(v, {})[task] = " / ".join(vals) + ("" if on_val else " (test-chosen)")
+    if not per_task:
+        return ""
+    head = " / ".join(report._fmt_lr(lr) for lr in rates)
+    lines = [f"| variant | classifier ({head}) | registration | segmentation |", "|---|---|---|---|"]
+    for v, by in per_task.items():
+        lines.append(f"| {v} | " + " | ".join(by.get(t, "n/a") for t in ("classify", "register", "segment")) + " |")
+    return "\n".join(lines)
+
+
+#: Generated blocks: file (from the repository root) -> block name -> the function that renders it.
+def blocks() -> dict[str, dict[str, Any]]:
+    claims = compute()
+    return {
+        "README.md": {"claims": lambda: "\n".join(c.line() for c in claims)},
+        "docs/experiments.md": {
+            "main-table": main_study_table,
+            "baseline-table": baseline_table,
+            "stalls": stall_sentence,
+            "quick-lr-table": quick_lr_table,
+            "claims": lambda: "\n".join(c.line() for c in claims),
+        },
+    }
+
+
+def refresh(text: str, name: str, body: str) -> str:
+    """``text`` with the block between ``<!-- name:start -->`` and ``<!-- name:end -->`` replaced by ``body``
+    (unchanged when the markers are absent)."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    if start not in text or end not in text:
+        return text
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{body}\n{end}{tail}"
+
+
 RULES = (__doc__ or "").split("Verdicts (:func:`verdict`): ")[1].replace("\n", " ").strip()
-README_START, README_END = "<!-- claims:start -->", "<!-- claims:end -->"
-
-
-def readme_block(claims: list[Claim]) -> str:
-    """The README's generated summary: one line per claim."""
-    return "\n".join([README_START, *(c.line() for c in claims), README_END])
 
 
 def claims_page(claims: list[Claim]) -> str:
@@ -292,26 +433,21 @@ def claims_page(claims: list[Claim]) -> str:
     return "\n".join(out)
 
 
-def refresh_readme(text: str, claims: list[Claim]) -> str:
-    """``text`` with the block between the claims markers replaced (unchanged when the markers are absent)."""
-    if README_START not in text or README_END not in text:
-        return text
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    return head + readme_block(claims) + tail
-
-
 def main() -> int:
     from hyperloom.fileio import atomic_write_text
 
     claims = compute()
     page = RESULTS / "claims.md"
     atomic_write_text(page, claims_page(claims))
-    readme = ROOT / "README.md"
-    new = refresh_readme(readme.read_text(), claims)
-    if new != readme.read_text():
-        atomic_write_text(readme, new)
+    for rel, named in blocks().items():
+        path = ROOT / rel
+        text = path.read_text()
+        new = text
+        for name, render in named.items():
+            new = refresh(new, name, render())
+        if new != text:
+            atomic_write_text(path, new)
     for c in claims:
         print(f"[{c.verdict}] {c.claim}")
-    print(f"\nWrote {page} and the README's summary block.")
+    print(f"\nWrote {page} and the generated blocks of " + ", ".join(blocks()) + ".")
     return 0

@@ -7,12 +7,21 @@ from experiments import claims
 from experiments.report import Delta
 
 
-def test_readme_block_and_claims_page_match_the_committed_rows():
+def test_generated_blocks_and_claims_page_match_the_committed_rows():
     computed = claims.compute()
-    readme = (claims.ROOT / "README.md").read_text()
-    assert claims.readme_block(computed) in readme, "README's claims block is stale: run `python -m experiments claims`"
     page = (claims.RESULTS / "claims.md").read_text()
     assert page == claims.claims_page(computed), "docs/results/claims.md is stale: run `python -m experiments claims`"
+    for rel, named in claims.blocks().items():
+        text = (claims.ROOT / rel).read_text()
+        for name, render in named.items():
+            block = f"<!-- {name}:start -->\n{render()}\n<!-- {name}:end -->"
+            assert block in text, f"{rel}: block {name!r} is stale or missing: run `python -m experiments claims`"
+
+
+def test_refresh_replaces_only_between_the_markers():
+    text = "a\n<!-- x:start -->\nold\n<!-- x:end -->\nb"
+    assert claims.refresh(text, "x", "new") == "a\n<!-- x:start -->\nnew\n<!-- x:end -->\nb"
+    assert claims.refresh("no markers", "x", "new") == "no markers"
 
 
 def test_every_claim_names_a_source_with_its_command():
