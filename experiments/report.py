@@ -362,8 +362,9 @@ def val_speedups(groups: dict[str, list[dict[str, Any]]], ref: str = "default") 
     reference reaches its target) ÷ (the first probe step at which the variant reaches the same target). The
     curve is measured only at the probe steps (5 or 10 per run), so a ratio's resolution is one probe
     interval; a variant already at the target at step 0 counts as reaching it at the first probe step (a lower
-    bound, ``capped``). Seeds that never reach it are censored (``None``). Empty without the reference or
-    without validation curves.
+    bound, ``capped``). Seeds that never reach it are censored (``None``); seeds whose reference diverged (its
+    trace stops before the end: no final level) are left out, as in :func:`speedups`. Empty without the
+    reference or without validation curves.
 
     Example:
         >>> row = lambda v, vals: {"variant": v, "seed": 0, "trace": [{"step": 10 * i, "val": x} for i, x in enumerate(vals)]}
@@ -384,6 +385,9 @@ def val_speedups(groups: dict[str, list[dict[str, Any]]], ref: str = "default") 
     targets: dict[int, tuple[float, int]] = {}
     for r in groups[ref]:
         c = val_curve(r)
+        # a diverged reference's trace stops at its last probe before the divergence: no final level
+        if (r.get("metrics") or {}).get("diverged_at") is not None:
+            continue
         if c and math.isfinite(c[-1][1]):
             s, _ = first(c, c[-1][1])
             if s:
@@ -703,12 +707,16 @@ VAL_KEY = {"classify": "val_acc", "register": "val_dice_best", "segment": "val_d
 
 def chosen_lr(cells: dict[tuple[str, float], list[dict[str, Any]]], task: str, variant: str) -> tuple[float | None, bool]:
     """(the variant's chosen learning rate, chosen on validation data?): the rate whose median over seeds of
-    the validation metric (:data:`VAL_KEY`; a diverged seed ranks worst) is best, when every rate's cell has
-    it; otherwise on the reported test metric itself (optimistic)."""
+    the validation metric (:data:`VAL_KEY`; a diverged seed ranks worst) is best, when every run of the variant
+    that did not diverge has it; otherwise on the reported test metric itself (optimistic)."""
     key, _, higher = HEADLINE[task]
     vkey = VAL_KEY[task]
     mine = sorted(lr for v, lr in cells if v == variant)
-    on_val = bool(mine) and all(any(math.isfinite(metric(r, vkey)) for r in cells[(variant, lr)]) for lr in mine)
+    rs = [r for lr in mine for r in cells[(variant, lr)]]
+    # a diverged run has no evaluation at all (it ranks worst on either metric): only the runs that finished
+    # must have the validation metric, else a rate at which every seed diverged sends the choice to test data
+    finished = [r for r in rs if (r.get("metrics") or {}).get("diverged_at") is None]
+    on_val = bool(finished) and all(math.isfinite(metric(r, vkey)) for r in finished)
     sel = {lr: _ranked_median(cells[(variant, lr)], vkey if on_val else key, higher) for lr in mine}
     finite = {lr: m for lr, m in sel.items() if math.isfinite(m)}
     best = (max if higher else min)(finite, key=finite.__getitem__) if finite else None

@@ -568,3 +568,31 @@ def test_segattr_plot_and_table_from_per_class_validation_curves(tmp_path):
     for r in rows:
         r["trace"] = [{"step": 0, "val": 0.5}]
     assert not report.plot_segattr(rows, tmp_path / "q.png") and not (tmp_path / "q.png").exists()
+
+
+def test_chosen_lr_stays_on_validation_when_a_rate_diverged_on_every_seed():
+    # a diverged run has no evaluation (no val_acc): a rate at which every seed diverged must not send the
+    # variant's choice to the test metric; it ranks worst on validation
+    cells = {}
+    for lr, acc, val in ((1e-3, 0.70, 0.80), (3e-3, 0.75, 0.60)):
+        cells[("mip", lr)] = [row("mip", s, lr=lr, acc=acc) for s in range(3)]
+        for r in cells[("mip", lr)]:
+            r["metrics"]["val_acc"] = val
+    cells[("mip", 1e-2)] = [row("mip", s, lr=1e-2) for s in range(3)]
+    for r in cells[("mip", 1e-2)]:
+        r["metrics"] = {"diverged_at": 5}
+    assert report.chosen_lr(cells, "classify", "mip") == (1e-3, True)
+    # a rate whose runs finished without the validation metric (older rows): the choice falls back to test
+    for r in cells[("mip", 3e-3)]:
+        del r["metrics"]["val_acc"]
+    assert report.chosen_lr(cells, "classify", "mip") == (3e-3, False)
+
+
+def test_val_speedup_leaves_out_seeds_whose_reference_diverged():
+    # seed 1's default diverged after its third probe: its last validation point is not a final level, and
+    # the training-loss speed-up leaves such a seed out too
+    ref = [row("default", s, trace=_val_trace([0.1, 0.3, 0.5, 0.8] if s == 0 else [0.1, 0.2, 0.3])) for s in range(2)]
+    ref[1]["metrics"]["diverged_at"] = 25
+    mip = [row("mip", s, trace=_val_trace([0.1, 0.8, 0.9, 0.9])) for s in range(2)]
+    sp = report.val_speedups({"default": ref, "mip": mip})
+    assert sp["mip"].ratios == [3.0] and sp["default"].ratios == [1.0]
