@@ -11,7 +11,9 @@ around the tables, and a rerun that changes a number changes the sentence.
 Verdicts (:func:`verdict`): **holds** when the paired 95 % t-interval excludes zero in the claimed direction and
 the Holm-adjusted p (over the family of the table the number comes from) is below 0.05; **same sign, not
 significant** when the mean is in the claimed direction but that test fails; **does not hold** when the mean
-is in the opposite direction; **not measured** when the rows are not committed yet. Speed-ups are tested on
+is in the opposite direction (or when the variant diverged on every seed on which the default finished: a
+diverged run has no evaluation and drops out of the pairs); **not measured** when the rows are not committed
+yet. Speed-ups are tested on
 their log ratios (Holm over the table's speed-ups); where a speed-up has no interval (one seed, or seeds that never
 reach the target) the verdict follows the direction of its geometric mean, or of its median with those seeds
 ranked lowest. Stall counts: **holds** when some factor stalls less often with Holm-adjusted Fisher p below 0.05,
@@ -142,9 +144,15 @@ def main_claims(rows: list[dict[str, Any]]) -> list[Claim]:
             deltas, adj = main_deltas(groups, task)
             key = report.TASK_METRICS[task][0][0]
             d, p = deltas[(variant, key)], adj[(variant, key)]
-            verdicts.append(verdict(d, p))
-            parts.append(f"{TASK_NAMES[task]} {report.HEADLINE[task][1]} {_d(d, p)}")
-            shorts.append(f"{TASK_NAMES[task]} {_d(d, p)}")
+            # a diverged run has no evaluation, so it drops out of the pairs: say so, and a variant that
+            # diverged where the default finished has not "not been measured"
+            div = {x: sum((r.get("metrics") or {}).get("diverged_at") is not None for r in groups[x]) for x in (variant, "default")}
+            note = ", ".join(f"{'MIP' if x == 'mip' else x} diverged on {k}/{len(groups[x])} seeds" for x, k in div.items() if k)
+            note = f" ({note}{', left out of the pairs' if d.n else ''})" if note else ""
+            finished_ref = any(math.isfinite(report.metric(r, key)) for r in groups["default"])
+            verdicts.append(FAILS if d.n == 0 and div[variant] and finished_ref else verdict(d, p))
+            parts.append(f"{TASK_NAMES[task]} {report.HEADLINE[task][1]} {_d(d, p)}{note}")
+            shorts.append(f"{TASK_NAMES[task]} {_d(d, p)}{note}")
         measured = "; ".join(parts) + " (full budget, paired by seed, 95 % t-interval)" if parts else "no full-budget rows"
         short = "; ".join(shorts) + " (accuracy / Dice, full budget)" if shorts else ""
         out.append(Claim(cid, text, measured, _combine(verdicts), "reproduce-full", short))

@@ -249,3 +249,20 @@ def test_main_writes_nothing_when_a_block_cannot_be_refreshed(tmp_path):
     with pytest.raises(ValueError, match="main-table"):
         claims.main(root=tmp_path)
     assert (tmp_path / "README.md").read_text() == readme
+
+
+def test_main_claim_counts_diverged_runs_instead_of_calling_them_unmeasured():
+    def diverged(r):
+        r["metrics"] = {"diverged_at": 7}  # a diverged run has no evaluation
+        return r
+
+    rows = [_row("classify", "default", s, 0.70 + 0.01 * s) for s in range(5)]
+    rows += [diverged(_row("classify", "mip", s, 0.0)) for s in range(5)]
+    by = {c.id: c for c in claims.main_claims(rows)}
+    c = by["mip-beats-default"]
+    assert c.verdict == claims.FAILS and "MIP diverged on 5/5 seeds" in c.measured and "diverged" in c.short, c
+    # some seeds diverged: the pairs left are the rest, and the text says why n is smaller
+    rows = [_row("classify", "default", s, 0.70 + 0.01 * s) for s in range(5)]
+    rows += [diverged(_row("classify", "mip", s, 0.0)) if s < 2 else _row("classify", "mip", s, 0.75 + 0.011 * s) for s in range(5)]
+    c = {c.id: c for c in claims.main_claims(rows)}["mip-beats-default"]
+    assert "(n=3" in c.measured and "MIP diverged on 2/5 seeds, left out of the pairs" in c.measured, c.measured
