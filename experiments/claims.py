@@ -399,15 +399,16 @@ def stall_sentence() -> str:
     return ("Stalled runs (rule: `experiments/report.py`, `STALL_RULE`): " + "; ".join(out) + ".") if out else ""
 
 
-def quick_lr_table() -> str:
-    """The quick learning-rate sweep per task: the headline metric's median per rate, the chosen rate in bold
-    and what it was chosen on."""
-    quick, _, _ = _quick_full()
+def quick_lr_table(quick: list[dict[str, Any]] | None = None) -> str:
+    """The quick learning-rate sweep per task (``quick``: the rows, by default those of :data:`QUICK`): the
+    headline metric's median per rate, the chosen rate in bold and what it was chosen on; each task's column
+    names its rates where they are not the first column's."""
+    quick = _quick_full()[0] if quick is None else quick
     per_task: dict[str, dict[str, str]] = {}
-    rates: list[float] = []
+    rates: dict[str, list[float]] = {}
     for task in ("classify", "register", "segment"):
         cells = report.lr_cells(quick, task)
-        rates = sorted({lr for _, lr in cells}) or rates
+        rates[task] = sorted({lr for _, lr in cells})
         key, _, higher = report.HEADLINE[task]
         for v in report.variant_order(v for v, _ in cells):
             best, on_val = report.chosen_lr(cells, task, v)
@@ -422,8 +423,13 @@ def quick_lr_table() -> str:
             per_task.setdefault(v, {})[task] = " / ".join(vals) + ("" if on_val else " (test-chosen)")
     if not per_task:
         return ""
-    head = " / ".join(report._fmt_lr(lr) for lr in rates)
-    lines = [f"| variant | classifier ({head}) | registration | segmentation |", "|---|---|---|---|"]
+    heads, first = [], None
+    for task, title in (("classify", "classifier"), ("register", "registration"), ("segment", "segmentation")):
+        if rates[task] and rates[task] != first:
+            title += " (" + " / ".join(report._fmt_lr(lr) for lr in rates[task]) + ")"
+        first = first or rates[task] or None
+        heads.append(title)
+    lines = ["| variant | " + " | ".join(heads) + " |", "|---|---|---|---|"]
     for v, by in per_task.items():
         lines.append(f"| {v} | " + " | ".join(by.get(t, "n/a") for t in ("classify", "register", "segment")) + " |")
     return "\n".join(lines)

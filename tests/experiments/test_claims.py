@@ -266,3 +266,17 @@ def test_main_claim_counts_diverged_runs_instead_of_calling_them_unmeasured():
     rows += [diverged(_row("classify", "mip", s, 0.0)) if s < 2 else _row("classify", "mip", s, 0.75 + 0.011 * s) for s in range(5)]
     c = {c.id: c for c in claims.main_claims(rows)}["mip-beats-default"]
     assert "(n=3" in c.measured and "MIP diverged on 2/5 seeds, left out of the pairs" in c.measured, c.measured
+
+
+def test_quick_lr_table_heads_each_task_with_its_own_rates():
+    rows = []
+    for task, rates in (("classify", (1e-3, 3e-3)), ("register", (1e-4, 1e-3, 1e-2))):
+        for lr in rates:
+            for s in range(2):
+                r = _row(task, "mip", s, 0.5 + lr, study="main" if lr == 1e-3 else "lr", level=f"{lr}")
+                r["config"] = {"lr": lr, "steps": 100}
+                rows.append(r)
+    head, _, mip = claims.quick_lr_table(rows).splitlines()
+    # the classifier's column lists the classifier's rates (it listed the last task's), registration its own
+    assert "classifier (1e-3 / 3e-3)" in head and "registration (1e-4 / 1e-3 / 1e-2)" in head, head
+    assert mip.split(" | ")[1].count(" / ") == 1 and mip.split(" | ")[2].count(" / ") == 2
