@@ -204,6 +204,8 @@ def lr_claim(rows: list[dict[str, Any]]) -> Claim:
         if best is None:
             continue
         chosen, _, deltas, adj = best
+        cells = report.lr_cells(rows, task)
+        n_rates = {v: sum(w == v for w, _ in cells) for v in chosen}
         if "mip" in chosen and chosen["mip"][0] is None:
             parts.append(f"{TASK_NAMES[task]}: MIP diverged at every rate")
             verdicts.append(FAILS)
@@ -214,7 +216,11 @@ def lr_claim(rows: list[dict[str, Any]]) -> Claim:
                 verdicts.append(verdict(d, p))
                 (lr_m, val_m), (lr_r, val_r) = chosen["mip"], chosen[ref]
                 on = "" if val_m and val_r else ", chosen on test data"
-                parts.append(f"{TASK_NAMES[task]} vs {ref} {_d(d, p)} (MIP at {report._fmt_lr(lr_m)}, {ref} at {report._fmt_lr(lr_r)}{on})")
+                one = {x: ", run at one rate only" if n_rates[x] == 1 else "" for x in ("mip", ref)}  # nothing was tuned
+                parts.append(
+                    f"{TASK_NAMES[task]} vs {ref} {_d(d, p)} (MIP at {report._fmt_lr(lr_m)}{one['mip']}, "
+                    f"{ref} at {report._fmt_lr(lr_r)}{one[ref]}{on})"
+                )
     return Claim(
         "own-best-lr",
         "MIP's advantage survives tuning every variant's learning rate (on validation data, at the full budget)",

@@ -280,3 +280,12 @@ def test_quick_lr_table_heads_each_task_with_its_own_rates():
     # the classifier's column lists the classifier's rates (it listed the last task's), registration its own
     assert "classifier (1e-3 / 3e-3)" in head and "registration (1e-4 / 1e-3 / 1e-2)" in head, head
     assert mip.split(" | ")[1].count(" / ") == 1 and mip.split(" | ")[2].count(" / ") == 2
+
+
+def test_lr_claim_says_when_a_variant_was_run_at_one_rate_only():
+    rows = []
+    for s in range(3):
+        rows += [_lr_row(v, s, lr, 0.6 + 0.1 * (v == "mip") + 0.01 * s, 0.6) for v in ("default", "mip") for lr in (1e-3, 3e-3)]
+        rows.append(_lr_row("plain", s, 1e-3, 0.7, 0.7))  # not swept: its "chosen" rate is the only one it has
+    c = claims.lr_claim(rows)
+    assert "plain at 1e-3, run at one rate only" in c.measured and "default at 1e-3)" in c.measured, c.measured
