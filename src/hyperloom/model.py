@@ -51,7 +51,7 @@ from .per_sample import (
     run_vmap,
     validate_in_dims,
 )
-from .recompute import Binding, CallState, Probe, leave, refuse_per_sample, route
+from .recompute import Binding, CallState, Probe, leave, per_sample_culprit, refuse_per_sample, route
 from .select import Selector, select_parameters
 from .shared_heads import Chunked, Structured
 from .types import ParamDict
@@ -78,14 +78,6 @@ def _parametrized_targets(primary: nn.Module, predicted: Sequence[str]) -> list[
             owner = primary.get_submodule(".".join(parts[:-3]))
             out[(id(owner), parts[-2])] = (owner, parts[-2])
     return list(out.values())
-
-
-def _hf_checkpointing(model: nn.Module) -> bool:
-    """Whether a Hugging Face model has activation (gradient) checkpointing on (the newer name first: no warning)."""
-    for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):
-        if hasattr(type(model), attr):
-            return bool(getattr(model, attr))
-    return False
 
 
 def _is_scalar(a: Any) -> bool:
@@ -234,7 +226,7 @@ class HyperModel(nn.Module):
         # activation checkpointing: a probe on every module owning a predicted tensor (see hyperloom.recompute)
         self._calls = CallState()
         owners = {mod_name: primary.get_submodule(mod_name) for mod_name in {n.rpartition(".")[0] for n in self.predicted}}
-        self._probes = {m: owners[m].register_forward_pre_hook(Probe(self._calls)).id for m in owners}
+        self._probes = {m: owners[m].register_forward_pre_hook(Probe(self._calls, m)).id for m in owners}
         #: (module, tensor name) of parametrized tensors whose originals are predicted (see _drop_parametrize_cache).
         self._parametrized: list[tuple[nn.Module, str]] = _parametrized_targets(primary, self.predicted)
         if per_sample == "auto":
@@ -478,8 +470,9 @@ class HyperModel(nn.Module):
             finally:
                 self._calls.mode = None
             return route(binding, out, entered) if self._calls.seen else out
-        if self.primary.training and _hf_checkpointing(self.primary):  # HF checkpoints in training, with or without grad
-            raise refuse_per_sample()
+        culprit = per_sample_culprit(self.primary, vmap=self.per_sample_mode == "vmap")  # HF, at any depth
+        if culprit is not None:
+            raise refuse_per_sample(culprit)
         n = raw.shape[0]
         if n == 0:
             raise HyperloomError("Per-sample conditioning with an empty batch (0 samples)")

@@ -67,6 +67,7 @@ from torch.utils._pytree import TreeSpec, _broadcast_to_and_flatten, tree_flatte
 
 from .buffers import BufferState
 from .errors import HyperloomError
+from .recompute import checkpoint_culprit, refuse_per_sample
 from .types import ParamDict
 
 #: ``in_dims``: positional index or keyword name -> batch dimension (``None``: shared by all samples).
@@ -352,6 +353,9 @@ def run_vmap(primary: nn.Module, theta: ParamDict, state: BufferState, plan: _Pl
     except HyperloomError:
         raise
     except Exception as e:
+        culprit = checkpoint_culprit(primary, e)
+        if culprit is not None:  # reentrant torch.utils.checkpoint: it cannot start under vmap
+            raise refuse_per_sample(culprit) from e
         raise _vmap_failure(primary, e) from e
     names: list[str] = info["reassigned"]
     outs = list(stacked)

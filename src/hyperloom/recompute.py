@@ -22,15 +22,22 @@ The binding therefore lives as long as the call's autograd graph:
 * when the backward pass ends, the modules get their placeholders back.
 
 Gradients equal those of the same model without checkpointing. Per-sample calls (one weight set per sample)
-cannot recompute under ``vmap`` and refuse checkpointing by name.
+refuse checkpointing, reentrant or not, with an error that names the module (:func:`per_sample_culprit` before
+the call, the probes and :func:`checkpoint_culprit` during it): reentrant checkpointing's autograd function has
+no ``vmap`` rule (it cannot even run under :func:`torch.func.vmap`), and no recomputation in ``backward()``
+can re-enter ``vmap`` to see one weight set per sample; in a loop over samples (``per_sample="loop"``) each
+recomputed region would need its own sample's weights bound, which the single binding of a call cannot give.
 """
 
 from __future__ import annotations
 
+import os
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch import nn
 
 from .errors import HyperloomError
 
@@ -55,17 +62,24 @@ class CallState:
 class Probe:
     """Forward pre-hook of the modules owning predicted tensors: notices activation checkpointing in a call.
 
+    Args:
+        state: The model's call state.
+        name: The module's name in the primary network (named in the error).
+
     Raises:
         HyperloomError: In a per-sample call (see :func:`refuse_per_sample`).
     """
 
-    def __init__(self, state: CallState) -> None:
+    def __init__(self, state: CallState, name: str | None = None) -> None:
         self.state = state
+        self.name = name
 
     def __call__(self, module: Any, args: Any) -> None:
         if self.state.mode is not None and checkpointing_active():
             if self.state.mode == "per_sample":
-                raise refuse_per_sample()
+                name = getattr(self, "name", None)  # probes pickled before 0.2 have no name
+                where = f"module {name!r} ({type(module).__name__})" if name is not None else type(module).__name__
+                raise refuse_per_sample(f"{where}, which owns predicted tensors, ran inside activation checkpointing")
             self.state.seen = True
 
 
@@ -157,14 +171,91 @@ def route(binding: Binding, out: Any, entered: dict[str, torch.Tensor]) -> Any:
     return tree_unflatten(flat, spec)
 
 
-def refuse_per_sample() -> HyperloomError:
-    """The error for activation checkpointing in a per-sample call."""
+def refuse_per_sample(culprit: str | None = None) -> HyperloomError:
+    """The error for activation checkpointing in a per-sample call (``culprit``: which module, and what it does)."""
+    where = f" ({culprit})" if culprit else ""
     return HyperloomError(
         "Activation checkpointing (torch.utils.checkpoint, gradient_checkpointing_enable()) cannot run in a per-sample "
-        "call (one weight set per sample): the recomputation in backward() cannot re-enter torch.func.vmap; use shared "
-        "conditioning (one value per input) with checkpointing, or turn checkpointing off "
-        "(model.gradient_checkpointing_disable()) for per-sample training"
+        f"call (one weight set per sample){where}: reentrant checkpointing cannot run under torch.func.vmap and no "
+        "recomputation in backward() can re-enter it, so neither use_reentrant=True nor use_reentrant=False works per "
+        "sample; use shared conditioning (one value per input) with checkpointing, or turn checkpointing off for "
+        "per-sample training (Hugging Face: model.gradient_checkpointing_disable() or activation_checkpointing_disable(); "
+        "your own torch.utils.checkpoint calls: call the checkpointed function directly)"
     )
 
 
-__all__ = ["Binding", "CallState", "Probe", "checkpointing_active", "leave", "refuse_per_sample", "route"]
+def _hf_hook(module: nn.Module) -> bool:
+    """Whether ``module`` carries Hugging Face's ``make_inputs_require_grads`` forward hook (``requires_grad_()``)."""
+    return any(getattr(h, "__name__", "") == "make_inputs_require_grads" for h in module._forward_hooks.values())
+
+
+def per_sample_culprit(primary: nn.Module, *, vmap: bool) -> str | None:
+    """The module of ``primary`` that makes a per-sample call checkpoint (found before the call), or ``None``.
+
+    Hugging Face's ``gradient_checkpointing_enable()`` (or ``activation_checkpointing_enable()``) sets
+    ``gradient_checkpointing = True`` on the layers it checkpoints (in training mode), at any depth of the
+    model; for models fed ``input_ids`` it also hooks the input embeddings with ``make_inputs_require_grads``,
+    whose ``requires_grad_()`` cannot run under :func:`torch.func.vmap` (in eval mode too).
+
+    Args:
+        primary: The primary network.
+        vmap: Whether the call runs under ``vmap`` (else a loop over samples, where the hook is harmless).
+
+    Returns:
+        A description naming the module, or ``None``.
+    """
+    modules = list(primary.named_modules())
+    for name, m in modules:
+        if getattr(m, "gradient_checkpointing", False) is True and m.training:
+            return f"module {name or '<root>'!r} ({type(m).__name__}) has Hugging Face gradient checkpointing on, in training mode"
+    if vmap:
+        for name, m in modules:
+            if _hf_hook(m):
+                return (
+                    f"module {name or '<root>'!r} ({type(m).__name__}) carries Hugging Face's make_inputs_require_grads hook, "
+                    "registered by gradient_checkpointing_enable() / activation_checkpointing_enable(), whose requires_grad_() "
+                    "cannot run under torch.func.vmap "
+                    "(in eval mode, without checkpointing, per_sample='loop' runs it; model.disable_input_require_grads() "
+                    "removes it)"
+                )
+    return None
+
+
+_CHECKPOINT_FILE = os.path.join("torch", "utils", "checkpoint.py")
+
+
+def checkpoint_culprit(primary: nn.Module, error: BaseException) -> str | None:
+    """If ``error`` was raised inside ``torch.utils.checkpoint`` run by ``primary``, the checkpointed module; else ``None``.
+
+    Reentrant checkpointing fails under :func:`torch.func.vmap` as soon as it starts (its autograd function has no
+    ``vmap`` rule), before any probe sees it: the traceback tells where it was called.
+    """
+    names = {id(m): n for n, m in primary.named_modules()}
+    caller: nn.Module | None = None
+    for frame, _ in traceback.walk_tb(error.__traceback__):
+        if frame.f_code.co_filename.endswith(_CHECKPOINT_FILE):
+            fn = frame.f_locals.get("function")
+            fn = getattr(fn, "func", fn)  # functools.partial (Hugging Face's layers)
+            target = getattr(fn, "__self__", fn)  # a bound method (module.__call__, module.forward)
+            if isinstance(target, nn.Module) and id(target) in names:
+                return f"module {names[id(target)] or '<root>'!r} ({type(target).__name__}) is checkpointed"
+            if caller is not None:
+                return f"module {names[id(caller)] or '<root>'!r} ({type(caller).__name__}) calls torch.utils.checkpoint"
+            return "torch.utils.checkpoint runs inside the model"
+        this = frame.f_locals.get("self")
+        if isinstance(this, nn.Module) and id(this) in names:
+            caller = this
+    return None
+
+
+__all__ = [
+    "Binding",
+    "CallState",
+    "Probe",
+    "checkpoint_culprit",
+    "checkpointing_active",
+    "leave",
+    "per_sample_culprit",
+    "refuse_per_sample",
+    "route",
+]
