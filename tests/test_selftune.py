@@ -339,3 +339,47 @@ def test_plot_without_matplotlib_says_how_to_get_it(monkeypatch, tmp_path):
     with pytest.raises(hl.HyperloomError, match=re.escape("SelfTuner.plot needs matplotlib: pip install matplotlib")):
         tuner.plot(tmp_path / "t.png")
     assert not (tmp_path / "t.png").exists()
+
+
+@pytest.mark.parametrize("bad", ["loss", "gradient", "val_loss"])
+def test_a_raised_non_finite_step_leaves_the_tuner_and_its_draws_as_before_the_call(bad):
+    # the raise used to leave the draw counter (and torch's generator, which the draws use) advanced: a run that
+    # caught the error and went on drew other values than the run in which the bad step never happened
+    def run(with_bad_step):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))  # no BatchNorm: the forward updates no buffer
+        model = hl.hypernetize(net, predict=[nn.Linear], inputs={"wd": (1e-4, 1.0, "log"), "mix": (0.0, 0.7)}, hidden=(8,))
+        tuner = hl.SelfTuner(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), hyper_lr=0.05)
+        x, y = torch.randn(16, 4), torch.randn(16, 1)
+        draws = []
+
+        def train_loss(m, wd, mix):
+            draws.append((float(wd.detach()), float(mix.detach())))
+            return ((m(x, wd=wd, mix=mix) - y) ** 2).mean() + (wd * mix).mean()
+
+        def val_loss(m, wd, mix):
+            return ((m(x + 0.1, wd=wd, mix=mix) - y) ** 2).mean()
+
+        bad_loss = {
+            "loss": lambda m, wd, mix: train_loss(m, wd, mix) * float("nan"),
+            "gradient": lambda m, wd, mix: train_loss(m, wd, mix) + (m(x, wd=wd, mix=mix) * 0 - 1).sqrt().sum() * 0,
+            "val_loss": lambda m, wd, mix: val_loss(m, wd, mix) + float("inf"),
+        }[bad]
+        for step in range(4):
+            tuner.train_step(train_loss)
+            tuner.hyper_step(val_loss)
+            if with_bad_step and step == 1:
+                before, rng, n_draws = _tuner_state(tuner), torch.get_rng_state(), len(draws)
+                with pytest.raises(hl.NonFiniteLossError, match="the tuner's state and torch's random state are as before the call"):
+                    (tuner.hyper_step if bad == "val_loss" else tuner.train_step)(bad_loss)
+                after = tuner.state_dict()
+                assert all(_same(before[k], after[k]) for k in before), [k for k in before if not _same(before[k], after[k])]
+                assert torch.equal(torch.get_rng_state(), rng)
+                del draws[n_draws:]  # the bad step's own draw
+        return draws, tuner.steps, tuner.history, _tuner_state(tuner)
+
+    draws, steps, history, state = run(True)
+    ref_draws, ref_steps, ref_history, ref_state = run(False)
+    assert draws == ref_draws and steps == ref_steps == 4
+    assert history == ref_history
+    assert all(_same(state[k], ref_state[k]) for k in ref_state)

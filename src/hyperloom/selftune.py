@@ -80,10 +80,19 @@ class SelfTuner(nn.Module):
             in that interval.
         entropy: Weight ``tau`` of the entropy bonus ``H = sum(log sigma)``.
         on_nonfinite: What a non-finite loss (or gradient) does: ``"raise"``
-            (default) raises :class:`~hyperloom.NonFiniteLossError` with
-            nothing updated; ``"skip"`` skips the step (no update of the model,
-            the values or the scales) and counts it in :attr:`skipped`. The
-            values never hold a NaN either way.
+            (default) raises :class:`~hyperloom.NonFiniteLossError` and leaves
+            everything as before the call: the model's parameters and
+            optimiser, the tuner's whole state (values, scales, Adam moments,
+            counters, history) and torch's random generators (CPU, which the
+            draws use, and CUDA), so a run that catches the error and goes on
+            draws what a run without the bad step draws (and a retry with the
+            same loss replays the same draw). Not rewound: buffers that the
+            loss's forward updated itself (BatchNorm running statistics in
+            training mode), and Python's and numpy's generators, which the
+            tuner never draws from. ``"skip"`` skips the step (no
+            update of the model, the values or the scales) and counts it in
+            :attr:`skipped`; its draw counts in :attr:`steps` and the
+            generators move on. The values never hold a NaN either way.
         history_size: Rows of :attr:`history` kept in the state. When full,
             every second row is dropped and from then on every second hyper
             step is recorded (the whole trajectory stays, at half resolution).
@@ -383,8 +392,10 @@ class SelfTuner(nn.Module):
         desc = ", ".join(f"{k}={v.detach().cpu().tolist() if v.numel() <= 8 else tuple(v.shape)}" for k, v in cond.items())
         raise NonFiniteLossError(
             f"SelfTuner: non-finite {what} ({value!r}) or gradient at {kind} step {step} with conditioning {desc}; "
-            f"non-finite gradients: {params or 'none (the loss itself)'}; nothing was updated "
-            "(on_nonfinite='skip' skips such steps instead)",
+            f"non-finite gradients: {params or 'none (the loss itself)'}; nothing was updated: the model's parameters, "
+            "the optimiser, the tuner's state and torch's random state are as before the call (buffers the loss's forward "
+            "updated, e.g. BatchNorm running statistics, keep that update); on_nonfinite='skip' skips such steps and "
+            "draws anew instead",
             step=step,
             conditioning=cond,
             parameters=params,
@@ -407,7 +418,36 @@ class SelfTuner(nn.Module):
             HyperloomError: If ``train_loss`` does not return a one-element tensor with a gradient, or
                 (checked on the first step) its value does not depend on the conditioning.
             NonFiniteLossError: On a non-finite loss or gradient with ``on_nonfinite="raise"``.
+
+        A call that raises (before the optimiser step) leaves the tuner's state and torch's random
+        generators as they were before it (see ``on_nonfinite``).
         """
+        saved = self._saved()
+        try:
+            value, step = self._train_step(train_loss, n)
+        except BaseException:
+            self._rewind(saved)
+            raise
+        if step:
+            self.optimizer.step()
+        return value
+
+    def _saved(self) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """The counters and torch's generators (CPU, CUDA once initialised) before a step (about 1 us on CPU)."""
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []  # type: ignore[no-untyped-call]
+        return self.counters.clone(), torch.get_rng_state(), cuda
+
+    def _rewind(self, saved: tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]) -> None:
+        """Put the counters and torch's generators back (a raising step: as if it had not been called)."""
+        counters, cpu, cuda = saved
+        with torch.no_grad():
+            self.counters.copy_(counters)
+        torch.set_rng_state(cpu)
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
+
+    def _train_step(self, train_loss: Callable[..., torch.Tensor], n: int | None) -> tuple[float, bool]:
+        """Everything of :meth:`train_step` before the optimiser step: the loss value, and whether to step."""
         cond = self.sample(n)
         check = not self._train_checked
         if check:  # once: make the conditioning a leaf to see that the loss depends on it
@@ -422,7 +462,7 @@ class SelfTuner(nn.Module):
         value = float(loss.detach())
         if not math.isfinite(value):
             self._non_finite("train_loss", value, cond, [])
-            return value
+            return value, False
         loss.backward()  # type: ignore[no-untyped-call]
         if check:
             if all(v.grad is None for v in cond.values()):
@@ -435,9 +475,8 @@ class SelfTuner(nn.Module):
         if bad:
             self.optimizer.zero_grad(set_to_none=True)
             self._non_finite("train_loss", value, cond, bad)
-            return value
-        self.optimizer.step()
-        return value
+            return value, False
+        return value, True
 
     def _bad_grads(self) -> list[str]:
         """Names of parameters whose gradient holds a NaN or an infinity.
@@ -472,38 +511,20 @@ class SelfTuner(nn.Module):
             HyperloomError: If ``val_loss`` does not return a one-element tensor, or it has no gradient
                 path to the tuned inputs.
             NonFiniteLossError: On a non-finite loss or hyper-gradient with ``on_nonfinite="raise"``.
+
+        A call that raises leaves the tuner's state and torch's random generators as they were before it
+        (see ``on_nonfinite``).
         """
         n = self._check_n(n)
         if torch.is_inference_mode_enabled():
             raise HyperloomError("SelfTuner.hyper_step needs autograd: call it outside torch.inference_mode()")
-        u = self.u.detach().clone().requires_grad_(True)
-        ls = self.log_scale.detach().clone().requires_grad_(True)
-        eps = torch.randn((u.numel(),) if n is None else (n, u.numel()), dtype=torch.float64).to(u.device)  # CPU stream
-        modes = [(m, m.training) for m in self.model.modules()]
-        gu = gls = None
+        saved = self._saved()
         try:
-            self.model.eval()
-            with torch.enable_grad():
-                cond = self._conditioning(u + ls.exp() * eps, n)
-                loss = self._scalar_loss(val_loss(self.model, **cond), "val_loss", cond)
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    self._non_finite("val_loss", value, cond, [])
-                    return value
-                if loss.requires_grad:
-                    gu, gls = torch.autograd.grad(loss, [u, ls], allow_unused=True)
-        finally:
-            for m, training in modes:
-                m.training = training
-        if gu is None:
-            raise HyperloomError(
-                f"SelfTuner: val_loss does not depend on the conditioning {list(self.names)} (no gradient path): compute it "
-                "from the model's output at the given values, e.g. model(x_val, **conditioning), without .item() or .detach()"
-            )
-        gls = torch.zeros_like(ls) if gls is None else gls
-        grad = torch.cat([gu, gls - self.entropy]).detach()  # d/dlog(sigma) of -tau * sum(log sigma) is -tau
-        if not bool(torch.isfinite(grad).all()):
-            self._non_finite("val_loss", value, cond, [f"d{what}/d{k}" for what in ("value", "scale") for k in self.names])
+            value, grad = self._hyper_grad(val_loss, n)
+        except BaseException:
+            self._rewind(saved)
+            raise
+        if grad is None:  # skipped
             return value
         with torch.no_grad():
             b1, b2 = _ADAM_BETAS
@@ -518,6 +539,39 @@ class SelfTuner(nn.Module):
             self.counters[1] += 1
             self._record(value)
         return value
+
+    def _hyper_grad(self, val_loss: Callable[..., torch.Tensor], n: int | None) -> tuple[float, torch.Tensor | None]:
+        """The validation loss and the hyper-gradient of :meth:`hyper_step` (``None`` for a skipped step)."""
+        u = self.u.detach().clone().requires_grad_(True)
+        ls = self.log_scale.detach().clone().requires_grad_(True)
+        eps = torch.randn((u.numel(),) if n is None else (n, u.numel()), dtype=torch.float64).to(u.device)  # CPU stream
+        modes = [(m, m.training) for m in self.model.modules()]
+        gu = gls = None
+        try:
+            self.model.eval()
+            with torch.enable_grad():
+                cond = self._conditioning(u + ls.exp() * eps, n)
+                loss = self._scalar_loss(val_loss(self.model, **cond), "val_loss", cond)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    self._non_finite("val_loss", value, cond, [])
+                    return value, None
+                if loss.requires_grad:
+                    gu, gls = torch.autograd.grad(loss, [u, ls], allow_unused=True)
+        finally:
+            for m, training in modes:
+                m.training = training
+        if gu is None:
+            raise HyperloomError(
+                f"SelfTuner: val_loss does not depend on the conditioning {list(self.names)} (no gradient path): compute it "
+                "from the model's output at the given values, e.g. model(x_val, **conditioning), without .item() or .detach()"
+            )
+        gls = torch.zeros_like(ls) if gls is None else gls
+        grad = torch.cat([gu, gls - self.entropy]).detach()  # d/dlog(sigma) of -tau * sum(log sigma) is -tau
+        if not bool(torch.isfinite(grad).all()):
+            self._non_finite("val_loss", value, cond, [f"d{what}/d{k}" for what in ("value", "scale") for k in self.names])
+            return value, None
+        return value, grad
 
     def _record(self, value: float) -> None:
         rows, stride = int(self.counters[4]), int(self.counters[5])
