@@ -446,6 +446,17 @@ def quick_lr_table(quick: list[dict[str, Any]] | None = None) -> str:
     return "\n".join(lines)
 
 
+def full_lr_tables() -> str:
+    """Per task with rows: the full-budget learning-rate sweep and every variant at its own chosen rate."""
+    rows = load("reproduce-full-val")
+    out = []
+    for task in ("classify", "register", "segment"):
+        sweep, best = report.lr_table(rows, task), report.lr_best_table(rows, task)
+        if sweep:
+            out += [f"*{TASK_NAMES[task]}*", "", sweep, "", best or "(one rate per variant so far)", ""]
+    return "\n".join(out).strip() or "(no rows committed yet)"
+
+
 #: Generated blocks: file (from the repository root) -> block name -> the function that renders it.
 def blocks(claims: list[Claim] | None = None) -> dict[str, dict[str, Any]]:
     claims = compute() if claims is None else claims
@@ -457,6 +468,9 @@ def blocks(claims: list[Claim] | None = None) -> dict[str, dict[str, Any]]:
             "stalls": stall_sentence,
             "quick-lr-table": quick_lr_table,
             "claims": lambda: "\n".join(c.line() for c in claims),
+            "gamma-table": lambda: report.gamma_table(load("gamma-range-quick")) or "(no rows committed yet)",
+            "segattr-table": lambda: report.segattr_table(load("segattr")) or "(no rows committed yet)",
+            "full-lr-tables": full_lr_tables,
         },
     }
 
