@@ -96,12 +96,12 @@ def verdict(d: Delta, p_adj: float, *, higher: bool = True) -> str:
     return HOLDS if excludes and math.isfinite(p_adj) and p_adj < 0.05 else SAME_SIGN
 
 
-def _d(d: Delta, p_adj: float | None = None, digits: int = 3) -> str:
+def _d(d: Delta, p_adj: float | None = None, digits: int = 3, *, label: str = "Holm p") -> str:
     if d.n == 0:
         return "n/a"
     if not math.isfinite(d.lo):
         return f"{d.mean:+.{digits}f} (n={d.n})"
-    holm_text = f", Holm p {report._p(p_adj)}" if p_adj is not None and math.isfinite(p_adj) else ""
+    holm_text = f", {label} {report._p(p_adj)}" if p_adj is not None and math.isfinite(p_adj) else ""
     return f"{d.mean:+.{digits}f} [{d.lo:+.{digits}f}, {d.hi:+.{digits}f}] (n={d.n}{holm_text})"
 
 
@@ -261,8 +261,8 @@ def gamma_claim(rows: list[dict[str, Any]]) -> Claim:
     growth = paired_t(adv["0-4"], adv["0.5-1"])
     means = [f"{lvl.replace('-', ', ')}: {report.t_interval(list(a.values()))[0]:+.3f} (n={len(a)})" for lvl, a in adv.items() if a]
     measured = (
-        "MIP − default accuracy per range [" + "; ".join(means) + f"]; growth from [0.5, 1] to [0, 4] {_d(growth, growth.p)}"
-        " (paired by seed, unadjusted)"
+        "MIP − default accuracy per range [" + "; ".join(means) + f"]; growth from [0.5, 1] to [0, 4] {_d(growth, growth.p, label='p')}"
+        " (paired by seed; one test, no family to adjust over)"
     )
     return Claim(
         "gamma-range", "MIP's advantage over the default grows with γ's range", measured, verdict(growth, growth.p), "gamma-range-quick"
