@@ -816,3 +816,24 @@ def test_checkpointing_with_a_batchnorm_hypernetwork(mode):
     for k in ref:  # the trunk bias before BatchNorm has a zero gradient up to rounding: compare on the common scale
         torch.testing.assert_close(got[k], ref[k], rtol=1e-10, atol=1e-13 * scale, msg=k)
     assert all(torch.equal(got_buf[k], ref_buf[k]) for k in ref_buf)  # running statistics updated once
+
+
+def test_materialize_and_to_peft_run_a_data_encoder_once(tmp_path):
+    """A hl.Data conditioning is encoded once per materialize() / to_peft() call (it ran twice: the per-sample
+    check and the generation each ran the encoder, doubling the cost of a large set encoder)."""
+    calls = []
+    enc = nn.Linear(3, 4)
+    enc.register_forward_hook(lambda *_: calls.append(1))
+    torch.manual_seed(0)
+    lora = hl.LoRA(rank=2, targets=nn.Linear)
+    hnet = hl.hypernetize(nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 4)), inputs={"s": hl.Data(enc, per="set")}, lora=lora)
+    support = torch.randn(7, 3)
+    plain = hnet.materialize(s=support)
+    assert len(calls) == 1
+    x = torch.randn(3, 5)
+    torch.testing.assert_close(plain(x), hnet(x, s=support))
+    calls.clear()
+    hnet.to_peft(tmp_path / "adapter", s=support)
+    assert len(calls) == 1
+    with pytest.raises(hl.HyperloomError, match=re.escape("materialize() needs one value per input")):
+        hl.hypernetize(nn.Linear(5, 4), inputs={"s": hl.Data(nn.Linear(3, 4), per="sample")}, lora=lora).materialize(s=support)

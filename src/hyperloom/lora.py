@@ -436,7 +436,10 @@ class LoRAModel(nn.Module):
         Raises:
             HyperloomError: On invalid conditioning.
         """
-        factors = self._factors(conditioning)[0]
+        return self._delta_from(self._factors(conditioning)[0])
+
+    def _delta_from(self, factors: ParamDict) -> ParamDict:
+        """:meth:`delta` from generated factors."""
         out: ParamDict = {}
         for name, t in self._infos.items():
             a, b = factors[_key(name, "lora_A")], factors[_key(name, "lora_B")]
@@ -449,20 +452,28 @@ class LoRAModel(nn.Module):
                 out[prefix + "bias"] = factors[_key(name, "lora_bias")] * self.scaling
         return out
 
+    def _shared_factors(self, conditioning: Mapping[str, Any], what: str) -> ParamDict:
+        """The factors for one shared conditioning, without gradients.
+
+        The conditioning, a data input's encoder included, runs once; per-sample conditioning is refused naming ``what``.
+        """
+        with torch.no_grad():
+            factors, n = self._factors(conditioning)
+        if n is not None:
+            raise HyperloomError(
+                f"{what} needs one value per input (shared conditioning), got per-sample values"
+                + _per_sample_data_hint(self.hypernet.input_set.specs)
+            )
+        return factors
+
     def materialize(self, **conditioning: Any) -> nn.Module:
         """An ordinary model with the update merged into the weights for one conditioning (``W0 + (alpha/r) B A``).
 
         Raises:
             HyperloomError: On per-sample or invalid conditioning.
         """
-        _, per_sample = self.hypernet.prepare(conditioning)
-        if per_sample:
-            raise HyperloomError(
-                "materialize() needs one value per input (shared conditioning), got per-sample values"
-                + _per_sample_data_hint(self.hypernet.input_set.specs)
-            )
         with torch.no_grad():
-            delta = self.delta(**conditioning)
+            delta = self._delta_from(self._shared_factors(conditioning, "materialize()"))
         plain = copy.deepcopy(self.primary)
         strip_hooks(plain)  # the hooks of calls whose graphs are alive are no part of an ordinary model
         with torch.no_grad():
@@ -565,12 +576,7 @@ class LoRAModel(nn.Module):
                 (one ``fan_in_fan_out`` flag per adapter), or base parameters that were unfrozen (trained base
                 weights are not part of an adapter).
         """
-        _, per_sample = self.hypernet.prepare(conditioning)
-        if per_sample:
-            raise HyperloomError(
-                "to_peft() needs one value per input (shared conditioning), got per-sample values"
-                + _per_sample_data_hint(self.hypernet.input_set.specs)
-            )
+        factors = self._shared_factors(conditioning, "to_peft()")
         transposed = {t.transposed for t in self._infos.values()}
         if len(transposed) > 1:
             conv = [t.name for t in self._infos.values() if t.transposed]
@@ -580,8 +586,6 @@ class LoRAModel(nn.Module):
         trained = [k for k, p in self.primary.named_parameters() if p.requires_grad]
         if trained:
             raise HyperloomError(f"to_peft: base parameters {trained[:8]} are trainable; an adapter holds only the LoRA factors")
-        with torch.no_grad():
-            factors, _ = self._factors(conditioning)
         tensors: dict[str, torch.Tensor] = {}
         for name in self.targets:
             key = _key("base_model.model", name)
