@@ -289,3 +289,22 @@ def test_lr_claim_says_when_a_variant_was_run_at_one_rate_only():
         rows.append(_lr_row("plain", s, 1e-3, 0.7, 0.7))  # not swept: its "chosen" rate is the only one it has
     c = claims.lr_claim(rows)
     assert "plain at 1e-3, run at one rate only" in c.measured and "default at 1e-3)" in c.measured, c.measured
+
+
+def test_full_source_switches_to_the_validation_rerun_only_when_every_task_is_complete(monkeypatch):
+    import json
+
+    rows = [
+        _row(t, v, s, 0.5)
+        for t in ("classify", "register", "segment")
+        for v in ("plain", "default", "encoding-only", "additive-only", "mip")
+        for s in range(claims.FULL_SEEDS)
+    ]
+    store = {"reproduce-full-val": rows}
+    monkeypatch.setattr(claims, "load", lambda name: json.loads(json.dumps(store.get(name, []))))
+    assert claims.full_source() == "reproduce-full-val"
+    # one classifier seed missing (the classifier still running): the older rows stay the source
+    store["reproduce-full-val"] = [r for r in rows if not (r["task"] == "classify" and r["variant"] == "mip" and r["seed"] == 4)]
+    assert claims.full_source() == "reproduce-full"
+    store["reproduce-full-val"] = [r for r in rows if r["task"] != "segment"]
+    assert claims.full_source() == "reproduce-full"
