@@ -596,3 +596,29 @@ def test_val_speedup_leaves_out_seeds_whose_reference_diverged():
     mip = [row("mip", s, trace=_val_trace([0.1, 0.8, 0.9, 0.9])) for s in range(2)]
     sp = report.val_speedups({"default": ref, "mip": mip})
     assert sp["mip"].ratios == [3.0] and sp["default"].ratios == [1.0]
+
+
+def test_ablation_table_is_holm_adjusted_over_distinct_comparisons():
+    """The ablation table reads many comparisons: each Δ carries Holm's p over the table's distinct comparisons,
+    and the base setting, recorded once per axis with the same runs, counts once in that family."""
+
+    def abl(axis, level, variant, seed, acc, key):
+        return row(variant, seed, study="ablation", acc=acc, axis=axis, level=level, key=key)
+
+    rows = []
+    for s, (d_base, d_a, d_b) in enumerate([(0.10, 0.20, 0.01), (0.12, 0.25, -0.01), (0.11, 0.22, 0.02)]):
+        for axis in ("x", "y"):  # the base setting on two axes: the same runs (same keys)
+            rows += [abl(axis, "base", "default", s, 0.5, f"bd{s}"), abl(axis, "base", "mip", s, 0.5 + d_base, f"bm{s}")]
+        rows += [abl("x", "a", "default", s, 0.5, f"ad{s}"), abl("x", "a", "mip", s, 0.5 + d_a, f"am{s}")]
+        rows += [abl("y", "b", "default", s, 0.5, f"cd{s}"), abl("y", "b", "mip", s, 0.5 + d_b, f"cm{s}")]
+    table = report.ablation_table(rows)
+    raw = {
+        lvl: paired_t({s: 0.5 + d[i] for s, d in enumerate(diffs)}, dict.fromkeys(range(3), 0.5)).p
+        for i, lvl in enumerate(("base", "a", "b"))
+        for diffs in [[(0.10, 0.20, 0.01), (0.12, 0.25, -0.01), (0.11, 0.22, 0.02)]]
+    }
+    expected = dict(zip(raw, report.holm(list(raw.values()))))  # a family of 3, not 4
+    for lvl, p_adj in expected.items():
+        line = next(ln for ln in table.splitlines() if f"| {lvl} |" in ln)
+        assert f"Holm {report._p(p_adj)})" in line
+    assert "Holm p" in table.splitlines()[0]
