@@ -289,9 +289,19 @@ def train_loop(
 @torch.no_grad()
 def flat_weights(model: torch.nn.Module, cond: dict[str, Any]) -> torch.Tensor:
     """The weights a model computes with: the generated ``theta`` at ``cond`` for a hypernetwork model, the
-    parameters for the plain network; flattened and detached."""
+    parameters for the plain network; flattened and detached.
+
+    The hypernetwork runs in eval mode (its training mode restored after): a probe must neither be refused by
+    nor update a normalisation layer inside it (BatchNorm needs a batch of conditioning values while training,
+    and would move its running statistics).
+    """
     if hasattr(model, "generate"):
-        return torch.cat([t.detach().flatten() for t in model.generate(**cond).values()])
+        was = model.training
+        model.eval()
+        try:
+            return torch.cat([t.detach().flatten() for t in model.generate(**cond).values()])
+        finally:
+            model.train(was)
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 

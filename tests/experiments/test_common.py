@@ -154,3 +154,21 @@ def test_sgd_momentum_variants_for_the_ablation():
     assert [make_optimizer(n, p, 0.1).param_groups[0]["momentum"] for n in ("sgd", "sgd0", "sgd99")] == [0.9, 0.0, 0.99]
     with pytest.raises(ValueError, match="sgd99"):
         make_optimizer("sgd5", p, 0.1)
+
+
+def test_flat_weights_probe_runs_with_batchnorm_in_the_hypernetwork_and_changes_nothing():
+    """The relative-step probe crashed the ablation's norm=batchnorm runs (BatchNorm refuses one conditioning
+    value while training); it now runs in eval mode, leaves the training mode and the running statistics alone."""
+    import hyperloom as hl
+    from experiments.common import flat_weights
+
+    torch.manual_seed(0)
+    model = hl.hypernetize(torch.nn.Linear(3, 2), inputs={"z": (0.0, 1.0)}, norm="batchnorm", hidden=(8,))
+    model.train()
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+    assert stats
+    w = flat_weights(model, {"z": torch.tensor(0.5)})
+    assert w.shape == (3 * 2 + 2,) and torch.isfinite(w).all()
+    assert model.training and all(m.training for m in model.modules())
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in stats.items())
