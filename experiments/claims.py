@@ -47,6 +47,8 @@ SOURCES: dict[str, str] = {
         "python -m experiments reproduce --quick --task classify --studies gamma --seeds 5 --threads 1 --out runs/gamma-range"
     ),
     "segattr": "python -m experiments reproduce --full --task segment --studies segattr --seeds 10 --threads 1 --out runs/segattr",
+    # the ablations on the current design (issue 22 item 8), in two folders when run on two cores
+    "ablate-300": "python -m experiments ablate --quick --seeds 3 --threads 1 --out runs/ablate-300",
 }
 
 HOLDS, SAME_SIGN, FAILS, UNMEASURED = "holds", "same sign, not significant", "does not hold", "not measured"
@@ -487,6 +489,7 @@ def blocks(claims: list[Claim] | None = None) -> dict[str, dict[str, Any]]:
             "gamma-table": lambda: report.gamma_table(load("gamma-range-quick")) or "(no rows committed yet)",
             "segattr-table": lambda: report.segattr_table(load("segattr")) or "(no rows committed yet)",
             "full-lr-tables": full_lr_tables,
+            "ablation-table": lambda: report.ablation_table(load("ablate-300")) or "(no rows committed yet)",
         },
     }
 
