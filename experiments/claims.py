@@ -10,14 +10,16 @@ around the tables, and a rerun that changes a number changes the sentence.
 
 Verdicts (:func:`verdict`): **holds** when the paired 95 % t-interval excludes zero in the claimed direction and
 the Holm-adjusted p (over the family of the table the number comes from) is below 0.05; **same sign, not
-significant** when the mean is in the claimed direction but that test fails; **does not hold** when the mean
-is in the opposite direction (or when the variant diverged on every seed on which the default finished: a
-diverged run has no evaluation and drops out of the pairs); **not measured** when the rows are not committed
-yet. Speed-ups are tested on
-their log ratios (Holm over the table's speed-ups); where a speed-up has no interval (one seed, or seeds that never
-reach the target) the verdict follows the direction of its geometric mean, or of its median with those seeds
-ranked lowest. Stall counts: **holds** when some factor stalls less often with Holm-adjusted Fisher p below 0.05,
-**same sign, not significant** when some factor stalls less often but none significantly.
+significant** when the mean is in the claimed direction but that test fails; **opposite sign, not
+significant** when the mean is in the opposite direction but the same test of the opposite claim fails (a tie
+within noise); **does not hold** when the opposite claim passes that test (or when the variant diverged on every
+seed on which the default finished: a diverged run has no evaluation and drops out of the pairs); **not
+measured** when the rows are not committed yet. Speed-ups are tested on their log ratios (Holm over the table's
+speed-ups); where a speed-up has no interval (one seed, or seeds that never reach the target) the verdict
+follows the direction of its geometric mean, or of its median with those seeds ranked lowest (same sign /
+opposite sign, not significant: untested). Stall counts: **holds** when some factor stalls less often with
+Holm-adjusted Fisher p below 0.05, **same sign, not significant** when some factor stalls less often but none
+significantly.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ SOURCES: dict[str, str] = {
 }
 
 HOLDS, SAME_SIGN, FAILS, UNMEASURED = "holds", "same sign, not significant", "does not hold", "not measured"
+OPPOSITE = "opposite sign, not significant"
 TASK_NAMES = {"classify": "classifier", "register": "registration", "segment": "segmentation"}
 
 
@@ -80,22 +83,27 @@ def load(name: str) -> list[dict[str, Any]]:
 
 
 def verdict(d: Delta, p_adj: float, *, higher: bool = True) -> str:
-    """:data:`HOLDS` / :data:`SAME_SIGN` / :data:`FAILS` for a paired difference claimed positive (``higher``) or
-    negative, or :data:`UNMEASURED` without pairs.
+    """:data:`HOLDS` / :data:`SAME_SIGN` / :data:`OPPOSITE` / :data:`FAILS` for a paired difference claimed
+    positive (``higher``) or negative, or :data:`UNMEASURED` without pairs. The test is symmetric: the opposite
+    of the claim must pass the same test (interval and Holm) to make it "does not hold".
 
     Example:
         >>> verdict(Delta(0.03, 0.01, 0.05, 5, 0.01), 0.02), verdict(Delta(0.03, -0.01, 0.07, 5, 0.1), 0.3)
         ('holds', 'same sign, not significant')
-        >>> verdict(Delta(-0.02, -0.04, 0.0, 5, 0.06), 0.2), verdict(Delta(math.nan, math.nan, math.nan, 0, math.nan), math.nan)
-        ('does not hold', 'not measured')
+        >>> verdict(Delta(-0.02, -0.04, 0.0, 5, 0.06), 0.2), verdict(Delta(-0.02, -0.03, -0.01, 5, 0.01), 0.02)
+        ('opposite sign, not significant', 'does not hold')
+        >>> verdict(Delta(math.nan, math.nan, math.nan, 0, math.nan), math.nan)
+        'not measured'
     """
     if d.n == 0 or not math.isfinite(d.mean):
         return UNMEASURED
     sign = 1.0 if higher else -1.0
+    significant = math.isfinite(p_adj) and p_adj < 0.05
     if sign * d.mean <= 0:
-        return FAILS
+        against = math.isfinite(d.lo) and (d.hi < 0 if higher else d.lo > 0)
+        return FAILS if against and significant else OPPOSITE
     excludes = math.isfinite(d.lo) and (d.lo > 0 if higher else d.hi < 0)
-    return HOLDS if excludes and math.isfinite(p_adj) and p_adj < 0.05 else SAME_SIGN
+    return HOLDS if excludes and significant else SAME_SIGN
 
 
 def _d(d: Delta, p_adj: float | None = None, digits: int = 3, *, label: str = "Holm p") -> str:
@@ -197,10 +205,10 @@ def main_claims(rows: list[dict[str, Any]], source: str = "reproduce-full") -> l
             # mean, or of the median with the censored seeds ranked lowest (a censored median is below 1)
             parts.append(f"{TASK_NAMES[task]} {sp.cell()}")
             if sp.reached == sp.n:
-                verdicts.append(SAME_SIGN if sp.geometric()[0] > 1 else FAILS)
+                verdicts.append(SAME_SIGN if sp.geometric()[0] > 1 else OPPOSITE)
             else:
                 med, kind = sp.quantile(0.5)
-                verdicts.append(SAME_SIGN if med > 1 and kind != "<" else FAILS)
+                verdicts.append(SAME_SIGN if med > 1 and kind != "<" else OPPOSITE)
     out.append(
         Claim(
             "mip-faster",

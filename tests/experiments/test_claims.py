@@ -36,7 +36,10 @@ def test_verdict_rules():
     assert claims.verdict(ok, 0.02) == claims.HOLDS
     assert claims.verdict(ok, 0.06) == claims.SAME_SIGN  # the interval excludes 0 but Holm does not
     assert claims.verdict(Delta(0.03, -0.01, 0.07, 5, 0.1), 0.01) == claims.SAME_SIGN
-    assert claims.verdict(Delta(-0.01, -0.03, 0.01, 5, 0.3), 0.3) == claims.FAILS
+    assert claims.verdict(Delta(-0.01, -0.03, 0.01, 5, 0.3), 0.3) == claims.OPPOSITE
+    assert claims.verdict(Delta(-0.03, -0.05, -0.01, 5, 0.01), 0.06) == claims.OPPOSITE  # Holm fails
+    assert claims.verdict(Delta(-0.03, -0.05, -0.01, 5, 0.01), 0.01) == claims.FAILS
+    assert claims.verdict(Delta(0.03, 0.01, 0.05, 5, 0.01), 0.01, higher=False) == claims.FAILS
     assert claims.verdict(Delta(-0.03, -0.05, -0.01, 5, 0.01), 0.01, higher=False) == claims.HOLDS
     assert claims.verdict(Delta(math.nan, math.nan, math.nan, 0, math.nan), math.nan) == claims.UNMEASURED
     assert claims._combine([claims.HOLDS, claims.HOLDS, claims.UNMEASURED]) == claims.HOLDS
@@ -132,9 +135,9 @@ def _faster(rows):
 
 def test_speedup_claim_with_one_seed_follows_the_direction():
     # one seed: the default reaches its plateau (0.5) at step 75, MIP later (0.93x): no interval, but the
-    # ratio is below 1 -- the claim does not hold
+    # ratio is below 1 -- opposite sign, untested
     c = _faster([_plateau("default", 0, 50), _plateau("mip", 0, 70, 0.4)])
-    assert c.measured.startswith("classifier 0.93x (n=1") and c.verdict == claims.FAILS, c.measured
+    assert c.measured.startswith("classifier 0.93x (n=1") and c.verdict == claims.OPPOSITE, c.measured
     assert _faster([_plateau("default", 0, 50), _plateau("mip", 0, 20, 0.45)]).verdict == claims.SAME_SIGN
 
 
@@ -144,7 +147,7 @@ def test_speedup_claim_with_censored_seeds_follows_the_median():
     rows = [_plateau("default", s, 50) for s in range(5)]
     rows += [_plateau("mip", s, 70, 0.4) if s < 4 else _plateau("mip", s, 0) for s in range(5)]
     c = _faster(rows)
-    assert "0.93x median, no CI (4/5 reached)" in c.measured and c.verdict == claims.FAILS, c.measured
+    assert "0.93x median, no CI (4/5 reached)" in c.measured and c.verdict == claims.OPPOSITE, c.measured
     # the same censoring with seeds that reach it sooner: in the claimed direction, no interval
     rows = [_plateau("default", s, 50) for s in range(5)]
     rows += [_plateau("mip", s, 20, 0.45) if s < 4 else _plateau("mip", s, 0) for s in range(5)]
