@@ -77,15 +77,15 @@ class Plain(torch.nn.Module):
     """
 
     def __init__(self, primary: torch.nn.Module, conditioning: tuple[str, ...], predict: list[str] | None = None) -> None:
-        super().__init__()
-        from hyperloom.model import _initial_theta0  # the library's rule for theta0="init" (norm gains keep their value)
+        import hyperloom as hl
 
+        super().__init__()
         self.primary = primary
         self.conditioning = conditioning
         with torch.no_grad():
             for name, p in primary.named_parameters():
                 if predict is None or any(name == s or name.startswith(s + ".") for s in predict):
-                    p.copy_(_initial_theta0(name, p, "init"))
+                    p.copy_(hl.init_theta0(name, p))  # the rule of theta0="init": norm gains keep their value
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.primary(*args, **{k: v for k, v in kwargs.items() if k not in self.conditioning})

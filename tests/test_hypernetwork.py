@@ -2,6 +2,7 @@ import re
 
 import pytest
 import torch
+from torch import nn
 
 import hyperloom as hl
 from hyperloom import HyperloomError, HyperNetwork
@@ -211,3 +212,27 @@ def test_calling_a_hypernetwork_with_a_bare_number_says_how():
     msg = "Conditioning must be a mapping from input name to value, e.g. {'lam': ...} (a HyperNetwork is called as hnet({'lam': ...})"
     with pytest.raises(hl.HyperloomError, match=re.escape(msg)):
         h(0.3)
+
+
+def test_init_theta0_from_the_models_tensor_keeps_norm_gains():
+    """init_theta0 given the model's tensor is the rule of theta0="init" (public: experiments and users build a
+    plain baseline from it): weights Kaiming from the same random stream as the shape form, biases zero, norm
+    gains and shifts that are not biases keep their value, dtype follows the tensor."""
+    ln = nn.LayerNorm(4)
+    with torch.no_grad():
+        ln.weight.fill_(2.0)
+    assert torch.equal(hl.init_theta0("ln.weight", ln.weight), torch.full((4,), 2.0))
+    assert torch.equal(hl.init_theta0("ln.bias", ln.bias), torch.zeros(4))
+    w = nn.Linear(5, 3).weight.double()
+    torch.manual_seed(3)
+    from_tensor = hl.init_theta0("fc.weight", w)
+    torch.manual_seed(3)
+    from_shape = hl.init_theta0("fc.weight", (3, 5), dtype=torch.float64)
+    assert from_tensor.dtype == torch.float64 and torch.equal(from_tensor, from_shape)
+    model = nn.Sequential(nn.Linear(5, 3), nn.LayerNorm(3))
+    torch.manual_seed(0)
+    h = hl.hypernetize(model, inputs={"g": (0.0, 1.0)}, theta0="init")
+    torch.manual_seed(0)
+    expected = {n: hl.init_theta0(n, p) for n, p in model.named_parameters()}
+    for n, t in h.hypernet.theta0.items():
+        assert torch.equal(t, expected[n]), n

@@ -22,7 +22,7 @@ from torch import nn
 from .data_input import Data, DataCode, DataEncoder
 from .encoding import Encoding, get_encoding
 from .errors import HyperloomError
-from .heads import DenseHead, LowRankHead, check_target_memory
+from .heads import DenseHead, LowRankHead, check_target_memory, is_bias_name
 from .inputs import Input, InputLike, InputSet, columns
 from .params import ParamStore
 from .shared_heads import Chunked, ChunkedHead, Structured, StructuredHead, build_shared_head, head_spec
@@ -59,18 +59,28 @@ def value_checks_off() -> bool:
     return _is_compiling() or _under_vmap()
 
 
-def init_theta0(name: str, shape: Sequence[int], *, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """MIP's initialisation of a base value ``theta0`` from its shape alone.
+def init_theta0(name: str, shape: Sequence[int] | torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """MIP's initialisation of a base value ``theta0``.
 
     Tensors with two or more dimensions (weights) get Kaiming normal with
-    ``fan_in`` (ReLU gain); vectors and scalars (biases, norm shifts) get zero.
-    ``hypernetize`` instead takes ``theta0`` from the wrapped model's own
-    (possibly pretrained) weights by default.
+    ``fan_in`` (ReLU gain); biases get zero. Given a shape, every vector or
+    scalar gets zero. Given the model's own tensor instead (what
+    ``hypernetize(..., theta0="init")`` does), its shape, dtype and device are
+    used, and a vector or scalar that is not a bias (a normalisation gain or
+    shift, a scale) keeps the model's value. ``hypernetize`` takes ``theta0``
+    from the wrapped model's own (possibly pretrained) weights by default.
 
     Example:
         >>> init_theta0("fc.bias", (3,))
         tensor([0., 0., 0.])
+        >>> init_theta0("norm.weight", torch.nn.LayerNorm(2).weight)  # a gain keeps its value
+        tensor([1., 1.])
     """
+    if isinstance(shape, torch.Tensor):
+        p = shape.detach()
+        if p.dim() < 2 and not is_bias_name(name):
+            return p.clone()
+        return init_theta0(name, tuple(p.shape), dtype=p.dtype if dtype is None else dtype).to(p.device)
     t = torch.zeros(tuple(shape), dtype=dtype)
     if len(shape) >= 2:
         nn.init.kaiming_normal_(t, mode="fan_in", nonlinearity="relu")

@@ -608,7 +608,7 @@ def _initial_theta0(name: str, p: torch.Tensor, how: str) -> torch.Tensor:
     """``theta0``'s starting value: the model's own (``"model"``), or MIP's init keeping gains (``"init"``)."""
     if how == "model" or (p.dim() < 2 and not is_bias_name(name)):
         return p.detach()  # HyperNetwork copies it; normalisation gains and other scalars keep the model's value
-    return init_theta0(name, p.shape, dtype=p.dtype).to(p.device)
+    return init_theta0(name, p)
 
 
 @overload
