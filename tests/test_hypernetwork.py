@@ -236,3 +236,11 @@ def test_init_theta0_from_the_models_tensor_keeps_norm_gains():
     expected = {n: hl.init_theta0(n, p) for n, p in model.named_parameters()}
     for n, t in h.hypernet.theta0.items():
         assert torch.equal(t, expected[n]), n
+
+
+def test_init_theta0_refuses_an_integer_weight_by_name():
+    with pytest.raises(HyperloomError, match=re.escape("init_theta0('fc.weight'): a weight needs a floating-point dtype, got torch.int64")):
+        hl.init_theta0("fc.weight", torch.zeros(3, 4, dtype=torch.int64))
+    with pytest.raises(HyperloomError, match=re.escape("got torch.int32")):
+        hl.init_theta0("fc.weight", (3, 4), dtype=torch.int32)
+    assert hl.init_theta0("fc.bias", (3,), dtype=torch.int64).dtype == torch.int64  # zeros need no sampling

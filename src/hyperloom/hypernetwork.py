@@ -75,6 +75,9 @@ def init_theta0(name: str, shape: Sequence[int] | torch.Tensor, *, dtype: torch.
         tensor([0., 0., 0.])
         >>> init_theta0("norm.weight", torch.nn.LayerNorm(2).weight)  # a gain keeps its value
         tensor([1., 1.])
+
+    Raises:
+        HyperloomError: A weight (two or more dimensions) of an integer or boolean dtype.
     """
     if isinstance(shape, torch.Tensor):
         p = shape.detach()
@@ -83,6 +86,8 @@ def init_theta0(name: str, shape: Sequence[int] | torch.Tensor, *, dtype: torch.
         return init_theta0(name, tuple(p.shape), dtype=p.dtype if dtype is None else dtype).to(p.device)
     t = torch.zeros(tuple(shape), dtype=dtype)
     if len(shape) >= 2:
+        if not t.is_floating_point():
+            raise HyperloomError(f"init_theta0({name!r}): a weight needs a floating-point dtype, got {t.dtype}")
         nn.init.kaiming_normal_(t, mode="fan_in", nonlinearity="relu")
     return t
 
