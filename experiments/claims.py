@@ -337,8 +337,9 @@ def segattr_claims(rows: list[dict[str, Any]]) -> list[Claim]:
 
 def compute() -> list[Claim]:
     """Every claim from the committed rows."""
+    full = full_source()
     return [
-        *main_claims(load(full_source()), full_source()),
+        *main_claims(load(full), full),
         lr_claim(load("reproduce-full-val")),
         gamma_claim(load("gamma-range-quick")),
         *segattr_claims(load("segattr")),

@@ -37,7 +37,7 @@ from .buffers import BufferState
 from .data_input import _per_sample_data_hint
 from .encoding import Encoding
 from .errors import HyperloomError
-from .heads import check_target_memory, is_bias_name
+from .heads import check_target_memory
 from .hypernetwork import HyperNetwork, _is_compiling, init_theta0, value_checks_off
 from .inputs import InputLike
 from .params import ParamStore
@@ -606,9 +606,8 @@ def split_conditioning(
 
 def _initial_theta0(name: str, p: torch.Tensor, how: str) -> torch.Tensor:
     """``theta0``'s starting value: the model's own (``"model"``), or MIP's init keeping gains (``"init"``)."""
-    if how == "model" or (p.dim() < 2 and not is_bias_name(name)):
-        return p.detach()  # HyperNetwork copies it; normalisation gains and other scalars keep the model's value
-    return init_theta0(name, p)
+    # HyperNetwork copies the model's value; init_theta0 keeps normalisation gains and other non-bias scalars
+    return p.detach() if how == "model" else init_theta0(name, p)
 
 
 @overload
