@@ -383,3 +383,28 @@ def test_a_raised_non_finite_step_leaves_the_tuner_and_its_draws_as_before_the_c
     assert draws == ref_draws and steps == ref_steps == 4
     assert history == ref_history
     assert all(_same(state[k], ref_state[k]) for k in ref_state)
+
+
+def test_a_non_finite_step_in_the_trainer_does_not_move_the_tuners_draws(tmp_path):
+    # the loss function draws with tuner.sample() (the draw counter moves) and then the Trainer stops on a NaN:
+    # the checkpointed "last good state" must hold the counter of before the step, or a resume draws other values
+    torch.manual_seed(0)
+    model = hl.hypernetize(nn.Linear(3, 1), inputs={"wd": (1e-4, 1.0, "log")})
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    tuner = hl.SelfTuner(model, opt, hyper_lr=0.05)
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+
+    def loss_fn(m, step):
+        cond = tuner.sample(8)
+        loss = ((m(x, **cond) - y) ** 2).mean()
+        return (loss * float("nan") if step == 2 else loss), cond
+
+    trainer = hl.Trainer(model, opt, loss_fn, checkpoint=tmp_path / "t.safetensors", extras={"tuner": tuner})
+    trainer.fit(2)
+    counters = tuner.counters.clone()
+    with pytest.raises(hl.NonFiniteLossError):
+        trainer.fit(5)
+    assert torch.equal(tuner.counters, counters)
+    other = hl.SelfTuner(model, opt, hyper_lr=0.05)
+    hl.Trainer(model, opt, loss_fn, checkpoint=tmp_path / "t.safetensors", extras={"tuner": other}).resume()
+    assert torch.equal(other.counters, counters)

@@ -201,3 +201,53 @@ def test_trainer_refuses_a_non_json_config(tmp_path):
     with pytest.raises(CheckpointError, match=re.escape(msg)):
         hl.Trainer(model, opt, lambda m, s: (m(torch.randn(2, 4), lam=0.5).sum(), {}), checkpoint=ck, config={"a": torch.ones(1)})
     assert not ck.exists()
+
+
+def _bn_run(tmp_path, fail_at):
+    """A hypernetwork over a BatchNorm network; from step ``fail_at`` the input is NaN (so are the running stats)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
+    model = hl.hypernetize(net, inputs={"lam": (0.0, 1.0)})
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x, y = torch.randn(16, 3), torch.randn(16, 1)
+
+    def loss_fn(m, step):
+        lam = torch.rand(())
+        xx = x if step < fail_at else x * float("nan")
+        return ((m(xx, lam=lam) - y) ** 2).mean(), {"lam": lam}
+
+    return model, hl.Trainer(model, opt, loss_fn, checkpoint=tmp_path / "run.safetensors", every=100)
+
+
+def test_a_non_finite_step_leaves_no_trace_in_buffers_or_generators(tmp_path):
+    # the forward of the failed step updated BatchNorm's running statistics with NaNs and drew from torch's RNG:
+    # the "last good state" saved on the stop (and the model in memory) used to hold the NaN statistics
+    model, trainer = _bn_run(tmp_path, fail_at=3)
+    trainer.fit(3)
+    good = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    with pytest.raises(hl.NonFiniteLossError, match="saved the last good state"):
+        trainer.fit(10)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in good.items())
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(_finite(tmp_path / "run.safetensors").values())
+    fresh, _ = _bn_run(tmp_path / "other", fail_at=99)
+    info = hl.load_training(tmp_path / "run.safetensors", model=fresh)
+    assert info["step"] == 3 and all(torch.equal(v, fresh.state_dict()[k]) for k, v in good.items())
+    assert torch.equal(torch.get_rng_state(), rng)  # resuming draws what the failed step drew
+
+
+def test_an_exception_in_loss_fn_rewinds_buffers_and_generators():
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
+    model = hl.hypernetize(net, inputs={"lam": (0.0, 1.0)})
+    x = torch.randn(8, 3)
+
+    def loss_fn(m, step):
+        m(x, lam=torch.rand(()))  # moves the running statistics and the generator, then fails
+        raise KeyError("no such batch")
+
+    before, rng = {k: v.clone() for k, v in model.state_dict().items()}, torch.get_rng_state()
+    with pytest.raises(KeyError, match="no such batch"):
+        hl.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn).fit(1)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert torch.equal(torch.get_rng_state(), rng)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._rng import rng_state, set_rng_state
 from .checkpoint import _all_finite, _config_json, _non_finite_state, load_training, save_training
 from .errors import HyperloomError, short_repr
 
@@ -165,6 +166,30 @@ class Trainer:
         self.step = self._saved_step = info["step"]
         return True
 
+    def _before_step(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """The random generators and the buffers of the model and extras before a step (to rewind a failed one)."""
+        return rng_state(), {name: b.detach().clone() for name, b in self._checkpointed.named_buffers()}
+
+    def _rewind(self, before: tuple[dict[str, Any], dict[str, torch.Tensor]]) -> None:
+        """Put the generators and buffers back as they were before the step: a failed step leaves no trace.
+
+        A forward updates buffers in place (BatchNorm's running statistics, a :class:`~hyperloom.SelfTuner`'s
+        draw counters), and a non-finite input makes them non-finite: without this the "last good state"
+        saved on a non-finite loss would hold them.
+        """
+        rng, buffers = before
+        set_rng_state(rng)
+        with torch.no_grad():
+            for name, b in self._checkpointed.named_buffers():
+                old = buffers.get(name)
+                if old is None:
+                    continue  # registered during the step: nothing to go back to
+                if old.shape == b.shape and old.dtype == b.dtype:
+                    b.copy_(old)
+                else:  # replaced by a tensor of another shape or dtype: put the old one back
+                    owner, _, attr = name.rpartition(".")
+                    self._checkpointed.get_submodule(owner)._buffers[attr] = old
+
     def _bad_parameters(self) -> list[str]:
         params = list(self.model.named_parameters())
         if _all_finite([p for _, p in params] + [p.grad for _, p in params if p.grad is not None]):
@@ -209,13 +234,16 @@ class Trainer:
     def fit(self, steps: int, *, resume: bool = True, callback: Callable[[int, float], None] | None = None) -> list[float]:
         """Train until ``steps`` steps are done in total; return the losses of the steps run now.
 
-        ``callback(step, loss)`` is called after every step (``step`` counts finished steps).
+        ``callback(step, loss)`` is called after every step (``step`` counts finished steps). An exception
+        raised before the optimiser step (by ``loss_fn``, the backward pass or an interrupt) also puts the
+        buffers and the random generators back, so the run can go on from where it was.
 
         Raises:
-            NonFiniteLossError: If a loss or gradient is non-finite (the model is not updated by that
-                step and the last good state is checkpointed first; a failure to save is reported in the
-                message and chained), or if the optimiser step itself made a parameter or the optimiser
-                state non-finite (the last good checkpoint is left untouched).
+            NonFiniteLossError: If a loss or gradient is non-finite (the step leaves no trace: the
+                parameters, the buffers of the model and the extras, e.g. BatchNorm's running statistics,
+                and the random generators are put back as they were before it, and that last good state
+                is checkpointed; a failure to save is reported in the message and chained), or if the
+                optimiser step itself made a parameter or the optimiser state non-finite (the last good checkpoint is left untouched).
             HyperloomError: If ``steps`` is not a non-negative int, or ``loss_fn`` does not return
                 ``(real scalar tensor loss, mapping)``.
             CheckpointError: If a periodic checkpoint cannot be written, or the checkpoint resumed from is
@@ -227,14 +255,21 @@ class Trainer:
             self.resume()
         losses: list[float] = []
         while self.step < steps:
-            loss, cond = self._loss()
-            self.optimizer.zero_grad(set_to_none=True)
-            value = float(loss.detach())
-            if math.isfinite(value):
-                loss.backward()  # type: ignore[no-untyped-call]
-            bad = self._bad_parameters()
+            before = self._before_step()
+            try:
+                loss, cond = self._loss()
+                self.optimizer.zero_grad(set_to_none=True)
+                value = float(loss.detach())
+                if math.isfinite(value):
+                    loss.backward()  # type: ignore[no-untyped-call]
+                bad = self._bad_parameters()
+            except BaseException:
+                self.optimizer.zero_grad(set_to_none=True)
+                self._rewind(before)
+                raise
             if not math.isfinite(value) or bad:
                 self.optimizer.zero_grad(set_to_none=True)
+                self._rewind(before)  # the forward may have moved buffers (running statistics, a tuner's draws) and RNGs
                 where, save_error = self._save_last_good()
                 raise NonFiniteLossError(
                     f"Non-finite {'loss ' + repr(value) if not math.isfinite(value) else 'gradient'} at step "
