@@ -404,7 +404,7 @@ def val_speedups(groups: dict[str, list[dict[str, Any]]], ref: str = "default") 
             target, ref_steps = targets[int(r["seed"])]
             s, capped = first(c, target)
             sp.ratios.append(ref_steps / s if s else None)
-            sp.capped.append(capped)
+            sp.capped.append(capped and v != ref)  # the reference against itself is 1 by construction
         out[v] = sp
     return out
 

@@ -513,6 +513,13 @@ def test_val_speedup_at_step_zero_is_a_capped_lower_bound_not_infinite():
     assert sp.ratios == [3.0] and sp.capped == [True] and sp.cell().startswith("≥")
 
 
+def test_the_reference_against_itself_is_exactly_one_even_when_it_never_improved():
+    # the default already at its final level at step 0: its own ratio is 1 by construction, not a lower bound
+    flat = [row("default", s, trace=_val_trace([0.8, 0.8, 0.8])) for s in range(3)]
+    sp = report.val_speedups({"default": flat})["default"]
+    assert sp.ratios == [1.0] * 3 and sp.capped == [False] * 3 and sp.cell().startswith("1.00x")
+
+
 def test_val_speedup_column_only_with_validation_curves():
     plain = [row(v, s) for v in ("default", "mip") for s in range(3)]
     assert "on validation data" not in main_table(plain, "classify")
