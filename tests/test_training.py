@@ -251,3 +251,117 @@ def test_an_exception_in_loss_fn_rewinds_buffers_and_generators():
         hl.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn).fit(1)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert torch.equal(torch.get_rng_state(), rng)
+
+
+class _Odd(nn.Module):
+    """Buffers of every awkward kind: tied between modules, an expanded (not writable in place) constant, one
+    set to None and one registered by the forward, all changed by a forward whose input is NaN."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 1)
+        shared = torch.zeros(3)
+        self.a, self.b = nn.Module(), nn.Module()
+        self.a.register_buffer("s", shared)
+        self.b.register_buffer("s", shared)
+        self.register_buffer("const", torch.ones(()).expand(3))
+        self.register_buffer("gone", torch.ones(2))
+        self.register_buffer("late", None)
+
+    def forward(self, x):
+        if bool(x.isnan().any()):
+            self.a.s.add_(x.mean())  # in place, seen through the tie
+            self.b.s = torch.full((5,), float("nan"))  # the tie broken by a tensor of another shape
+            self.gone = None
+            self.late = x.mean(0)
+            self.register_buffer("new", torch.ones(1))
+        return self.lin(x)
+
+
+def test_rewind_restores_ties_none_entries_and_removes_buffers_registered_by_the_failed_step(tmp_path):
+    torch.manual_seed(0)
+    model = _Odd()
+    x = torch.randn(4, 3)
+
+    def loss_fn(m, step):
+        return m(x if step < 2 else x * float("nan")).pow(2).mean(), {}
+
+    trainer = hl.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn, checkpoint=tmp_path / "c.safetensors")
+    with pytest.raises(hl.NonFiniteLossError, match="saved the last good state"):
+        trainer.fit(5)  # before the fix: a RuntimeError from writing the expanded constant hid the stop
+    assert model.a.s is model.b.s and torch.equal(model.a.s, torch.zeros(3))
+    assert torch.equal(model.gone, torch.ones(2)) and model.late is None and not hasattr(model, "new")
+    fresh = _Odd()
+    fresh.const = fresh.const.clone()  # torch's load_state_dict cannot write into an expanded tensor
+    assert hl.load_training(tmp_path / "c.safetensors", model=fresh)["step"] == 2  # the keys match a fresh model
+
+
+def test_lazy_modules_train_under_the_trainer():
+    net = nn.Sequential(nn.Linear(3, 4), nn.LazyBatchNorm1d(affine=False), nn.Linear(4, 1))
+    x = torch.randn(8, 3)
+    losses = hl.Trainer(net, torch.optim.SGD(net.parameters(), lr=0.1), lambda m, step: (m(x).pow(2).mean(), {})).fit(2)
+    assert len(losses) == 2 and net[1].running_mean.shape == (4,)
+
+
+def test_an_extras_own_generator_is_rewound_with_the_failed_step(tmp_path):
+    # OutputRegularizer(num_sampled=...) draws its task subset from its own generator (its extra state)
+    x, y = torch.randn(8, 3), torch.randn(8, 2)
+    poison = {"step": None}
+
+    def build(path):
+        torch.manual_seed(0)
+        model = hl.hypernetize(nn.Linear(3, 2), inputs={"task": hl.Task(4, max_tasks=4)}, hidden=(8,))
+        reg = hl.continual.OutputRegularizer(model, beta=0.01, num_sampled=2, seed=0)
+        reg.snapshot(4)
+
+        def loss_fn(m, step):
+            loss = ((m(x, task=3) - y) ** 2).mean() + reg.penalty()
+            return (loss * float("nan") if step == poison["step"] else loss), {}
+
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        return hl.Trainer(model, opt, loss_fn, checkpoint=path, every=1000, extras={"reg": reg}), reg
+
+    trainer, reg = build(tmp_path / "a.safetensors")
+    trainer.fit(3)
+    state = reg.generator.get_state().clone()
+    poison["step"] = 3
+    with pytest.raises(hl.NonFiniteLossError):
+        trainer.fit(6)
+    assert torch.equal(reg.generator.get_state(), state)
+    poison["step"] = None
+    straight, _ = build(tmp_path / "b.safetensors")
+    straight.fit(6)
+    resumed, _ = build(tmp_path / "a.safetensors")
+    resumed.fit(6)
+    assert all(torch.equal(v, resumed.model.state_dict()[k]) for k, v in straight.model.state_dict().items())
+
+
+def test_a_non_finite_error_raised_inside_loss_fn_saves_the_last_good_state(tmp_path):
+    model = hl.hypernetize(nn.Linear(3, 1), inputs={"wd": (1e-4, 1.0, "log")})
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    tuner = hl.SelfTuner(model, opt, hyper_lr=0.05)
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+
+    def loss_fn(m, step):
+        cond = tuner.sample()
+        if step == 3:
+            tuner.hyper_step(lambda mm, **c: ((mm(x, **c) - y) ** 2).mean() * float("nan"))
+        return ((m(x, **cond) - y) ** 2).mean(), cond
+
+    ck = tmp_path / "t.safetensors"
+    with pytest.raises(hl.NonFiniteLossError, match=r"inside loss_fn at step 3; saved the last good state .*SelfTuner") as e:
+        hl.Trainer(model, opt, loss_fn, checkpoint=ck, every=1000, extras={"tuner": tuner}).fit(6)
+    assert e.value.step == 3
+    again = hl.Trainer(model, opt, loss_fn, checkpoint=ck, extras={"tuner": tuner})
+    assert again.resume() and again.step == 3
+
+
+def test_rewind_false_saves_nothing_on_a_non_finite_loss(tmp_path):
+    model, trainer = _bn_run(tmp_path, fail_at=3)
+    trainer.rewind = False
+    trainer.every = 2
+    with pytest.raises(hl.NonFiniteLossError, match=r"nothing was saved \(rewind=False.*\(step 2\) stays"):
+        trainer.fit(10)
+    assert hl.load_training(tmp_path / "run.safetensors", model=_bn_run(tmp_path / "o", 99)[0])["step"] == 2
+    with pytest.raises(HyperloomError, match="rewind must be True or False, got int 1"):
+        hl.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), lambda m, s: None, rewind=1)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._rng import rng_state, set_rng_state
+from ._rewind import Snapshot, snapshot
 from .checkpoint import _all_finite, _config_json, _non_finite_state, load_training, save_training
 from .errors import HyperloomError, short_repr
 
@@ -91,6 +91,12 @@ class Trainer:
             (e.g. ``{"reg": hl.continual.OutputRegularizer(...)}``, whose ``penalty()`` ``loss_fn``
             adds to the loss). The checkpoint then holds the model under ``model.model.*`` and each
             extra under ``model.extras.<name>.*``: resume it with the same ``extras``.
+        rewind: Undo a failed step (default): before every step the global random generators and every
+            buffer and extra state of the model and the extras are recorded (one copy of each buffer), and
+            put back when the step fails, so the state saved on a non-finite loss is the state before that
+            step. ``False`` skips the per-step copy (buffers too large to copy every step); a non-finite
+            loss then saves nothing (the step's forward may have written its buffers, e.g. NaN running
+            statistics), and the last periodic checkpoint stays.
 
     Example:
         >>> import hyperloom as hl, torch
@@ -124,7 +130,10 @@ class Trainer:
         scheduler: Any | None = None,
         config: Mapping[str, Any] | None = None,
         extras: Mapping[str, nn.Module] | None = None,
+        rewind: bool = True,
     ) -> None:
+        if not isinstance(rewind, bool):
+            raise HyperloomError(f"rewind must be True or False, got {type(rewind).__name__} {short_repr(rewind)}")
         if not _is_int(every) or every < 1:
             raise HyperloomError(f"every must be a positive int, got {type(every).__name__} {short_repr(every)}")
         if extras is not None and (
@@ -139,6 +148,7 @@ class Trainer:
         self.config = _config_json(self.checkpoint if self.checkpoint is not None else "Trainer", config)
         self.step = 0
         self._saved_step: int | None = None  # the step of the last checkpoint written or resumed from
+        self.rewind = rewind
 
     def save(self) -> None:
         """Checkpoint the run now (no-op without a checkpoint path).
@@ -166,29 +176,15 @@ class Trainer:
         self.step = self._saved_step = info["step"]
         return True
 
-    def _before_step(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """The random generators and the buffers of the model and extras before a step (to rewind a failed one)."""
-        return rng_state(), {name: b.detach().clone() for name, b in self._checkpointed.named_buffers()}
-
-    def _rewind(self, before: tuple[dict[str, Any], dict[str, torch.Tensor]]) -> None:
-        """Put the generators and buffers back as they were before the step: a failed step leaves no trace.
-
-        A forward updates buffers in place (BatchNorm's running statistics, a :class:`~hyperloom.SelfTuner`'s
-        draw counters), and a non-finite input makes them non-finite: without this the "last good state"
-        saved on a non-finite loss would hold them.
-        """
-        rng, buffers = before
-        set_rng_state(rng)
-        with torch.no_grad():
-            for name, b in self._checkpointed.named_buffers():
-                old = buffers.get(name)
-                if old is None:
-                    continue  # registered during the step: nothing to go back to
-                if old.shape == b.shape and old.dtype == b.dtype:
-                    b.copy_(old)
-                else:  # replaced by a tensor of another shape or dtype: put the old one back
-                    owner, _, attr = name.rpartition(".")
-                    self._checkpointed.get_submodule(owner)._buffers[attr] = old
+    def _stop(self, before: Snapshot | None) -> tuple[str, BaseException | None]:
+        """On a failed step: rewind it and checkpoint that last good state; the message tail and the save error."""
+        if before is not None:
+            before.restore(self._checkpointed)
+            return self._save_last_good()
+        if self.checkpoint is None:
+            return "", None
+        kept = f"; the last checkpoint {self.checkpoint} (step {self._saved_step}) stays" if self._saved_step is not None else ""
+        return f"; nothing was saved (rewind=False: the step's buffers may hold its values){kept}", None
 
     def _bad_parameters(self) -> list[str]:
         params = list(self.model.named_parameters())
@@ -236,13 +232,16 @@ class Trainer:
 
         ``callback(step, loss)`` is called after every step (``step`` counts finished steps). An exception
         raised before the optimiser step (by ``loss_fn``, the backward pass or an interrupt) also puts the
-        buffers and the random generators back, so the run can go on from where it was.
+        buffers, extra states and random generators back (with ``rewind=True``), so the run can go on from
+        where it was.
 
         Raises:
-            NonFiniteLossError: If a loss or gradient is non-finite (the step leaves no trace: the
-                parameters, the buffers of the model and the extras, e.g. BatchNorm's running statistics,
-                and the random generators are put back as they were before it, and that last good state
-                is checkpointed; a failure to save is reported in the message and chained), or if the
+            NonFiniteLossError: If a loss or gradient is non-finite, or ``loss_fn`` raises one (e.g. a
+                :class:`~hyperloom.SelfTuner`'s ``hyper_step``): the step leaves no trace (the parameters,
+                the buffers and extra states of the model and the extras, e.g. BatchNorm's running
+                statistics, and the global random generators are put back as they were before it) and that
+                last good state is checkpointed (a failure to save is reported in the message and chained;
+                with ``rewind=False`` nothing is rewound or saved); or if the
                 optimiser step itself made a parameter or the optimiser state non-finite (the last good checkpoint is left untouched).
             HyperloomError: If ``steps`` is not a non-negative int, or ``loss_fn`` does not return
                 ``(real scalar tensor loss, mapping)``.
@@ -255,7 +254,7 @@ class Trainer:
             self.resume()
         losses: list[float] = []
         while self.step < steps:
-            before = self._before_step()
+            before = snapshot(self._checkpointed) if self.rewind else None
             try:
                 loss, cond = self._loss()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -263,14 +262,23 @@ class Trainer:
                 if math.isfinite(value):
                     loss.backward()  # type: ignore[no-untyped-call]
                 bad = self._bad_parameters()
+            except NonFiniteLossError as e:  # raised inside loss_fn (e.g. by a SelfTuner's hyper_step): stop as below
+                self.optimizer.zero_grad(set_to_none=True)
+                where, save_error = self._stop(before)
+                raise NonFiniteLossError(
+                    f"Non-finite values inside loss_fn at step {self.step}{where}: {e}",
+                    step=self.step,
+                    conditioning=e.conditioning,
+                    parameters=e.parameters,
+                ) from (save_error or e)
             except BaseException:
                 self.optimizer.zero_grad(set_to_none=True)
-                self._rewind(before)
+                if before is not None:
+                    before.restore(self._checkpointed)
                 raise
             if not math.isfinite(value) or bad:
                 self.optimizer.zero_grad(set_to_none=True)
-                self._rewind(before)  # the forward may have moved buffers (running statistics, a tuner's draws) and RNGs
-                where, save_error = self._save_last_good()
+                where, save_error = self._stop(before)
                 raise NonFiniteLossError(
                     f"Non-finite {'loss ' + repr(value) if not math.isfinite(value) else 'gradient'} at step "
                     f"{self.step} with conditioning {_describe(cond)}; non-finite parameters or gradients: "
