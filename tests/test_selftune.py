@@ -370,7 +370,7 @@ def test_a_raised_non_finite_step_leaves_the_tuner_and_its_draws_as_before_the_c
             tuner.hyper_step(val_loss)
             if with_bad_step and step == 1:
                 before, rng, n_draws = _tuner_state(tuner), torch.get_rng_state(), len(draws)
-                with pytest.raises(hl.NonFiniteLossError, match="the tuner's state and torch's random state are as before the call"):
+                with pytest.raises(hl.NonFiniteLossError, match="the tuner's state and the random generators are as before the call"):
                     (tuner.hyper_step if bad == "val_loss" else tuner.train_step)(bad_loss)
                 after = tuner.state_dict()
                 assert all(_same(before[k], after[k]) for k in before), [k for k in before if not _same(before[k], after[k])]
@@ -408,3 +408,26 @@ def test_a_non_finite_step_in_the_trainer_does_not_move_the_tuners_draws(tmp_pat
     other = hl.SelfTuner(model, opt, hyper_lr=0.05)
     hl.Trainer(model, opt, loss_fn, checkpoint=tmp_path / "t.safetensors", extras={"tuner": other}).resume()
     assert torch.equal(other.counters, counters)
+
+
+@pytest.mark.parametrize("mode", ["raise", "skip"])
+def test_a_nan_input_leaves_no_nan_running_statistics(mode):
+    # the forward of a failed train_step updated BatchNorm's running statistics with the NaN batch: with "skip"
+    # the model then silently answered NaN in eval mode; with "raise" the "as before the call" state held them
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
+    model = hl.hypernetize(net, inputs={"wd": (1e-4, 1.0, "log")})
+    tuner = hl.SelfTuner(model, torch.optim.SGD(model.parameters(), lr=0.1), hyper_lr=0.05, on_nonfinite=mode)
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+    tuner.train_step(lambda m, wd: ((m(x, wd=wd) - y) ** 2).mean())
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    bad = lambda m, wd: ((m(x * float("nan"), wd=wd) - y) ** 2).mean()  # noqa: E731
+    if mode == "raise":
+        with pytest.raises(hl.NonFiniteLossError, match="buffers"):
+            tuner.train_step(bad)
+    else:
+        tuner.train_step(bad)
+        assert tuner.skipped["train"] == 1
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in stats.items())
+    model.eval()
+    assert bool(torch.isfinite(model(x, wd=0.1)).all())

@@ -55,13 +55,15 @@ class Snapshot:
     #: (module, a copy of its extra state) for modules that define ``get_extra_state``
     extra: list[tuple[nn.Module, Any]] = field(default_factory=list)
 
-    def restore(self, root: nn.Module) -> None:
+    def restore(self, root: nn.Module, *, rng: bool = True) -> None:
         """Put the generators, buffers (values, identity, ties, ``None`` entries) and extra states back.
 
         Buffers registered since the snapshot are removed. A buffer that cannot be written in place (an expanded or
         inference tensor) is left alone when its value did not change, else replaced by the recorded copy.
+        ``rng=False`` leaves the generators as they are now.
         """
-        set_rng_state(self.rng)
+        if rng:
+            set_rng_state(self.rng)
         known = {(id(m), k) for m, k, _, _ in self.buffers}
         replaced: dict[int, torch.Tensor] = {}
         with torch.no_grad():

@@ -39,6 +39,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ._rewind import snapshot
 from .errors import HyperloomError, short_repr
 from .hypernetwork import find_hypernetwork
 from .inputs import Input, InputSet, _as_dim, _is_bool
@@ -86,13 +87,13 @@ class SelfTuner(nn.Module):
             counters, history) and torch's random generators (CPU, which the
             draws use, and CUDA), so a run that catches the error and goes on
             draws what a run without the bad step draws (and a retry with the
-            same loss replays the same draw). Not rewound: buffers that the
-            loss's forward updated itself (BatchNorm running statistics in
-            training mode), and Python's and numpy's generators, which the
-            tuner never draws from. ``"skip"`` skips the step (no
-            update of the model, the values or the scales) and counts it in
-            :attr:`skipped`; its draw counts in :attr:`steps` and the
-            generators move on. The values never hold a NaN either way.
+            same loss replays the same draw). The buffers and extra states the
+            loss's forward updated (BatchNorm running statistics in training
+            mode, which a NaN input makes NaN) and Python's and numpy's
+            generators are put back too. ``"skip"`` skips the step (no
+            update of the model, its buffers, the values or the scales) and
+            counts it in :attr:`skipped`; its draw counts in :attr:`steps` and
+            the generators move on. The values never hold a NaN either way.
         history_size: Rows of :attr:`history` kept in the state. When full,
             every second row is dropped and from then on every second hyper
             step is recorded (the whole trajectory stays, at half resolution).
@@ -393,9 +394,8 @@ class SelfTuner(nn.Module):
         raise NonFiniteLossError(
             f"SelfTuner: non-finite {what} ({value!r}) or gradient at {kind} step {step} with conditioning {desc}; "
             f"non-finite gradients: {params or 'none (the loss itself)'}; nothing was updated: the model's parameters, "
-            "the optimiser, the tuner's state and torch's random state are as before the call (buffers the loss's forward "
-            "updated, e.g. BatchNorm running statistics, keep that update); on_nonfinite='skip' skips such steps and "
-            "draws anew instead",
+            "the optimiser, the model's buffers (e.g. BatchNorm running statistics), the tuner's state and the random "
+            "generators are as before the call; on_nonfinite='skip' skips such steps and draws anew instead",
             step=step,
             conditioning=cond,
             parameters=params,
@@ -419,17 +419,20 @@ class SelfTuner(nn.Module):
                 (checked on the first step) its value does not depend on the conditioning.
             NonFiniteLossError: On a non-finite loss or gradient with ``on_nonfinite="raise"``.
 
-        A call that raises (before the optimiser step) leaves the tuner's state and torch's random
-        generators as they were before it (see ``on_nonfinite``).
+        A call that raises (before the optimiser step) leaves the tuner's state, the model's buffers and
+        the random generators as they were before it (see ``on_nonfinite``).
         """
-        saved = self._saved()
+        saved, before = self._saved(), snapshot(self.model)
         try:
             value, step = self._train_step(train_loss, n)
         except BaseException:
             self._rewind(saved)
+            before.restore(self.model)  # the forward's buffer updates (BatchNorm's running statistics) too
             raise
         if step:
             self.optimizer.step()
+        else:  # skipped: a NaN input's running statistics must not stay; the generators move on
+            before.restore(self.model, rng=False)
         return value
 
     def _saved(self) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
