@@ -460,3 +460,72 @@ def test_floating_data_of_another_dtype_than_the_encoder_says_which_dtype_is_exp
     model = build({"s": hl.Data(encoder(), per="set")})
     with pytest.raises(HyperloomError, match=re.escape("the data is torch.float32 but the encoder's parameters are torch.float64")):
         model(rand(2, 3), s=torch.randn(5, 3))
+
+
+# -- reviewed in round 8 -----------------------------------------------------------------------------------------
+def test_masked_padding_never_reaches_a_batchnorm_encoder_in_train_mode():
+    # the padding went through the encoder with the valid elements: a BatchNorm in train mode mixed it into the
+    # batch statistics (the codes, so the output, depended on the padding values) and into its running statistics
+    enc = nn.Sequential(nn.Linear(3, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 8))
+    model = build({"ctx": hl.Data(enc, per="sample", pool="mean")}).train()
+    bn = model.hypernet.data["ctx"].encoder[1]
+    x, padded = rand(3, 3), rand(3, 5, 3, seed=2)
+    sizes = [2, 5, 3]
+    mask = torch.arange(5)[None, :] < torch.tensor(sizes)[:, None]
+    stats = (bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone())
+    by_list = model(x, ctx=[padded[i, : sizes[i]] for i in range(3)])
+    list_stats = bn.running_mean.clone()
+    for pad in (0.0, 100.0, float("nan")):  # any padding, not even finite, gives the list's answer
+        bn.running_mean.copy_(stats[0]), bn.running_var.copy_(stats[1]), bn.num_batches_tracked.copy_(stats[2])
+        odd = torch.where(mask[..., None], padded, torch.full_like(padded, pad))
+        torch.testing.assert_close(model(x, ctx=hl.Masked(odd, mask)), by_list, **TOL)
+        torch.testing.assert_close(bn.running_mean, list_stats, **TOL)
+    odd[0, 0, 1] = float("nan")  # a NaN in a valid element is still refused, at its index in the valid elements
+    with pytest.raises(HyperloomError, match=re.escape("non-finite value nan at index (0, 1) of the data (its valid elements)")):
+        model(x, ctx=hl.Masked(odd, mask))
+
+
+def test_data_inputs_on_the_meta_device_build_shapes_without_value_checks():
+    with torch.device("meta"):
+        net, enc = nn.Linear(16, 4), nn.Linear(16, 8)
+    x = torch.empty(5, 16, device="meta")
+    model = hl.hypernetize(net, inputs={"s": hl.Data(enc, per="set")}, hidden=(8,))
+    assert model(x, s=torch.empty(3, 16, device="meta")).shape == (5, 4)  # was a raw Tensor.item() error
+    with torch.device("meta"):
+        net, enc = nn.Linear(16, 4), nn.Linear(16, 8)
+    sets = hl.hypernetize(net, inputs={"s": hl.Data(enc, per="sample", pool="mean")}, hidden=(8,))
+    mask = torch.ones(5, 3, dtype=torch.bool, device="meta")
+    assert sets(x, s=hl.Masked(torch.empty(5, 3, 16, device="meta"), mask)).shape == (5, 4)
+
+
+@pytest.mark.parametrize(
+    "head", [hl.Chunked(chunk_size=64, width=16, combine="concat"), hl.Structured(block=8, width=16, combine="concat")]
+)
+def test_a_concat_shared_head_conditioned_on_data_alone_does_not_start_at_zero(head):
+    # the concat gains were calibrated at the Data input's midpoint, a zero code with zero features: every gain
+    # was scaled by 0 (a silent zero_init); they are calibrated at a unit-norm code now
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    model = hl.hypernetize(net, inputs={"s": hl.Data(nn.Linear(16, 8), per="set")}, hidden=(32,), head=head)
+    gains = model.hypernet.head.gains
+    assert bool((gains != 0).any())
+    assert float(model.delta(s=torch.randn(5, 16))["0.weight"].detach().abs().max()) > 0.01
+
+
+def test_exports_run_the_data_encoder_in_eval_mode():
+    # materialize()/to_peft() in train mode ran a Dropout encoder at random (two exports differed) and moved
+    # BatchNorm's running statistics on every export
+    enc = nn.Sequential(nn.Linear(3, 16), nn.BatchNorm1d(16), nn.Dropout(0.5), nn.Linear(16, 8))
+    model = build({"ctx": hl.Data(enc, per="set", pool="mean")}).train()
+    bn = model.hypernet.data["ctx"].encoder[1]
+    support = rand(6, 3, seed=2)
+    a, b = model.materialize(ctx=support), model.materialize(ctx=support)
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    assert int(bn.num_batches_tracked) == 0 and model.training and enc.training  # modes restored
+    torch.testing.assert_close(a(rand(4, 3)), model.eval()(rand(4, 3), ctx=support), **TOL)
+    lora = hl.hypernetize(
+        primary().double(), inputs={"ctx": hl.Data(enc, per="set")}, hidden=(8,), lora=hl.LoRA(rank=1, targets=nn.Linear)
+    ).train()
+    c, d = lora.materialize(ctx=support), lora.materialize(ctx=support)
+    assert all(torch.equal(p, q) for p, q in zip(c.state_dict().values(), d.state_dict().values()))
+    assert int(bn.num_batches_tracked) == 0 and lora.training

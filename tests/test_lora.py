@@ -774,6 +774,19 @@ def test_gradients_to_the_conditioning_through_checkpointed_layers():
     assert all(not m._forward_hooks for m in hnet.primary.modules())
 
 
+def test_reentrant_checkpointing_with_a_trainable_data_encoder_names_the_encoder_not_the_values():
+    # the data itself did not require grad, but the message said "the conditioning values require grad"
+    enc = nn.Linear(6, 4).double()
+    hnet = hl.hypernetize(_CheckpointedNet().double(), inputs={"ctx": hl.Data(enc, per="set")}, lora=hl.LoRA(rank=2, targets=["*.q"]))
+    hnet.primary.mode = "reentrant"
+    x, ctx = torch.randn(4, 8, dtype=torch.float64, requires_grad=True), torch.randn(3, 6, dtype=torch.float64)
+    with pytest.raises(hl.HyperloomError, match=re.escape("the codes of Data input(s) ['ctx'] require grad (their encoder")):
+        hnet(x, ctx=ctx)
+    enc.requires_grad_(False)  # the way out it names: a frozen encoder
+    hnet(x, ctx=ctx).sum().backward()
+    assert hnet.hypernet.trunk is not None and any(p.grad is not None for p in hnet.hypernet.parameters())
+
+
 def test_a_task_conditioned_adapter_round_trips_with_its_tasks(tmp_path):
     """The continual recipe's model in LoRA mode saves and loads with its Task input and the tasks added since."""
     hnet = small_lora(inputs={"task": hl.Task(1, dim=4, max_tasks=4), "lam": (0.0, 1.0)}, shared_A=True)

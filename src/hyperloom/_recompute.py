@@ -79,7 +79,8 @@ class Call:
         self.adapter = adapter
         self.regenerate = regenerate
         self.grad = torch.is_grad_enabled()
-        self.conditioning_requires_grad = False  # set by the owner: the raw conditioning requires grad
+        #: set by the owner when the raw conditioning requires grad: why, in words (empty: it does not)
+        self.conditioning_requires_grad = ""
         self.names: dict[int, str] = {}
         self.lo = sequence_nr()
         self.hi: int | None = None  # set when the call returns
@@ -115,9 +116,9 @@ class Call:
                 if self.conditioning_requires_grad:
                     raise HyperloomError(
                         f"LoRA target {self.names.get(id(module), '?')!r} ran under torch.no_grad() inside a call that records "
-                        "gradients (reentrant activation checkpointing), and the conditioning values require grad: a reentrant "
+                        f"gradients (reentrant activation checkpointing), and {self.conditioning_requires_grad}: a reentrant "
                         "recomputation cannot carry gradients back to them; use non-reentrant checkpointing "
-                        "(use_reentrant=False, Hugging Face's default) or conditioning values that do not require grad"
+                        "(use_reentrant=False, Hugging Face's default) or conditioning that does not require grad"
                     )
                 self.no_grad_targets.add(id(module))
             return self.factors

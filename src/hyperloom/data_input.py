@@ -374,6 +374,7 @@ class DataEncoder(nn.Module):
                 set, non-finite data or codes, or an encoder that fails or returns the wrong shape.
         """
         s = self.spec
+        check = check and device.type != "meta"  # a meta tensor has no values to check
         mask: torch.Tensor | None = None
         if isinstance(value, Masked):
             if s.pool is None:
@@ -412,17 +413,28 @@ class DataEncoder(nn.Module):
                 raise HyperloomError(f"Data input {self.name!r}: an empty set: {_shapes(leaves)}, expected {self._expected()}")
             if mask is not None and tuple(mask.shape) != lead:
                 raise HyperloomError(f"Data input {self.name!r}: the mask has shape {tuple(mask.shape)}, expected {lead} (the data's)")
-            if check:
-                self._check_finite(leaves, "the data")
-                if mask is not None:
-                    empty = ~mask.reshape(-1, lead[-1]).any(dim=1)
-                    if bool(empty.any()):
-                        i = int(empty.nonzero()[0])
-                        where = f"the set of sample {i}" if s.per == "sample" else "the set"
-                        raise HyperloomError(f"Data input {self.name!r}: {where} is empty (its mask has no True)")
+            if check and mask is not None:
+                empty = ~mask.reshape(-1, lead[-1]).any(dim=1)
+                if bool(empty.any()):
+                    i = int(empty.nonzero()[0])
+                    where = f"the set of sample {i}" if s.per == "sample" else "the set"
+                    raise HyperloomError(f"Data input {self.name!r}: {where} is empty (its mask has no True)")
             m = math.prod(lead)
             flat = tree_map(lambda t: t.reshape(m, *t.shape[dims:]), value)
-            h = self._call(flat, m, f"{m} set elements stacked as {_shapes(tree_flatten(flat)[0])}")
+            if mask is not None and device.type != "meta":
+                # only the valid elements go through the encoder: padding must not reach a BatchNorm's batch
+                # statistics (or its running ones), and its values, finite or not, are never read
+                keep = mask.reshape(m)
+                valid = tree_map(lambda t: t[keep], flat)
+                if check:
+                    self._check_finite(tree_flatten(valid)[0], "the data (its valid elements)")
+                n_valid = int(keep.sum())
+                h_valid = self._call(valid, n_valid, f"{n_valid} valid set elements stacked as {_shapes(tree_flatten(valid)[0])}")
+                h = h_valid.new_zeros((m, s.dim)).masked_scatter(keep[:, None], h_valid)
+            else:
+                if check:
+                    self._check_finite(leaves, "the data")
+                h = self._call(flat, m, f"{m} set elements stacked as {_shapes(tree_flatten(flat)[0])}")
             h = h.reshape(*((1,) if dims == 1 else ()), *lead, s.dim)
             code = self._pool(h, None if mask is None else mask.reshape(h.shape[:2]))
         if s.norm == "unit":  # in at least float32: a float16 norm overflows above 65504 and underflows below 6e-5

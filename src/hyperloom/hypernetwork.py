@@ -13,7 +13,8 @@ import dataclasses
 import math
 import numbers
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -238,8 +239,23 @@ class HyperNetwork(nn.Module):
             was = self.training
             self.eval()  # one row: a batch norm in the trunk uses its (initial) running statistics
             with torch.no_grad():
-                self.head.calibrate(self.trunk(self.features(self.input_set.midpoint(dtype=dtype, device=device))))
+                self.head.calibrate(self.trunk(self.features(self._calibration_point(dtype, device))))
             self.train(was)
+
+    def _calibration_point(self, dtype: torch.dtype | None, device: torch.device | None) -> torch.Tensor:
+        """The raw conditioning a ``"concat"`` shared head is calibrated at.
+
+        Every input's midpoint, a Data input's a unit-norm code (its midpoint, a zero code for shape checks,
+        has zero features: the calibration would scale every gain by 0).
+        """
+        point = self.input_set.midpoint(dtype=dtype, device=device)
+        start = 0
+        for spec in self.input_set.specs.values():
+            k = columns(spec)
+            if isinstance(spec, Data):
+                point[:, start : start + k] = 1.0 / math.sqrt(k)
+            start += k
+        return point
 
     #: :meth:`config` keys (dotted, ``*`` matches any one name) that checkpoints record but do not compare:
     #: initialisation-only options, and state restored with the ``state_dict`` (a Task's ``num_tasks``).
@@ -555,6 +571,21 @@ class HyperNetwork(nn.Module):
         alias ids (above 256 in bfloat16, 2048 in float16) after a ``.to(torch.bfloat16)`` / ``.half()``.
         """
         return torch.promote_types(self.dtype, torch.float32) if self._task_cols else self.dtype
+
+    @contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """The hypernetwork (trunk, heads, Data encoders) in eval mode inside the block.
+
+        Each module's mode is restored after it: exports are deterministic (no dropout) and leave running
+        statistics unchanged.
+        """
+        modes = [(m, m.training) for m in self.modules()]
+        self.eval()
+        try:
+            yield
+        finally:
+            for m, training in modes:
+                m.training = training
 
     def prepare(self, conditioning: Mapping[str, Any], *, batch: int | None = None) -> tuple[torch.Tensor, bool]:
         """Validate conditioning and return ``(raw (N, K), per_sample)``; see :meth:`InputSet.prepare`.

@@ -452,12 +452,24 @@ class LoRAModel(nn.Module):
                 out[prefix + "bias"] = factors[_key(name, "lora_bias")] * self.scaling
         return out
 
+    def _why_conditioning_requires_grad(self) -> str:
+        """Why the raw conditioning requires grad, in words: a Data input's trainable encoder, or the values."""
+        data = [name for name, enc in self.hypernet.data.items() if any(p.requires_grad for p in enc.parameters())]
+        if not data:
+            return "the conditioning values require grad"
+        return (
+            f"the codes of Data input(s) {data} require grad (their encoder or attention pool has trainable parameters; "
+            "freeze them with requires_grad_(False) to train only the hypernetwork here)"
+        )
+
     def _shared_factors(self, conditioning: Mapping[str, Any], what: str) -> ParamDict:
         """The factors for one shared conditioning, without gradients.
 
-        The conditioning, a data input's encoder included, runs once; per-sample conditioning is refused naming ``what``.
+        The conditioning, a data input's encoder included, runs once, with the hypernetwork in eval mode (an
+        export is deterministic and leaves running statistics alone); per-sample conditioning is refused naming
+        ``what``.
         """
-        with torch.no_grad():
+        with self.hypernet.evaluating(), torch.no_grad():  # an export: no dropout, no running-statistics update
             factors, n = self._factors(conditioning)
         if n is not None:
             raise HyperloomError(
@@ -551,7 +563,7 @@ class LoRAModel(nn.Module):
             self._adapter,
             lambda: self._regenerate(raw, per_sample),
         )
-        call.conditioning_requires_grad = raw_requires_grad
+        call.conditioning_requires_grad = self._why_conditioning_requires_grad() if raw_requires_grad else ""
         call.register({name: self.primary.get_submodule(name) for name in self.targets})
         try:
             with call:

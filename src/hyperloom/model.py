@@ -370,7 +370,9 @@ class HyperModel(nn.Module):
         """An ordinary ``nn.Module`` with the weights generated for one conditioning.
 
         The result is independent of this model (a copy with plain
-        parameters), ready for deployment, export or fine-tuning.
+        parameters), ready for deployment, export or fine-tuning. The
+        hypernetwork runs in eval mode for it (a Data encoder's dropout off,
+        its running statistics unchanged), whatever the model's mode.
 
         Example:
             >>> import hyperloom as hl
@@ -384,13 +386,13 @@ class HyperModel(nn.Module):
         Raises:
             HyperloomError: On per-sample conditioning or invalid conditioning.
         """
-        raw, per_sample = self.hypernet.prepare(conditioning)
-        if per_sample:
-            raise HyperloomError(
-                "materialize() needs one value per input (shared conditioning), got per-sample values"
-                + _per_sample_data_hint(self.hypernet.input_set.specs)
-            )
-        with torch.no_grad():
+        with self.hypernet.evaluating(), torch.no_grad():  # an export: no dropout, no running-statistics update
+            raw, per_sample = self.hypernet.prepare(conditioning)
+            if per_sample:
+                raise HyperloomError(
+                    "materialize() needs one value per input (shared conditioning), got per-sample values"
+                    + _per_sample_data_hint(self.hypernet.input_set.specs)
+                )
             theta = self.hypernet.theta_shared(raw)
         plain = copy.deepcopy(self.primary)
         for mod_name, hid in self._probes.items():

@@ -282,6 +282,8 @@ class _SharedHead(nn.Module):
         declared inputs (no random draw).
         """
         target = self._gain * float(h.norm())
+        if target == 0.0:  # no signal to calibrate at: keep the analytic gains rather than zero them all
+            return
         out = self(h)
         for name, t in out.items():
             i = self._index[name]
