@@ -529,3 +529,15 @@ def test_exports_run_the_data_encoder_in_eval_mode():
     c, d = lora.materialize(ctx=support), lora.materialize(ctx=support)
     assert all(torch.equal(p, q) for p, q in zip(c.state_dict().values(), d.state_dict().values()))
     assert int(bn.num_batches_tracked) == 0 and lora.training
+
+
+def test_masked_sets_under_a_users_vmap_equal_the_selected_sets():
+    # under torch.func.vmap the valid elements cannot be selected (their number differs per sample): the padding
+    # is encoded there and ignored by the pooling, as before
+    model = build({"ctx": hl.Data(encoder(), per="set", pool="mean")})
+    sets, x = rand(6, 5, 3, seed=2), rand(6, 1, 3)
+    mask = torch.rand(6, 5, generator=torch.Generator().manual_seed(3)) > 0.3
+    mask[:, 0] = True
+    out = torch.func.vmap(lambda xi, si, mi: model(xi, ctx=hl.Masked(si, mi)))(x, sets, mask)
+    for i in range(6):
+        torch.testing.assert_close(out[i], model(x[i], ctx=sets[i][mask[i]]), **TOL)

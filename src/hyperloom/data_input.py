@@ -421,14 +421,14 @@ class DataEncoder(nn.Module):
                     raise HyperloomError(f"Data input {self.name!r}: {where} is empty (its mask has no True)")
             m = math.prod(lead)
             flat = tree_map(lambda t: t.reshape(m, *t.shape[dims:]), value)
-            if mask is not None and device.type != "meta":
+            if mask is not None and device.type != "meta" and not _under_vmap():
                 # only the valid elements go through the encoder: padding must not reach a BatchNorm's batch
                 # statistics (or its running ones), and its values, finite or not, are never read
                 keep = mask.reshape(m)
                 valid = tree_map(lambda t: t[keep], flat)
                 if check:
                     self._check_finite(tree_flatten(valid)[0], "the data (its valid elements)")
-                n_valid = int(keep.sum())
+                n_valid = tree_flatten(valid)[0][0].shape[0]  # not keep.sum().item(): no graph break under compile
                 h_valid = self._call(valid, n_valid, f"{n_valid} valid set elements stacked as {_shapes(tree_flatten(valid)[0])}")
                 h = h_valid.new_zeros((m, s.dim)).masked_scatter(keep[:, None], h_valid)
             else:
@@ -494,6 +494,17 @@ class DataEncoder(nn.Module):
     def extra_repr(self) -> str:
         s = self.spec
         return f"name={self.name!r}, per={s.per!r}, pool={s.pool!r}, norm={s.norm!r}, dim={s.dim}"
+
+
+def _under_vmap() -> bool:
+    """Whether a ``torch.func.vmap`` is active.
+
+    There a boolean selection of the valid elements is not possible (their number would differ per vmapped
+    sample), so the padding is encoded, then ignored by the pooling.
+    """
+    from .hypernetwork import _under_vmap as active  # the hypernetwork module imports this one
+
+    return active()
 
 
 def _per_sample_data_hint(specs: Mapping[str, Any]) -> str:
