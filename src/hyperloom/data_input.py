@@ -39,7 +39,7 @@ coordinate); ``norm=None`` is the plain code (the ablation).
 
 **Checks** (eager, before the trunk runs): every leaf a tensor of a real dtype on
 the hypernetwork's device, leading dimensions that agree, no empty set, finite data
-(padding of masked elements included) and a finite code, an encoder output of shape
+(the valid elements of a masked set) and a finite code, an encoder output of shape
 ``(elements, dim)``; an exception inside the encoder is re-raised as a
 :class:`~hyperloom.HyperloomError` naming the input and the shapes it was given.
 Checks that read values are skipped under ``torch.compile`` and ``torch.func.vmap``.
@@ -188,8 +188,9 @@ class Masked:
 
     Args:
         value: A tensor (or tuple / dict of tensors) ``(B, n, ...)`` for ``per="sample"``
-            (``(n, ...)`` for ``per="set"``); masked elements must be finite (they are
-            encoded, then ignored by the pooling).
+            (``(n, ...)`` for ``per="set"``); masked elements are never read: only the valid
+            ones are encoded (under ``torch.func.vmap`` all are, and the pooling ignores the
+            masked ones).
         mask: Boolean ``(B, n)`` (``(n,)``): ``True`` marks a valid element; every set needs one.
 
     Example:
