@@ -271,3 +271,17 @@ def test_unsigned_task_ids_work_or_are_refused_clearly():
     if hasattr(torch, "uint64"):
         with pytest.raises(hl.HyperloomError, match=re.escape("pass int64 ids")):
             m(x, task=torch.tensor([0, 1], dtype=torch.uint64))
+
+
+@pytest.mark.parametrize("dtype,num_tasks,ids", [("int8", 200, [0, 100]), ("uint8", 300, [50, 255]), ("int16", 40000, [0, 32767])])
+def test_narrow_integer_ids_are_compared_against_num_tasks_without_wrapping(dtype, num_tasks, ids):
+    # the range check compared in the ids' own dtype: num_tasks 200 wrapped to -56 in int8 and every id was refused
+    m = hl.hypernetize(nn.Linear(3, 2), inputs={"task": hl.Task(num_tasks, dim=4)}, hidden=(8,))
+    x = torch.randn(2, 3)
+    t = torch.tensor(ids, dtype=getattr(torch, dtype))
+    assert torch.equal(m(x, task=t), m(x, task=torch.tensor(ids)))
+    assert torch.equal(m(x[:1], task=t[1]), m(x[:1], task=ids[1]))
+    small = hl.hypernetize(nn.Linear(3, 2), inputs={"task": hl.Task(3, dim=4)}, hidden=(8,))  # and still refused above
+    i = next(i for i, v in enumerate(ids) if v >= 3)
+    with pytest.raises(hl.HyperloomError, match=f"id {ids[i]} at sample {i} is out of range; valid ids are 0..2"):
+        small(x, task=t)

@@ -199,7 +199,6 @@ def _range_message(name: str, spec: Task, value: int, where: str = "") -> str:
     )
 
 
-_WIDE_UNSIGNED = tuple(d for d in (getattr(torch, n, None) for n in ("uint16", "uint32", "uint64")) if d is not None)
 _ID_DTYPES = tuple(
     d
     for d in (getattr(torch, n, None) for n in ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"))
@@ -244,9 +243,11 @@ def task_ids(name: str, spec: Task, value: Any, *, device: torch.device | None) 
         raise HyperloomError(f"Task input {name!r}: expected {expected}, got a tensor of non-integer dtype {t.dtype}")
     if t.dim() > 1:
         raise HyperloomError(f"Task input {name!r}: expected {expected}, got shape {tuple(t.shape)}")
-    if t.dtype in _WIDE_UNSIGNED:  # torch compares these only partly: as int64 (lossless up to uint32)
-        if t.dtype == getattr(torch, "uint64", None):
-            raise HyperloomError(f"Task input {name!r}: expected {expected}, got a tensor of dtype {t.dtype}; pass int64 ids")
+    if t.dtype == getattr(torch, "uint64", None):
+        raise HyperloomError(f"Task input {name!r}: expected {expected}, got a tensor of dtype {t.dtype}; pass int64 ids")
+    if t.dtype != torch.int64:
+        # as int64 (lossless up to uint32): torch compares wide unsigned ids only partly, and a narrow dtype would
+        # wrap num_tasks in the range check (200 is -56 in int8: every id refused)
         t = t.to(torch.int64)
     return t, (None if t.dim() == 0 else int(t.shape[0]))
 
