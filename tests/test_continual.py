@@ -121,6 +121,8 @@ def test_random_subset_is_reproducible_and_checkpointed():
         ({"task": "lam"}, "'lam' is not a Task input; Task inputs are ['task']"),
         ({"conditioning": {}}, "conditioning must give a value for every non-task input ['lam']; missing ['lam'], unknown []"),
         ({"conditioning": {"lam": 0.5, "z": 1}}, "missing [], unknown ['z']"),
+        # one target row per task is stored: per-sample values silently paired task k with the k-th value
+        ({"conditioning": {"lam": torch.tensor([0.1, 0.9])}}, "conditioning must be shared (one value per input, the same for every task)"),
     ],
 )
 def test_argument_errors(kwargs, message):

@@ -102,3 +102,15 @@ def test_theta_norms_with_a_data_input_needs_its_data():
     with torch.no_grad():
         ref = [float(torch.cat([t.reshape(-1) for t in model.hypernet({"s": support, "lam": v}).values()]).norm()) for v in (0.1, 0.9)]
     assert norms == ref
+
+
+def test_theta_norms_refuses_unknown_inputs_the_varied_input_and_a_bare_value():
+    # a typo (lamb=) used to be dropped: the norms were measured at lam's midpoint without a word
+    h = hl.HyperNetwork({"g": (0.0, 4.0), "lam": (0.0, 1.0)}, {"w": (4, 4)})
+    with pytest.raises(hl.HyperloomError, match=re.escape("unknown input(s) ['lamb']; declared inputs are ['g', 'lam']")):
+        hl.theta_norms(h, "g", [1.0, 2.0], lamb=0.9)
+    with pytest.raises(hl.HyperloomError, match=re.escape("'g' is the input varied")):
+        hl.theta_norms(h, "g", [1.0, 2.0], g=3.0)
+    with pytest.raises(hl.HyperloomError, match=re.escape("values must be a sequence of values of 'g', got 1.0")):
+        hl.theta_norms(h, "g", 1.0)
+    assert hl.theta_norms(h, "g", [1.0], lam=0.9) != hl.theta_norms(h, "g", [1.0])  # the value given is used

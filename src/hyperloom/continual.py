@@ -121,9 +121,15 @@ class OutputRegularizer(nn.Module):
                 f"OutputRegularizer: conditioning must give a value for every non-task input {others}; missing {missing}, unknown {unknown}"
             )
         try:  # invalid values are refused now, not at the first snapshot()
-            hnet.prepare({self.task: 0, **given})
+            _, per_sample = hnet.prepare({self.task: 0, **given})
         except HyperloomError as e:
             raise HyperloomError(f"OutputRegularizer: conditioning {short_repr(given)}: {e}") from None
+        if per_sample:  # one row per task is stored: per-sample values would pair task k with the k-th value
+            shapes = {k: tuple(v.shape) for k, v in given.items() if isinstance(v, torch.Tensor)}
+            raise HyperloomError(
+                f"OutputRegularizer: conditioning must be shared (one value per input, the same for every task), got "
+                f"per-sample values: shapes {shapes}"
+            )
         object.__setattr__(self, "_hnet", hnet)  # a reference, not a submodule (its state is the model's)
         object.__setattr__(self, "_model", model)
         self.beta = float(beta)

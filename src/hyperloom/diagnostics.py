@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 
 from .data_input import Data
-from .errors import HyperloomError
+from .errors import HyperloomError, short_repr
 from .hypernetwork import HyperNetwork, find_hypernetwork
 from .model import HyperModel
 from .task import Task
@@ -49,7 +49,8 @@ def theta_norms(
         [1.0, 2.0, 4.0]
 
     Raises:
-        HyperloomError: If ``model`` holds no hypernetwork, ``name`` is not a declared input, or the data of a
+        HyperloomError: If ``model`` holds no hypernetwork, ``name`` or a key of ``others`` is not a declared
+            input, ``name`` is also given in ``others``, ``values`` is not a sequence, or the data of a
             :class:`~hyperloom.Data` input (other than ``name``) is not given.
     """
     hnet = find_hypernetwork(model)
@@ -58,6 +59,13 @@ def theta_norms(
     specs = hnet.input_set.specs
     if name not in specs:
         raise HyperloomError(f"Unknown input {name!r}; declared inputs are {list(specs)}")
+    unknown = [k for k in others if k not in specs]
+    if unknown:  # a typo would silently measure at the midpoint instead
+        raise HyperloomError(f"hl.theta_norms: unknown input(s) {unknown}; declared inputs are {list(specs)}")
+    if name in others:
+        raise HyperloomError(f"hl.theta_norms: {name!r} is the input varied (its values are `values`): do not also pass {name}=")
+    if isinstance(values, str | bytes) or not isinstance(values, Iterable):
+        raise HyperloomError(f"hl.theta_norms: values must be a sequence of values of {name!r}, got {short_repr(values)}")
     cond: dict[str, Any] = {}
     for k, spec in specs.items():
         if isinstance(spec, Task):  # one id, whatever the embedding's width
