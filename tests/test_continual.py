@@ -325,3 +325,30 @@ def test_conditioning_is_validated_at_construction():
         hl.continual.OutputRegularizer(model, conditioning={"lam": 5.0})
     with pytest.raises(hl.HyperloomError, match=r"OutputRegularizer: conditioning \{'lam': 'x'\}"):
         hl.continual.OutputRegularizer(model, conditioning={"lam": "x"})
+
+
+def test_loading_a_regulariser_or_task_table_of_another_model_is_refused_by_name():
+    a = _model(num_tasks=1, max_tasks=4)
+    reg = OutputRegularizer(a, beta=1.0)
+    reg.snapshot()
+    for _ in range(2):
+        a.add_task()
+        reg.snapshot()
+    # 3 snapshots into a regulariser whose model has 1 valid task: loads, but the penalty names the mismatch
+    b = _model(num_tasks=1, max_tasks=4)
+    rb = OutputRegularizer(b, beta=1.0)
+    rb.load_state_dict(reg.state_dict())
+    with pytest.raises(hl.HyperloomError, match=re.escape("3 tasks were snapshotted but the model's 'task' has 1 valid task(s)")):
+        rb.penalty()
+    b.load_state_dict(a.state_dict())
+    torch.testing.assert_close(rb.penalty(), reg.penalty())
+    state = {**reg.state_dict(), "num_snapshots": torch.tensor(9)}
+    with pytest.raises(hl.HyperloomError, match=re.escape("num_snapshots is tensor(9), expected an integer in [0, 4]")):
+        rb.load_state_dict(state)
+    # another max_tasks: torch's raw size mismatch before; the model's Task input also claimed the loaded num_tasks
+    big = _model(num_tasks=1, max_tasks=6)
+    with pytest.raises(hl.HyperloomError, match=re.escape("targets has shape (4, 67), this regulariser's is (6, 67)")):
+        OutputRegularizer(big, beta=1.0).load_state_dict(reg.state_dict())
+    with pytest.raises(hl.HyperloomError, match=re.escape("the state's task table has shape (4, 4) (max_tasks=4, dim=4)")):
+        big.load_state_dict(a.state_dict())
+    assert big.inputs["task"].num_tasks == 1

@@ -251,9 +251,16 @@ class OutputRegularizer(nn.Module):
 
         Raises:
             HyperloomError: If parameters outside the hypernetwork were unfrozen after the
-                regulariser was built (it cannot protect them).
+                regulariser was built (it cannot protect them), or more tasks were snapshotted than
+                the model now has (a state loaded into a model with fewer tasks).
         """
         self._follow()
+        valid = self.hypernet.input_set.specs[self.task].num_tasks  # type: ignore[union-attr]
+        if int(self.num_snapshots) > valid:  # e.g. a state loaded into a model that has fewer tasks
+            raise HyperloomError(
+                f"OutputRegularizer.penalty: {int(self.num_snapshots)} tasks were snapshotted but the model's "
+                f"{self.task!r} has {valid} valid task(s): load the model's state (or add_task) first"
+            )
         ids = self.sample()
         if len(ids) == 0:
             return torch.zeros((), dtype=self.targets.dtype, device=self.targets.device)
@@ -268,6 +275,22 @@ class OutputRegularizer(nn.Module):
         key = prefix + "shared_targets"
         if key not in state_dict and self.shared_targets.numel() == 0:
             state_dict[key] = self.shared_targets
+        # a state of another model refused by name before torch's raw size mismatch (and before anything is loaded)
+        capacity = self.targets.shape[0]
+        for k, what in (("targets", "(max_tasks, generated values)"), ("shared_targets", "(protected shared values,)")):
+            t, mine = state_dict.get(prefix + k), getattr(self, k)
+            if isinstance(t, torch.Tensor) and t.shape != mine.shape:
+                raise HyperloomError(
+                    f"OutputRegularizer.load_state_dict: {prefix}{k} has shape {tuple(t.shape)}, this regulariser's is "
+                    f"{tuple(mine.shape)} {what}: the state is that of a regulariser of another model (max_tasks or "
+                    "generated tensors differ)"
+                )
+        n = state_dict.get(prefix + "num_snapshots")
+        if isinstance(n, torch.Tensor) and (n.numel() != 1 or not 0 <= int(n) <= capacity):
+            raise HyperloomError(
+                f"OutputRegularizer.load_state_dict: {prefix}num_snapshots is {short_repr(n)}, expected an integer in "
+                f"[0, {capacity}] (max_tasks)"
+            )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[no-untyped-call]
 
     def get_extra_state(self) -> torch.Tensor:

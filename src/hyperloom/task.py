@@ -173,6 +173,18 @@ class TaskEmbedding(nn.Module):
             e = e / e.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny)
         return e
 
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any, **kwargs: Any) -> None:
+        # another max_tasks or dim: refused by name before torch's raw size mismatch (and before the Task
+        # declaration follows the loaded num_tasks)
+        w = state_dict.get(prefix + "weight")
+        if isinstance(w, torch.Tensor) and w.shape != self.weight.shape:
+            raise HyperloomError(
+                f"{prefix}weight: the state's task table has shape {tuple(w.shape)} (max_tasks={w.shape[0]}, dim="
+                f"{w.shape[-1] if w.dim() else '?'}), this model's {tuple(self.weight.shape)} (max_tasks={self.weight.shape[0]}, "
+                f"dim={self.weight.shape[1]}): declare the Task input as the saved model did"
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[no-untyped-call]
+
     def extra_repr(self) -> str:
         return f"max_tasks={self.weight.shape[0]}, dim={self.weight.shape[1]}, norm={self.norm!r}"
 
