@@ -431,3 +431,19 @@ def test_a_nan_input_leaves_no_nan_running_statistics(mode):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in stats.items())
     model.eval()
     assert bool(torch.isfinite(model(x, wd=0.1)).all())
+
+
+def test_a_corrupted_state_and_an_unknown_plot_format_are_refused(tmp_path):
+    pytest.importorskip("matplotlib")
+    model, _, tuner, _, val_loss = _setup()
+    tuner.hyper_step(val_loss)
+    for key, bad in (("u", float("nan")), ("u", 1.5), ("log_scale", 5.0)):
+        state = tuner.state_dict()
+        state[key] = torch.full_like(state[key], bad)
+        other = hl.SelfTuner(model, torch.optim.SGD(model.parameters(), lr=0.0))
+        before = other.values
+        with pytest.raises(hl.HyperloomError, match=re.escape(f"SelfTuner.load_state_dict: {key} holds")):
+            other.load_state_dict(state)  # the values held a NaN after it ("they never do")
+        assert other.values == before
+    with pytest.raises(hl.HyperloomError, match=re.escape("SelfTuner.plot: cannot save a figure as 'xyz'")):
+        tuner.plot(tmp_path / "t.xyz")

@@ -588,3 +588,25 @@ def test_sample_sweep_and_tune_work_on_a_lora_model():
     flags = [p.requires_grad for p in m.parameters()]
     t = hl.tune(m, lambda mm, lam: mm(x, lam=lam).pow(2).mean(), steps=2)
     assert 0.0 <= t.values["lam"] <= 1.0 and [p.requires_grad for p in m.parameters()] == flags
+
+
+def test_tune_names_duplicates_data_inits_and_plot_formats(tmp_path):
+    pytest.importorskip("matplotlib")
+    enc = nn.Sequential(nn.Flatten(), nn.Linear(4, 6))
+    m = hl.hypernetize(nn.Linear(3, 1), inputs={"d": hl.Data(enc, per="set"), "lam": (0.0, 1.0)}, hidden=(8,))
+    x, data = torch.randn(5, 3), torch.randn(1, 4)
+
+    def objective(q, lam):
+        return q(x, d=data, lam=lam).pow(2).mean()
+
+    with pytest.raises(hl.HyperloomError, match=re.escape("hl.tune: inputs ['lam', 'lam'] name an input more than once")):
+        hl.tune(m, objective, inputs=["lam", "lam"], steps=1)
+    # a Data input in init was called "not declared"
+    with pytest.raises(hl.HyperloomError, match=re.escape("hl.tune: init names Data input(s) ['d']: data is not tuned")):
+        hl.tune(m, objective, inputs="lam", init={"d": data}, steps=1)
+    sweep = hl.sweep(m, lambda q, lam: {"o": objective(q, lam)}, {"lam": 3})
+    with pytest.raises(hl.HyperloomError, match=re.escape("Sweep.plot: cannot save a figure as 'xyz'")):  # was matplotlib's ValueError
+        sweep.plot("o", tmp_path / "s.xyz")
+    assert not (tmp_path / "s.xyz").exists()
+    sweep.plot("o", tmp_path / "s.svg")
+    assert (tmp_path / "s.svg").read_text().lstrip().startswith("<?xml")

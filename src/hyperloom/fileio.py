@@ -257,6 +257,27 @@ def atomic_write_bytes(path: str | os.PathLike[str], chunks: Sequence[bytes | by
     atomic_write_files({path: chunks})
 
 
+def write_figure(fig: Any, path: str | os.PathLike[str], *, where: str) -> Path:
+    """Save a matplotlib ``Figure`` to ``path`` atomically, in the format its suffix names (none: PNG).
+
+    Raises:
+        HyperloomError: Naming ``where`` and the path, if matplotlib cannot write that format (the supported
+            suffixes are listed); nothing is written then.
+        CheckpointError: Naming the path, if it cannot be written (see :func:`atomic_write_bytes`).
+    """
+    import io
+
+    out = Path(path)
+    fmt = out.suffix[1:].lower() or "png"
+    supported = fig.canvas.get_supported_filetypes()
+    if fmt not in supported:
+        raise HyperloomError(f"{where}: cannot save a figure as {fmt!r} ({out}); supported suffixes: {sorted(supported)}")
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=120, format=fmt)
+    atomic_write_bytes(out, [buf.getvalue()])  # the library's one writer, as for every file it writes
+    return out
+
+
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically; see :func:`atomic_write_bytes`.
 

@@ -256,6 +256,18 @@ class SelfTuner(nn.Module):
                     f"SelfTuner.load_state_dict: {prefix}{k} has shape {tuple(t.shape)}, this tuner's has "
                     f"{tuple(mine.shape)}{hint}; this tuner tunes {{{self._layout()}}}"
                 )
+        u, ls = state_dict.get(prefix + "u"), state_dict.get(prefix + "log_scale")
+        if isinstance(u, torch.Tensor) and u.numel() and not bool(((u >= 0) & (u <= 1)).all()):  # NaN fails too
+            raise HyperloomError(
+                f"SelfTuner.load_state_dict: {prefix}u holds {short_repr(u)}: the normalised values must lie in [0, 1] "
+                "(a corrupted state: the values would hold a NaN or leave their ranges)"
+            )
+        lo, hi = math.log(SCALE_MIN), math.log(SCALE_MAX)
+        if isinstance(ls, torch.Tensor) and ls.numel() and not bool(((ls >= lo - 1e-9) & (ls <= hi + 1e-9)).all()):
+            raise HyperloomError(
+                f"SelfTuner.load_state_dict: {prefix}log_scale holds {short_repr(ls)}: the log perturbation scales must "
+                f"lie in [log {SCALE_MIN}, log {SCALE_MAX}] (a corrupted state)"
+            )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[arg-type]
 
     # -- views -----------------------------------------------------------------------------------
@@ -636,12 +648,6 @@ class SelfTuner(nn.Module):
         axes[-1, 0].set_ylabel("val loss")
         axes[-1, 0].set_xlabel("training step" if bool((h[:, 1] > 0).any()) else "hyper step")
         fig.tight_layout()
-        import io
+        from .fileio import write_figure
 
-        from .fileio import atomic_write_bytes
-
-        out = Path(path)
-        buf = io.BytesIO()
-        fig.savefig(buf, dpi=120, format=out.suffix[1:].lower() or "png")
-        atomic_write_bytes(out, [buf.getvalue()])  # the library's one writer, as for every file it writes
-        return out
+        return write_figure(fig, path, where="SelfTuner.plot")

@@ -509,11 +509,9 @@ class Sweep:
             ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         if path is not None:
-            from .fileio import atomic_write_bytes
+            from .fileio import write_figure
 
-            buf = io.BytesIO()
-            fig.savefig(buf, dpi=120, format=Path(path).suffix[1:].lower() or "png")
-            atomic_write_bytes(path, [buf.getvalue()])
+            write_figure(fig, path, where="Sweep.plot")
         return fig
 
 
@@ -732,7 +730,10 @@ def tune(
     unknown = [k for k in names if k not in specs]
     if unknown:
         raise HyperloomError(f"hl.tune: inputs {unknown} are not declared inputs; declared inputs are {list(specs)}")
+    if len(set(names)) != len(names):
+        raise HyperloomError(f"hl.tune: inputs {names} name an input more than once")
     _refuse_data(specs, names, "hl.tune", "tuned by gradient (the objective passes the data to the model itself)")
+    net_specs = specs
     specs = {k: v for k, v in specs.items() if not isinstance(v, Data)}  # the objective passes the data itself
     tasks = [k for k in names if isinstance(specs[k], Task)]
     if tasks:
@@ -744,6 +745,12 @@ def tune(
     if init is not None and not isinstance(init, Mapping):
         raise HyperloomError(f"hl.tune: init must be a mapping of input name -> starting value, got {short_repr(init)}")
     init = dict(init or {})
+    data = [k for k in init if isinstance(net_specs.get(k), Data)]
+    if data:
+        raise HyperloomError(
+            f"hl.tune: init names Data input(s) {data}: data is not tuned and has no starting value; the objective "
+            "passes the data to the model itself (objective(model, **conditioning) calls model(x, d=data, **conditioning))"
+        )
     unknown = [k for k in init if k not in specs]
     if unknown:
         raise HyperloomError(f"hl.tune: init names {unknown} are not declared inputs; declared inputs are {list(specs)}")
