@@ -850,3 +850,29 @@ def test_materialize_and_to_peft_run_a_data_encoder_once(tmp_path):
     assert len(calls) == 1
     with pytest.raises(hl.HyperloomError, match=re.escape("materialize() needs one value per input")):
         hl.hypernetize(nn.Linear(5, 4), inputs={"s": hl.Data(nn.Linear(3, 4), per="sample")}, lora=lora).materialize(s=support)
+
+
+def test_model_and_training_checkpoints_check_the_lora_options(tmp_path):
+    # alpha and dropout were recorded nowhere that load_model/load_training compared: a model built with another
+    # alpha loaded silently and answered differently
+    def build(**kw):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        return hl.hypernetize(net, inputs={"lam": (0.0, 1.0)}, hidden=(8,), lora=hl.LoRA(**{"rank": 2, "targets": nn.Linear, **kw}))
+
+    a = build(alpha=4.0)
+    hl.save_model(a, tmp_path / "m.safetensors")
+    opt = torch.optim.SGD([p for p in a.parameters() if p.requires_grad], lr=0.1)
+    hl.save_training(tmp_path / "t.safetensors", model=a, optimizer=opt, step=1)
+    for kw, field in (
+        ({"alpha": 8.0}, "lora.alpha: saved 4.0, model 8.0"),
+        ({"alpha": 4.0, "dropout": 0.5}, "lora.dropout: saved 0.0, model 0.5"),
+    ):
+        with pytest.raises(hl.CheckpointError, match=re.escape(f"hypernetwork 'hypernet' {field}")):
+            hl.load_model(build(**kw), tmp_path / "m.safetensors")
+        b = build(**kw)
+        with pytest.raises(hl.CheckpointError, match=re.escape(field)):
+            hl.load_training(
+                tmp_path / "t.safetensors", model=b, optimizer=torch.optim.SGD([p for p in b.parameters() if p.requires_grad], lr=0.1)
+            )
+    hl.load_model(build(alpha=4.0, freeze_base=False), tmp_path / "m.safetensors")  # freeze_base changes no tensor

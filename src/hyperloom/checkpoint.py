@@ -60,12 +60,27 @@ def _require_checksums(p: Path, fmt: str, formats: Mapping[str, bool], unchecked
 
 
 def _hypernetworks(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """The whole configuration (:meth:`HyperNetwork.config <hyperloom.HyperNetwork.config>`) of every hypernetwork in ``model``."""
-    return {name: module.config() for name, module in model.named_modules() if isinstance(module, HyperNetwork)}
+    """The whole configuration (:meth:`HyperNetwork.config <hyperloom.HyperNetwork.config>`) of every hypernetwork.
+
+    A LoRA model's options (rank, alpha, dropout, bias, shared_A, targets) go under its hypernetwork's ``lora``.
+    """
+    from .lora import LoRAModel  # lora imports this module's importers
+
+    out = {name: module.config() for name, module in model.named_modules() if isinstance(module, HyperNetwork)}
+    for name, module in model.named_modules():
+        if isinstance(module, LoRAModel):
+            key = f"{name}.hypernet" if name else "hypernet"
+            if key in out:
+                out[key] = {**out[key], "lora": module.lora.to_json(module.targets)}
+    return out
+
+
+#: Recorded LoRA options not compared: whether the base is frozen changes no tensor.
+_LORA_UNCHECKED = ("lora.freeze_base",)
 
 
 def _unchecked(key: str) -> bool:
-    return any(fnmatch.fnmatchcase(key, pattern) for pattern in HyperNetwork.CONFIG_UNCHECKED)
+    return any(fnmatch.fnmatchcase(key, pattern) for pattern in (*HyperNetwork.CONFIG_UNCHECKED, *_LORA_UNCHECKED))
 
 
 def _config_diff(saved: Any, own: Any, key: str = "") -> tuple[str, Any, Any] | None:
