@@ -167,10 +167,12 @@ class BufferState:
             if k in out:
                 continue
             v0 = self._versions[id(c)]
-            if v0 is None:
+            if v0 is not None and c._version != v0:
+                changed = True
+            elif torch.compiler.is_compiling():
+                changed = False  # traced: no values to compare (a write through .data is not seen there)
+            else:  # an inference tensor (no version), or a write through .data (it leaves the version as it was)
                 changed = not torch.equal(c, self.module_buffers[k].expand_as(c))
-            else:
-                changed = c._version != v0
             if k in self._always or changed:
                 out[k] = c if k in self.batched else c.unsqueeze(0)
         return out
