@@ -646,3 +646,22 @@ def test_parametrize_cached_does_not_reuse_generated_weights():
         torch.testing.assert_close(g, e)
     torch.testing.assert_close(per_sample[1], expected[1][1])
     torch.testing.assert_close(original, net(x))
+
+
+def test_generate_called_like_hugging_face_text_generation_says_how():
+    # generate(input_ids, max_new_tokens=...) was a raw TypeError (or "unknown conditioning input(s)")
+    hnet = hl.hypernetize(nn.Linear(3, 2), inputs={"lam": (0.0, 1.0)})
+    for call in (
+        lambda: hnet.generate(torch.zeros(1, 4, dtype=torch.long), max_new_tokens=3, lam=0.5),
+        lambda: hnet.generate(input_ids=1, lam=0.5),
+    ):
+        with pytest.raises(
+            hl.HyperloomError, match=re.escape("materialize one conditioning and generate with it: hnet.materialize(lam=...)")
+        ):
+            call()
+    assert set(hnet.generate(lam=0.5)) == {"weight", "bias"}
+    lora = hl.hypernetize(
+        nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), inputs={"lam": (0.0, 1.0)}, lora=hl.LoRA(rank=1, targets=nn.Linear)
+    )
+    with pytest.raises(hl.HyperloomError, match=re.escape("LoRAModel.generate(**conditioning) returns the generated weights")):
+        lora.generate(torch.zeros(1, 4), lam=0.5)

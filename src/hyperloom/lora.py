@@ -61,7 +61,7 @@ from .encoding import Encoding
 from .errors import HyperloomError
 from .hypernetwork import HyperNetwork
 from .inputs import Input, InputLike
-from .model import HyperModel, split_conditioning
+from .model import HyperModel, _refuse_text_generation, split_conditioning
 from .params import ParamStore
 from .select import Selector, select_parameters
 from .task import Task
@@ -410,15 +410,17 @@ class LoRAModel(nn.Module):
             for m, k, b in swapped:
                 m._buffers[k] = b
 
-    def generate(self, **conditioning: Any) -> ParamDict:
+    def generate(self, *args: Any, **conditioning: Any) -> ParamDict:
         """The adapter factors: ``"<module>.lora_A"`` ``(r, in)``, ``"<module>.lora_B"`` ``(out, r)`` (and ``.lora_bias``).
 
         Per-sample conditioning gives generated factors a leading ``(B,)`` (a shared ``A`` keeps its shape).
-        The LoRA scale ``alpha / r`` is not applied.
+        The LoRA scale ``alpha / r`` is not applied. Not Hugging Face's text generation: use
+        ``hnet.materialize(lam=0.5).generate(input_ids, ...)`` (``hnet.primary.generate`` is the bare base model).
 
         Raises:
-            HyperloomError: On invalid conditioning.
+            HyperloomError: On invalid conditioning, or arguments of a text generation call.
         """
+        _refuse_text_generation(self, args, conditioning)
         return self._factors(conditioning)[0]
 
     def delta(self, **conditioning: Any) -> ParamDict:
