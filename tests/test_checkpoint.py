@@ -1146,3 +1146,11 @@ def test_files_with_the_earlier_partial_record_still_load(tmp_path):
     hl.save_safetensors(tensors, p, metadata={**meta, "hypernetworks": json.dumps(old)})
     with pytest.raises(CheckpointError, match=re.escape("input 'task' embedding_norm: saved 'none', model 'unit'")):
         hl.load_model(_net_with(), p)
+
+
+def test_strict_false_with_no_key_in_common_is_refused(tmp_path):
+    # strict=False loaded the keys in common: with none (a file of another model) it loaded nothing and returned {}
+    hl.save_model(nn.Linear(3, 2), tmp_path / "other.safetensors")
+    model = hl.hypernetize(nn.Linear(3, 2), inputs={"lam": (0.0, 1.0)})
+    with pytest.raises(hl.CheckpointError, match=re.escape("no key of the checkpoint is in the model (strict=False would load nothing)")):
+        hl.load_model(model, tmp_path / "other.safetensors", strict=False)

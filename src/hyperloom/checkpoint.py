@@ -172,6 +172,11 @@ def _check_state(path: str | os.PathLike[str], state: Mapping[str, torch.Tensor]
         unexpected = sorted(set(state) - set(own))
         if missing or unexpected:
             raise CheckpointError(f"{path}: keys do not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    elif state and own and not set(state) & set(own):  # strict=False loads the keys in common: here, nothing at all
+        raise CheckpointError(
+            f"{path}: no key of the checkpoint is in the model (strict=False would load nothing): checkpoint "
+            f"{sorted(state)[:4]}..., model {sorted(own)[:4]}... (another model, or a prefix to strip?)"
+        )
     for k, v in state.items():
         if k in own and isinstance(own[k], torch.Tensor) and tuple(own[k].shape) != tuple(v.shape):
             raise CheckpointError(f"{path}: {k}: checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)}")
