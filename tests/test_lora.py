@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from typing import Any
 
 import pytest
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.nn import functional as F
 
 import hyperloom as hl
 
@@ -876,3 +878,25 @@ def test_model_and_training_checkpoints_check_the_lora_options(tmp_path):
                 tmp_path / "t.safetensors", model=b, optimizer=torch.optim.SGD([p for p in b.parameters() if p.requires_grad], lr=0.1)
             )
     hl.load_model(build(alpha=4.0, freeze_base=False), tmp_path / "m.safetensors")  # freeze_base changes no tensor
+
+
+class _WeightUsedDirectly(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.out = nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(torch.relu(self.inp(x)), self.out.weight, self.out.bias)  # self.out is never called
+
+
+def test_a_target_whose_module_is_never_called_is_said_once():
+    # its hook never ran: the forward ignored the conditioning there while materialize() applied the update
+    hnet = hl.hypernetize(_WeightUsedDirectly(), inputs={"lam": (0.0, 1.0)}, hidden=(8,), lora=hl.LoRA(rank=2, targets=["inp", "out"]))
+    x = torch.randn(4, 6)
+    with pytest.warns(UserWarning, match=re.escape("LoRA targets ['out'] were not called as modules in this forward")):
+        hnet(x, lam=0.3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hnet(x, lam=0.3)  # once per model
+        called = hl.hypernetize(_WeightUsedDirectly(), inputs={"lam": (0.0, 1.0)}, hidden=(8,), lora=hl.LoRA(rank=2, targets=["inp"]))
+        called(x, lam=0.3)  # every target called: nothing to say

@@ -87,6 +87,7 @@ class Call:
         self.no_grad_targets: set[int] = set()  # modules run under no_grad inside a grad call: reentrant regions
         self._regenerated: tuple[int, ParamDict] | None = None
         self._handles: list[Any] = []
+        self.fired: set[str] = set()  # the targets whose hook applied the update during the call
 
     # -- the hooks ---------------------------------------------------------------------------------
     def register(self, modules: dict[str, torch.nn.Module]) -> None:
@@ -193,6 +194,7 @@ class _Hook:
         if not call.acts():
             return None
         x = args[0] if args else next(iter(kwargs.values()))
+        call.fired.add(self.name)
         out = output + call.adapter(self.name, x, call.factors_now(module), call.n)
         if call.hi is None and call.grad:
             call.keep_with(out)

@@ -47,6 +47,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -343,6 +344,7 @@ class LoRAModel(nn.Module):
         if lora.freeze_base:
             primary.requires_grad_(False)
         self.primary = primary
+        self._targets_seen = False  # the first call checks that every target module was called
 
     # -- views ---------------------------------------------------------------------------
     @property
@@ -573,6 +575,17 @@ class LoRAModel(nn.Module):
         except BaseException:
             call.release()
             raise
+        if not self._targets_seen:
+            self._targets_seen = True
+            idle = [t for t in self.targets if t not in call.fired]
+            if idle:  # e.g. F.linear(h, module.weight): the hook never runs, the update never applies
+                warnings.warn(
+                    f"LoRA targets {idle} were not called as modules in this forward: their update does not apply "
+                    "there (materialize() and to_peft() do apply it). If the model uses their weights directly (e.g. "
+                    "F.linear(h, layer.weight)), target modules that it calls; if they are only skipped in this call "
+                    "(a branch not taken), ignore this (said once per model)",
+                    stacklevel=2,
+                )
         call.anchor(out)  # the hooks live as long as the graph: checkpointed layers recomputed in backward() need them
         return out
 
