@@ -491,3 +491,27 @@ def test_per_sample_loss_of_a_sample_with_no_labelled_token_and_the_documented_a
     shared = hnet(ids, attention_mask=kw["attention_mask"], labels=labels, lam=0.3).loss
     torch.testing.assert_close(batch_loss, shared)
     torch.testing.assert_close(out.loss.nanmean(), out.loss[[0, 1, 3]].mean())
+
+
+def _t5(attn):
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(
+        vocab_size=60, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=2, num_heads=2,
+        decoder_start_token_id=0, pad_token_id=0, attn_implementation=attn,
+    )  # fmt: skip
+    return transformers.T5ForConditionalGeneration(cfg).eval()
+
+
+def test_t5_per_sample_with_its_attention_bias_predicted():
+    # block 0 holds relative_attention_bias, which becomes SDPA's mask: CPU SDPA cannot differentiate through it
+    # under vmap (the table said T5 runs under vmap, and the hint spoke of control flow); eager runs
+    ids, dec = torch.randint(1, 60, (3, 8)), torch.randint(1, 60, (3, 5))
+    lam = torch.tensor([0.1, 0.5, 0.9])
+    sdpa = hl.hypernetize(_t5("sdpa"), inputs={"lam": (0.0, 1.0)}, hidden=(8,), predict="decoder.block.0.*")
+    with pytest.raises(hl.HyperloomError, match=re.escape("build the model with attn_implementation='eager'")):
+        sdpa(input_ids=ids, labels=dec, use_cache=False, lam=lam)
+    eager = hl.hypernetize(_t5("eager"), inputs={"lam": (0.0, 1.0)}, hidden=(8,), predict="decoder.block.0.*")
+    logits = eager(input_ids=ids, decoder_input_ids=dec, use_cache=False, lam=lam).logits
+    for i in range(3):
+        one = eager(input_ids=ids[i : i + 1], decoder_input_ids=dec[i : i + 1], use_cache=False, lam=float(lam[i])).logits
+        torch.testing.assert_close(logits[i : i + 1], one, atol=1e-5, rtol=1e-5)

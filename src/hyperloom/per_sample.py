@@ -368,7 +368,13 @@ def _vmap_failure(primary: nn.Module, e: Exception) -> HyperloomError:
     """What went wrong under ``vmap`` and the ways out (the model's own switches for Hugging Face models)."""
     msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
     hf = ""
-    if type(primary).__module__.startswith("transformers"):
+    if "attn_mask" in msg and "not differentiable" in msg:  # SDPA on CPU with a predicted attention bias (T5's block 0)
+        hf = (
+            "; here the attention mask carries a predicted tensor (e.g. T5's relative_attention_bias, in block 0) and "
+            "CPU scaled-dot-product attention cannot differentiate through it under vmap: build the model with "
+            "attn_implementation='eager', predict other blocks, or pass per_sample='loop'"
+        )
+    elif type(primary).__module__.startswith("transformers"):
         hf = (
             "; in Hugging Face models a 2-D attention_mask leads to such a branch: causal models run under vmap "
             "with attn_implementation='eager', encoders (BERT) with a prepared additive float mask of shape "
