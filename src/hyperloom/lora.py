@@ -27,7 +27,9 @@ carry a leading sample dimension and the products are batched (``bmm`` over the 
 sequence dimensions in between), so memory grows with ``B r (in + out)``, not ``B in out``, and
 the model runs as **one** ordinary call (no ``vmap``, so Hugging Face attention masks need no
 special form). The inputs of the target modules must carry the samples along ``batch_dim``
-(dimension 0 for Hugging Face models).
+(dimension 0 for Hugging Face models); a size other than ``B`` there is refused, but a model that
+goes sequence-first internally with a sequence length equal to ``B`` cannot be told apart by shape
+(set ``batch_dim`` for such a model).
 
 The target modules are intercepted with forward hooks that each call registers and that live as long
 as the call's autograd graph (removed when it is freed, at once after a call without one): the wrapped
