@@ -900,3 +900,31 @@ def test_a_target_whose_module_is_never_called_is_said_once():
         hnet(x, lam=0.3)  # once per model
         called = hl.hypernetize(_WeightUsedDirectly(), inputs={"lam": (0.0, 1.0)}, hidden=(8,), lora=hl.LoRA(rank=2, targets=["inp"]))
         called(x, lam=0.3)  # every target called: nothing to say
+
+
+class _SeqFirstInside(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.head = nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, H) outside, (L, B, H) at the target
+        return self.head(self.proj(x.transpose(0, 1)).transpose(0, 1).mean(1))
+
+
+def test_an_ambiguous_per_sample_input_layout_is_said_once_and_batch_dim_fixes_it():
+    # L == B at a sequence-first target passed the shape check and mixed the samples silently
+    torch.manual_seed(0)
+    hnet = hl.hypernetize(_SeqFirstInside(), inputs={"lam": (0.0, 1.0)}, hidden=(8,), lora=hl.LoRA(rank=2, targets=["proj"]))
+    perturb(hnet)
+    x, lam = torch.randn(3, 3, 8), torch.tensor([0.1, 0.5, 0.9])
+    with pytest.warns(
+        UserWarning, match=re.escape("has 3 entries along dimension 0 (batch_dim, taken as the samples) and along dimension(s) [1]")
+    ):
+        hnet(x, lam=lam)
+    fixed = hl.hypernetize(_SeqFirstInside(), inputs={"lam": (0.0, 1.0)}, hidden=(8,), lora=hl.LoRA(rank=2, targets=["proj"]), batch_dim=1)
+    fixed.load_state_dict(hnet.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (3, 3, 8) stays ambiguous; with batch_dim=1 the answer is right
+        out = fixed(x, lam=lam)
+    ref = torch.cat([fixed(x[i : i + 1], lam=float(lam[i])) for i in range(3)])
+    torch.testing.assert_close(out, ref)

@@ -28,8 +28,9 @@ sequence dimensions in between), so memory grows with ``B r (in + out)``, not ``
 the model runs as **one** ordinary call (no ``vmap``, so Hugging Face attention masks need no
 special form). The inputs of the target modules must carry the samples along ``batch_dim``
 (dimension 0 for Hugging Face models); a size other than ``B`` there is refused, but a model that
-goes sequence-first internally with a sequence length equal to ``B`` cannot be told apart by shape
-(set ``batch_dim`` for such a model).
+goes sequence-first internally with a sequence length equal to ``B`` cannot be told apart by shape:
+an input with ``B`` entries along another dimension too is warned about once per model (set
+``batch_dim`` for such a model).
 
 The target modules are intercepted with forward hooks that each call registers and that live as long
 as the call's autograd graph (removed when it is freed, at once after a call without one): the wrapped
@@ -347,6 +348,7 @@ class LoRAModel(nn.Module):
             primary.requires_grad_(False)
         self.primary = primary
         self._targets_seen = False  # the first call checks that every target module was called
+        self._layout_said = False  # an ambiguous per-sample input layout (B, B, ...) is said once
 
     # -- views ---------------------------------------------------------------------------
     @property
@@ -528,6 +530,17 @@ class LoRAModel(nn.Module):
             if data:  # the sample count came from the data: name the input(s), as HyperModel does
                 msg = f"Data input(s) {data} (per='sample') give {n} per-sample codes, which the call's arguments do not match: {msg}"
             raise HyperloomError(msg)
+        if n > 1 and not getattr(self, "_layout_said", False):
+            also = [d for d in range(x.dim() - 1) if d != bd and x.shape[d] == n]
+            if also:  # (B, B, H): a sequence-first input with L == B would pass the check above and mix samples
+                self._layout_said = True
+                warnings.warn(
+                    f"LoRA target {name!r}: its per-sample input of shape {tuple(x.shape)} has {n} entries along "
+                    f"dimension {bd} (batch_dim, taken as the samples) and along dimension(s) {also} too; if the model "
+                    "goes sequence-first inside (e.g. nn.Transformer layers with batch_first=False) set batch_dim to "
+                    "the samples' dimension, or the samples mix silently (said once per model)",
+                    stacklevel=2,
+                )
         xb = x.movedim(bd, 0) if bd != 0 else x
         flat = xb.reshape(n, -1, t.in_features)
         xa = torch.matmul(flat, a.transpose(-1, -2))  # (n, S, r): a is (n, r, in), or (r, in) when shared
