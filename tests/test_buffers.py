@@ -248,26 +248,21 @@ def test_batchnorm_momentum_none_runs_per_sample():
     torch.testing.assert_close(a.primary[1].running_var, b.primary[1].running_var)
 
 
-class DataEma(nn.Module):
-    """The EMA idiom of VQ-VAE codebooks: a buffer written through ``.data`` (its version counter does not move)."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(3, 2)
-        self.register_buffer("ema", torch.zeros(2))
+class DataSeen(InPlaceSeen):
+    """InPlaceSeen written through ``.data``, the EMA idiom of VQ-VAE codebooks (its version counter does not move)."""
 
     def forward(self, x):
         y = self.fc(x)
-        self.ema.data.mul_(0.9).add_(0.1 * y.detach().mean(0))
+        self.seen.data.mul_(0.5).add_(y.detach().mean(0))
         return y
 
 
 def test_a_buffer_written_through_data_is_kept_in_loop_mode():
     # the write was detected by the version counter only, which .data writes leave as it was: the update was lost
     torch.manual_seed(0)
-    hnet = hl.hypernetize(DataEma(), predict=[nn.Linear], inputs={"lam": (0.0, 1.0)}, per_sample="loop")
+    hnet = hl.hypernetize(DataSeen(), predict=[nn.Linear], inputs={"lam": (0.0, 1.0)}, per_sample="loop")
     x, lam = torch.randn(4, 3), torch.rand(4)
-    ref = _reference_buffers(hnet, x, lam, ["ema"])
+    ref = _reference_buffers(hnet, x, lam, ["seen"])
     hnet(x, lam=lam)
-    assert bool(ref["ema"].abs().sum() > 0)
-    torch.testing.assert_close(hnet.primary.ema, ref["ema"].mean(0))
+    assert bool(ref["seen"].abs().sum() > 0)
+    torch.testing.assert_close(hnet.primary.seen, ref["seen"].mean(0))

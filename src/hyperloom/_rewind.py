@@ -1,10 +1,11 @@
-"""Undoing a failed training step: the buffers, extra states and random generators before it, put back.
+"""Putting module state back: a failed training step undone, a block run in eval mode.
 
 A forward pass changes more than its output: BatchNorm updates its running statistics in place (a NaN input
 makes them NaN), a :class:`~hyperloom.SelfTuner` counts its draws in buffers, a regulariser draws from its
 own generator (its extra state), and the loss function draws from the global generators. :func:`snapshot`
 records all of it before a step; :meth:`Snapshot.restore` puts it back when the step fails, so that the
-state a trainer then saves is the state before the step.
+state a trainer then saves is the state before the step. :func:`eval_mode` runs a block with every module
+in eval mode and puts each module's own mode back after it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import copy
 import random
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,3 +115,15 @@ def snapshot(root: nn.Module) -> Snapshot:
             state = m.get_extra_state()
             snap.extra.append((m, state.clone() if isinstance(state, torch.Tensor) else copy.deepcopy(state)))
     return snap
+
+
+@contextmanager
+def eval_mode(root: nn.Module) -> Iterator[None]:
+    """``root`` and its submodules in eval mode inside the block, each module's own mode restored after it."""
+    modes = [(m, m.training) for m in root.modules()]
+    root.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training

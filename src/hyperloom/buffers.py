@@ -169,9 +169,10 @@ class BufferState:
             v0 = self._versions[id(c)]
             if v0 is not None and c._version != v0:
                 changed = True
-            elif torch.compiler.is_compiling():
-                changed = False  # traced: no values to compare (a write through .data is not seen there)
-            else:  # an inference tensor (no version), or a write through .data (it leaves the version as it was)
+            elif torch.compiler.is_compiling() or (v0 is not None and not self.batch_all):
+                # traced: no values to compare; vmap with shared copies: it refuses writes through .data
+                changed = False
+            else:  # an inference tensor (no version), or (the loop) a write through .data, which leaves the version as it was
                 changed = not torch.equal(c, self.module_buffers[k].expand_as(c))
             if k in self._always or changed:
                 out[k] = c if k in self.batched else c.unsqueeze(0)

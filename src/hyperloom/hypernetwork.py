@@ -13,8 +13,7 @@ import dataclasses
 import math
 import numbers
 import operator
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -571,21 +570,6 @@ class HyperNetwork(nn.Module):
         alias ids (above 256 in bfloat16, 2048 in float16) after a ``.to(torch.bfloat16)`` / ``.half()``.
         """
         return torch.promote_types(self.dtype, torch.float32) if self._task_cols else self.dtype
-
-    @contextmanager
-    def evaluating(self) -> Iterator[None]:
-        """The hypernetwork (trunk, heads, Data encoders) in eval mode inside the block.
-
-        Each module's mode is restored after it: exports are deterministic (no dropout) and leave running
-        statistics unchanged.
-        """
-        modes = [(m, m.training) for m in self.modules()]
-        self.eval()
-        try:
-            yield
-        finally:
-            for m, training in modes:
-                m.training = training
 
     def prepare(self, conditioning: Mapping[str, Any], *, batch: int | None = None) -> tuple[torch.Tensor, bool]:
         """Validate conditioning and return ``(raw (N, K), per_sample)``; see :meth:`InputSet.prepare`.

@@ -60,6 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._recompute import Call, strip_hooks
+from ._rewind import eval_mode
 from .data_input import _per_sample_data_hint
 from .encoding import Encoding
 from .errors import HyperloomError
@@ -477,7 +478,7 @@ class LoRAModel(nn.Module):
         export is deterministic and leaves running statistics alone); per-sample conditioning is refused naming
         ``what``.
         """
-        with self.hypernet.evaluating(), torch.no_grad():  # an export: no dropout, no running-statistics update
+        with eval_mode(self.hypernet), torch.no_grad():  # an export: no dropout, no running-statistics update
             factors, n = self._factors(conditioning)
         if n is not None:
             raise HyperloomError(

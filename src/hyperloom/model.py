@@ -32,6 +32,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.utils import parametrize
 
+from ._rewind import eval_mode
 from ._rng import rng_state, set_rng_state
 from .buffers import BufferState
 from .data_input import _per_sample_data_hint
@@ -405,7 +406,7 @@ class HyperModel(nn.Module):
         Raises:
             HyperloomError: On per-sample conditioning or invalid conditioning.
         """
-        with self.hypernet.evaluating(), torch.no_grad():  # an export: no dropout, no running-statistics update
+        with eval_mode(self.hypernet), torch.no_grad():  # an export: no dropout, no running-statistics update
             raw, per_sample = self.hypernet.prepare(conditioning)
             if per_sample:
                 raise HyperloomError(

@@ -39,7 +39,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ._rewind import snapshot
+from ._rewind import eval_mode, snapshot
 from .errors import HyperloomError, short_repr
 from .hypernetwork import find_hypernetwork
 from .inputs import Input, InputSet, _as_dim, _is_bool
@@ -560,22 +560,16 @@ class SelfTuner(nn.Module):
         u = self.u.detach().clone().requires_grad_(True)
         ls = self.log_scale.detach().clone().requires_grad_(True)
         eps = torch.randn((u.numel(),) if n is None else (n, u.numel()), dtype=torch.float64).to(u.device)  # CPU stream
-        modes = [(m, m.training) for m in self.model.modules()]
         gu = gls = None
-        try:
-            self.model.eval()
-            with torch.enable_grad():
-                cond = self._conditioning(u + ls.exp() * eps, n)
-                loss = self._scalar_loss(val_loss(self.model, **cond), "val_loss", cond)
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    self._non_finite("val_loss", value, cond, [])
-                    return value, None
-                if loss.requires_grad:
-                    gu, gls = torch.autograd.grad(loss, [u, ls], allow_unused=True)
-        finally:
-            for m, training in modes:
-                m.training = training
+        with eval_mode(self.model), torch.enable_grad():
+            cond = self._conditioning(u + ls.exp() * eps, n)
+            loss = self._scalar_loss(val_loss(self.model, **cond), "val_loss", cond)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                self._non_finite("val_loss", value, cond, [])
+                return value, None
+            if loss.requires_grad:
+                gu, gls = torch.autograd.grad(loss, [u, ls], allow_unused=True)
         if gu is None:
             raise HyperloomError(
                 f"SelfTuner: val_loss does not depend on the conditioning {list(self.names)} (no gradient path): compute it "
